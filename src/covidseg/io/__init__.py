@@ -1,0 +1,1 @@
+"""Reading CT volumes (NIfTI, DICOM) and writing masks with the input's exact geometry."""
