@@ -47,8 +47,9 @@ class ModelConfig:
     """The network family of METHOD.md §1; every row of the report's Tables 2 and 3 is a setting of it."""
 
     name: str = "unet-fv-paspp-ds"
-    """Variant name from :data:`covidseg.models.registry.MODELS`; its switches are applied first, then any
-    field given explicitly here overrides them."""
+    """Variant name from :data:`covidseg.models.registry.MODELS`. The variant decides ``spatial_dims``, ``fv``,
+    ``paspp`` and ``deep_supervision``; the other fields apply as given; use ``custom`` to set the switches
+    yourself."""
     spatial_dims: Literal[2, 3] = 3
     in_channels: int = 1
     out_channels: int = 1
@@ -86,6 +87,14 @@ class TrainConfig:
     val_every: int = 1
     target_spacing: tuple[float, float, float] | None = None
     """Resample to this spacing in mm (D, H, W) before training; ``None`` keeps each scan's own spacing."""
+    val_cases: int = 2
+    """Cases held out of the training list for validation when the split has no ``val`` list (benchmark folds)."""
+    cache_dir: str | None = None
+    """Folder of the preprocessed-case cache; ``None`` = ``$COVIDSEG_CACHE`` or ``~/.cache/covidseg/preprocessed``."""
+    loader_benchmark_batches: int = 4
+    """Batches drawn before training to measure and show the loader's own patches/s (0 = skip)."""
+    deterministic: bool = False
+    """Ask torch for deterministic kernels (slower on GPU); CPU runs are reproducible without it."""
 
 
 @dataclass

@@ -1,0 +1,115 @@
+"""The report's loss, ``0.5 * BCE + Dice`` on logits, and the deep-supervision weighting (METHOD.md §1).
+
+Both terms are computed from the logits in float32, so the loss is stable under bf16/fp16 autocast: BCE uses
+``binary_cross_entropy_with_logits`` (log-sum-exp form) and the soft Dice uses ``sigmoid(logits)``.
+
+Soft Dice is *batch-wise* (nnU-Net's ``batch_dice``): intersections and sums run over the batch and all voxels of
+each channel, then ``1 - Dice`` is averaged over the channels. Patches without foreground (two thirds of a batch
+under the default sampling) then do not each contribute a degenerate Dice of 0 or 1. Smoothing
+``smooth_nr = smooth_dr = 1e-5`` as MONAI's and nnU-Net's defaults. The single-output loss equals MONAI's
+``DiceCELoss(sigmoid=True, batch=True, lambda_dice=1, lambda_ce=0.5)`` for one channel (tests/test_losses.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BCE_WEIGHT = 0.5
+"""Weight of the binary cross entropy in the report's loss (report §3.1)."""
+DICE_WEIGHT = 1.0
+"""Weight of the soft Dice loss (report §3.1)."""
+DICE_SMOOTH = 1e-5
+"""Numerator and denominator smoothing of the soft Dice (MONAI and nnU-Net default)."""
+FINAL_WEIGHT = 0.5
+"""Deep supervision: weight of the final output; the rest is shared equally by the other heads (report §3.2)."""
+
+
+def soft_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, smooth_nr: float = DICE_SMOOTH, smooth_dr: float = DICE_SMOOTH
+) -> torch.Tensor:
+    """Batch-wise soft Dice loss of sigmoid probabilities, mean over channels.
+
+    Args:
+        logits: ``(B, K, *S)`` logits.
+        target: ``(B, K, *S)`` in {0, 1} (or soft labels in [0, 1]).
+        smooth_nr: added to the numerator ``2 * sum(p * g)``.
+        smooth_dr: added to the denominator ``sum(p) + sum(g)``.
+
+    Returns:
+        Scalar ``mean_k (1 - (2 I_k + smooth_nr) / (P_k + G_k + smooth_dr))`` in float32.
+    """
+    probs = torch.sigmoid(logits.float())
+    target = target.float()
+    axes = [0, *range(2, logits.ndim)]  # batch and spatial axes: one Dice per channel
+    intersection = (probs * target).sum(dim=axes)  # (K,)
+    denominator = probs.sum(dim=axes) + target.sum(dim=axes)  # (K,)
+    dice = (2.0 * intersection + smooth_nr) / (denominator + smooth_dr)
+    return (1.0 - dice).mean()
+
+
+class SegmentationLoss(nn.Module):
+    """``bce_weight * BCEWithLogits + dice_weight * soft Dice`` on logits (the report's ``0.5 BCE + Dice``).
+
+    Args:
+        bce_weight: weight of the mean binary cross entropy.
+        dice_weight: weight of the batch-wise soft Dice loss (:func:`soft_dice_loss`).
+        smooth_nr: Dice numerator smoothing.
+        smooth_dr: Dice denominator smoothing.
+    """
+
+    def __init__(
+        self,
+        bce_weight: float = BCE_WEIGHT,
+        dice_weight: float = DICE_WEIGHT,
+        smooth_nr: float = DICE_SMOOTH,
+        smooth_dr: float = DICE_SMOOTH,
+    ) -> None:
+        super().__init__()
+        self.bce_weight = bce_weight
+        self.dice_weight = dice_weight
+        self.smooth_nr = smooth_nr
+        self.smooth_dr = smooth_dr
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``(B, K, *S)`` logits and ``(B, K, *S)`` targets in {0, 1} -> scalar float32 loss."""
+        if logits.shape != target.shape:
+            raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must have one shape")
+        logits32 = logits.float()
+        target32 = target.float()
+        bce = F.binary_cross_entropy_with_logits(logits32, target32)
+        dice = soft_dice_loss(logits32, target32, self.smooth_nr, self.smooth_dr)
+        return self.bce_weight * bce + self.dice_weight * dice
+
+
+class DeepSupervisionLoss(nn.Module):
+    """Weights a loss over deep-supervision heads: ``final_weight`` on the final output, the rest shared equally.
+
+    ``L = w * loss(final) + (1 - w) * mean_i loss(head_i)`` (report §3.2: w = 0.5). A single tensor (heads off)
+    gets ``loss(final)`` alone, as does a list of one.
+
+    Args:
+        loss: the per-head loss (e.g. :class:`SegmentationLoss`).
+        final_weight: weight ``w`` of the final output, in (0, 1].
+    """
+
+    def __init__(self, loss: nn.Module, final_weight: float = FINAL_WEIGHT) -> None:
+        super().__init__()
+        if not 0.0 < final_weight <= 1.0:
+            raise ValueError(f"final_weight must be in (0, 1], got {final_weight}")
+        self.loss = loss
+        self.final_weight = final_weight
+
+    def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """``outputs``: ``(B, K, *S)`` or a list ``[final, head_1, ...]`` of such (all at the target's size);
+        ``target``: ``(B, K, *S)``. Returns a scalar."""
+        if isinstance(outputs, torch.Tensor):
+            return self.loss(outputs, target)
+        final, *others = outputs
+        if not others:
+            return self.loss(final, target)
+        deep = torch.stack([self.loss(o, target) for o in others]).mean()
+        return self.final_weight * self.loss(final, target) + (1.0 - self.final_weight) * deep

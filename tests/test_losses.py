@@ -1,0 +1,86 @@
+"""The report's loss (0.5 BCE + Dice on logits) against MONAI, and the deep-supervision weighting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.losses import DiceCELoss, DiceLoss
+
+from covidseg.losses import DICE_SMOOTH, DeepSupervisionLoss, SegmentationLoss, soft_dice_loss
+
+
+def sample(shape, seed=0, p=0.3):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(shape, generator=g) * 3
+    target = (torch.rand(shape, generator=g) < p).float()
+    return logits, target
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 4, 16, 16), (3, 1, 16, 16)])
+def test_single_output_equals_monai_dice_ce(shape):
+    logits, target = sample(shape)
+    reference = DiceCELoss(
+        sigmoid=True, batch=True, lambda_dice=1.0, lambda_ce=0.5, smooth_nr=DICE_SMOOTH, smooth_dr=DICE_SMOOTH
+    )
+    torch.testing.assert_close(SegmentationLoss()(logits, target), reference(logits, target))
+
+
+def test_multichannel_equals_monai_dice_plus_half_bce():
+    # MONAI's DiceCELoss switches to softmax cross entropy for K > 1; our channels are independent sigmoids
+    logits, target = sample((2, 3, 4, 8, 8), seed=1)
+    dice = DiceLoss(sigmoid=True, batch=True, smooth_nr=DICE_SMOOTH, smooth_dr=DICE_SMOOTH)(logits, target)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    torch.testing.assert_close(SegmentationLoss()(logits, target), dice + 0.5 * bce)
+
+
+def test_weights_select_the_terms():
+    logits, target = sample((2, 1, 4, 8, 8), seed=2)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    torch.testing.assert_close(SegmentationLoss(bce_weight=1.0, dice_weight=0.0)(logits, target), bce)
+    torch.testing.assert_close(SegmentationLoss(bce_weight=0.0, dice_weight=1.0)(logits, target),
+                               soft_dice_loss(logits, target))
+
+
+def test_dice_is_batch_wise():
+    """One Dice over the whole batch: an empty sample next to a perfect one costs (almost) nothing."""
+    target = torch.zeros(2, 1, 4, 4)
+    target[0, 0, :2] = 1
+    logits = (target * 2 - 1) * 50  # confident and correct
+    assert soft_dice_loss(logits, target) < 1e-6
+    assert SegmentationLoss()(logits, target) < 1e-6
+
+
+def test_stable_under_low_precision_and_extreme_logits():
+    logits, target = sample((2, 1, 4, 8, 8), seed=3)
+    low = logits.to(torch.bfloat16)
+    loss = SegmentationLoss()(low, target)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, SegmentationLoss()(low.float(), target))
+    extreme = torch.where(target > 0, -200.0, 200.0).to(torch.float16)  # confidently wrong
+    assert torch.isfinite(SegmentationLoss()(extreme, target))
+    logits.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = SegmentationLoss()(logits * 1.0, target)
+    value.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="one shape"):
+        SegmentationLoss()(torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 4, 4))
+
+
+def test_deep_supervision_weighting():
+    loss = SegmentationLoss()
+    target = sample((2, 1, 4, 8, 8))[1]
+    heads = [sample((2, 1, 4, 8, 8), seed=s)[0] for s in (10, 11, 12)]
+    values = [loss(h, target) for h in heads]
+    ds = DeepSupervisionLoss(loss)
+    torch.testing.assert_close(ds(heads, target), 0.5 * values[0] + 0.25 * values[1] + 0.25 * values[2])
+    torch.testing.assert_close(ds(heads[:2], target), 0.5 * values[0] + 0.5 * values[1])
+    torch.testing.assert_close(ds(heads[0], target), values[0])
+    torch.testing.assert_close(ds(heads[:1], target), values[0])
+    weighted = DeepSupervisionLoss(loss, final_weight=0.7)(heads, target)
+    torch.testing.assert_close(weighted, 0.7 * values[0] + 0.15 * values[1] + 0.15 * values[2])
+    with pytest.raises(ValueError, match="final_weight"):
+        DeepSupervisionLoss(loss, final_weight=0.0)
