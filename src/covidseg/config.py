@@ -40,6 +40,12 @@ class IntensityConfig:
     """Stored range of a pre-windowed volume."""
     outside_lung_value: float = 0.0
     """Normalised value written outside the lung mask for the "lung only" input (0 = the window's bottom)."""
+    windowed_source_hu: tuple[float, float] = HU_WINDOW
+    """HU window a pre-windowed volume was made with (``windowed_range`` maps onto it; radiopaedia: [-1250, 250])."""
+    air_hu: float = -500.0
+    """Auto-detection: a volume whose minimum is below this (HU) holds air, so it is in Hounsfield units."""
+    max_hu: float = 32767.0
+    """Auto-detection: values above this are not CT (Hounsfield units stop at about 3071; metal may saturate)."""
 
 
 @dataclass
@@ -95,6 +101,10 @@ class TrainConfig:
     """Batches drawn before training to measure and show the loader's own patches/s (0 = skip)."""
     deterministic: bool = False
     """Ask torch for deterministic kernels (slower on GPU); CPU runs are reproducible without it."""
+    device: str = "auto"
+    """``auto`` (the local rank's GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    sync_batchnorm: bool = True
+    """Under DDP on GPUs, synchronise BatchNorm statistics across processes (torch has no CPU SyncBatchNorm)."""
 
 
 @dataclass
@@ -112,6 +122,13 @@ class InferenceConfig:
     """bfloat16 autocast on CPUs with AMX/AVX512-BF16 (``auto``) or forced."""
     threads: int = 0
     """Torch intra-op threads; 0 = all cores."""
+    channels_last: bool = True
+    """Feed windows in ``channels_last_3d`` memory format (faster oneDNN convolutions on CPU)."""
+    tta_axes: tuple[int, ...] = (0, 1, 2)
+    """Spatial axes ``(D, H, W)`` = ``(0, 1, 2)`` whose flips (every combination, as nnU-Net's mirroring) are
+    averaged when ``tta`` is on."""
+    box_margin_mm: float = 10.0
+    """Margin around the lungs' bounding box over which windows run, in mm."""
 
 
 @dataclass
@@ -122,6 +139,30 @@ class LungConfig:
     closing_radius_mm: float = 10.0
     """Per-slice closing radius that keeps dense sub-pleural consolidation inside the lung."""
     min_lung_volume_ml: float = 100.0
+    work_spacing_mm: float = 1.5
+    """Extraction runs on block means of about this voxel size (mm) and is refined at full resolution."""
+    airway_max_area_mm2: float = 600.0
+    """Largest axial cross-section (mm^2) of the trachea / a main bronchus followed from the top slice."""
+    airway_max_offset_mm: float = 30.0
+    """Largest distance (mm) of the trachea's centre from the midline of the air inside the body."""
+    max_split_erosions: int = 10
+    remove_basal_gas: bool = True
+    """Remove pure-air regions at the lung bases (stomach and bowel gas) before picking the lungs."""
+    gas_hu: float = -950.0
+    """Below this (HU) a region is pure air rather than lung parenchyma (about -850 HU)."""
+    min_gas_ml: float = 5.0
+    """Smallest gas region removed (mL)."""
+    opening_voxels: int = 1
+    """3D opening (in work voxels) that breaks thin partial-volume bridges (diaphragm, bronchial walls)."""
+    bilateral_share: float = 0.2
+    """A component with more than this share of its voxels on each side of the midline holds both lungs."""
+    min_z_overlap: float = 0.5
+    """Share of slices a second component must share with the first to count as the other lung."""
+    """Erosions tried to separate two touching lungs."""
+    fill_concavities: bool = True
+    """Fill convex-hull concavities of each lung slice, except the one facing the heart (sub-pleural lesions)."""
+    max_concavity_fraction: float = 0.25
+    """Largest concavity filled, as a share of the lung slice's area (the diaphragm's dome is larger)."""
 
 
 @dataclass

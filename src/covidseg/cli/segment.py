@@ -1,16 +1,76 @@
-"""`covidseg segment` (placeholder until its issue lands)."""
+"""`covidseg segment`: lungs and infection of chest CTs, with a report and pictures."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+from covidseg.cli._common import add_config_args, formatter
+
+DESCRIPTION = """\
+Segment the lungs (1 left, 2 right) and the COVID-19 infection of chest CTs and report how much of each lung is
+involved. Stage 1 finds the lungs (classically, or with a trained lung model); stage 2 runs the infection model
+on the lungs only, in sliding windows over the lungs' box.
+
+INPUT is a .nii/.nii.gz file, a DICOM folder, a folder of them, or a text file listing them (one a line).
+For one input, OUT is its folder; for several, OUT holds one folder per case. Each folder gets lungs.nii.gz,
+infection.nii.gz (same grid and affine as the input; they overlay in 3D Slicer), report.json, report.csv and
+overview.png (+ probability.nii.gz, report.html on request). Not for diagnosis.
+"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("segment", help="(not yet available)")
+    p = sub.add_parser("segment", help="segment lungs and infection of CTs; write masks, a report and pictures",
+                       description=DESCRIPTION, formatter_class=formatter())
+    p.add_argument("input", metavar="INPUT", help="NIfTI file, DICOM folder, folder of them, or a list file")
+    p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
+    p.add_argument("--checkpoint", metavar="CKPT", default=None,
+                   help="infection model (.pt) written by 'covidseg train' or 'covidseg demo' (required)")
+    p.add_argument("--lungs", default="classic", metavar="classic|CKPT",
+                   help="stage 1: 'classic' (no weights) or a lung-model checkpoint (trained with target lung)")
+    p.add_argument("--device", default=None, metavar="cpu|cuda",
+                   help="where the networks run (default: inference.device, cpu)")
+    p.add_argument("--tta", action="store_true", help="average over flips (slower: 8 passes)")
+    p.add_argument("--probability", action="store_true", help="also write probability.nii.gz")
+    p.add_argument("--html", action="store_true", help="also write a self-contained report.html")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--force", action="store_true", help="replace existing output folders")
+    add_config_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from covidseg.errors import UserError
+    from pathlib import Path
 
-    raise UserError("'covidseg segment' is not available in this version yet")
+    from covidseg.config import load_config
+    from covidseg.errors import EXIT_USER, UserError
+    from covidseg.inference.pipeline import SegmentOptions, segment
+
+    if not args.checkpoint:
+        raise UserError("segment needs a trained model: give --checkpoint CKPT (a .pt file); get one with "
+                        "'covidseg demo' (trains a small model in minutes) or 'covidseg train'")
+    config = load_config(Path(args.config) if args.config else None, args.overrides)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads {args.threads}: expected a positive number of threads")
+        config.inference.threads = args.threads
+    options = SegmentOptions(checkpoint=Path(args.checkpoint), lungs=args.lungs, device=args.device,
+                             tta=args.tta, probability=args.probability, html=args.html, force=args.force)
+
+    def log(message: str) -> None:
+        sys.stderr.write(message + "\n")
+
+    results = segment(Path(args.input), Path(args.out), options, config, log=log)
+    failed = [r for r in results if r.error]
+    for r in results:
+        if r.report is None:
+            continue
+        both = r.report["lungs"]["both"]
+        left, right = r.report["lungs"]["left"], r.report["lungs"]["right"]
+        print(f"{r.name}: left {left['percent']:.1f} %, right {right['percent']:.1f} %, both {both['percent']:.1f} % "
+              f"({both['severity']}, score {both['severity_score']}) in {r.report['run_time_s']:.1f} s -> {r.out_dir}")
+    if len(results) > 1 or failed:
+        print(f"{len(results) - len(failed)} of {len(results)} case(s) segmented; {len(failed)} failed")
+        for r in failed:
+            print(f"  failed: {r.input}: {r.error}")
+    return EXIT_USER if failed else 0

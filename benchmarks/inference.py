@@ -1,0 +1,241 @@
+"""Benchmark: ``covidseg segment`` end to end against MONAI's sliding-window inference (issue 7).
+
+In one run, on a coronacases-style phantom (512 x 512 x 300 by default; ``--slices N`` for a thinner slab):
+
+(a) ``covidseg segment`` end to end (read, lungs, infection, write) in a subprocess;
+(b) the reference in a subprocess: the same read, lungs and "lung only" input, then MONAI
+    ``sliding_window_inference`` over the *whole* volume with the same network and weights, roi = the training
+    patch, overlap 0.25, Gaussian blending, float32, then the same threshold.
+
+Prints both wall times, their ratio, the peak RSS of each process, and the Dice between the two infection masks
+inside the lungs (speed must not change the answer: >= 0.99). ``--json FILE`` writes the figures with the keys
+``covidseg_s``, ``reference_s``, ``ratio``, ``covidseg_peak_rss_gb``, ``reference_peak_rss_gb``, ``dice_agreement``,
+``shape``, ``threads``, ``cpu`` (and a few more).
+
+The model: ``--checkpoint CKPT`` when given, else the report's full model at its default width with random
+weights (seed 0) and a bias on the output head so that some voxels pass the threshold (an all-empty mask would
+make the agreement trivial); the infected share of each mask is printed so that this can be checked.
+
+Run: ``python benchmarks/inference.py [--slices 300] [--threads 2] [--json out.json]``. The 2 shared cores of
+the development machine make timings noisy when others run; compare the ratio measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TARGET_SHARE = 0.3
+"""Share of lung voxels the random model's biased head lets pass the threshold (not trivially empty or full)."""
+PHANTOM_SEEDS = range(40)
+"""Seeds tried to find a phantom with at least the asked number of slices."""
+
+
+def cpu_name() -> str:
+    """The CPU model as ``lscpu`` names it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def make_ct(folder: Path, slices: int, size: int) -> tuple[Path, tuple[int, ...]]:
+    """A coronacases-style phantom with ``size`` x ``size`` pixels, cropped to ``slices`` central slices."""
+    import nibabel as nib
+
+    from covidseg.phantom import make_phantom
+
+    scale = size / 512.0
+    best = None
+    for seed in PHANTOM_SEEDS:
+        ph = make_phantom("coronacases", seed, scale=scale)
+        if best is None or ph.ct.shape[0] > best.ct.shape[0]:
+            best = ph
+        if ph.ct.shape[0] >= slices:
+            break
+    assert best is not None
+    d = best.ct.shape[0]
+    lo = max((d - slices) // 2, 0)
+    keep = slice(lo, lo + min(slices, d))
+    ct = np.clip(np.rint(best.ct[keep]), -1024, 3071).astype(np.int16)  # canonical (D, H, W), HU
+    # canonical (z, y, x) in LPS -> a NIfTI in LPS voxel order (x, y, z) with its RAS affine
+    sz, sy, sx = best.spacing
+    affine = np.diag([-sx, -sy, sz, 1.0])
+    path = folder / "bench_ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(ct.transpose(2, 1, 0)), affine), path)
+    return path, tuple(int(s) for s in ct.shape)
+
+
+def make_checkpoint(folder: Path, ct: Path) -> Path:
+    """The report's full model at its default width, random weights (seed 0), with the output head's bias set so
+    that about :data:`TARGET_SHARE` of the lung voxels of one central window pass the threshold."""
+    import torch
+
+    from covidseg.checkpoint import save_checkpoint
+    from covidseg.config import Config
+    from covidseg.inference.lungs import classical_lungs
+    from covidseg.intensity import lung_only, normalize, resolve_convention, to_hu
+    from covidseg.io.image import read_image
+    from covidseg.models import create_model
+
+    torch.manual_seed(0)
+    cfg = Config()
+    model = create_model(cfg.model).eval()
+    model.set_deep_supervision(False)
+    image = read_image(ct)
+    conv = resolve_convention(image.array, cfg.intensity, None, ct)
+    lungs = classical_lungs(to_hu(image.array, conv, cfg.intensity), image.spacing, cfg.lungs)
+    x = lung_only(normalize(image.array, cfg.intensity, conv), lungs, cfg.intensity)
+    d, h, w = cfg.train.patch_size
+    zc = int(np.flatnonzero(lungs.any(axis=(1, 2))).mean())
+    z0 = min(max(zc - d // 2, 0), x.shape[0] - d)
+    y0, x0 = (x.shape[1] - h) // 2, (x.shape[2] - w) // 2
+    patch = torch.from_numpy(np.ascontiguousarray(x[z0 : z0 + d, y0 : y0 + h, x0 : x0 + w]))[None, None]
+    with torch.no_grad():
+        logits = model(patch)[0, 0].numpy()  # type: ignore[index]
+        inside = lungs[z0 : z0 + d, y0 : y0 + h, x0 : x0 + w] > 0
+        values = logits[inside] if inside.any() else logits.ravel()
+        bias = model.head.bias
+        assert bias is not None
+        bias.sub_(float(np.quantile(values, 1.0 - TARGET_SHARE)))
+    model.set_deep_supervision(True)
+    return save_checkpoint(folder / "bench_model.pt", model, cfg, target="infection", note="benchmark random")
+
+
+def measured(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """Run ``cmd`` under a fresh wrapper process: wall seconds, the child's peak RSS (GB) and its stdout."""
+    wrapper = (
+        "import resource, subprocess, sys, time\n"
+        "t = time.perf_counter()\n"
+        "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "dt = time.perf_counter() - t\n"
+        "sys.stderr.write(r.stderr[-4000:])\n"
+        "if r.returncode: sys.exit(r.returncode)\n"
+        "print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+        "print(r.stdout)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise SystemExit(f"benchmark step failed ({' '.join(cmd[:4])} ...):\n{r.stderr[-3000:]}")
+    first, _, rest = r.stdout.partition("\n")
+    wall, rss_kb = first.split()
+    return float(wall), float(rss_kb) / 1024**2, rest
+
+
+def reference_worker(ct: Path, checkpoint: Path, out: Path, threads: int) -> None:
+    """(b): read, classical lungs, lung-only input, MONAI sliding window over the whole volume (float32)."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from covidseg.checkpoint import load_checkpoint
+    from covidseg.config import Config
+    from covidseg.inference.lungs import classical_lungs
+    from covidseg.intensity import lung_only, normalize, resolve_convention, to_hu
+    from covidseg.io.image import read_image, write_mask
+
+    torch.set_num_threads(threads)
+    model, mcfg, _ = load_checkpoint(checkpoint)
+    model.set_deep_supervision(False)  # type: ignore[operator]
+    run_cfg = Config()
+    image = read_image(ct)
+    conv = resolve_convention(image.array, mcfg.intensity, None, ct)
+    norm = normalize(image.array, mcfg.intensity, conv)
+    lungs = classical_lungs(to_hu(image.array, conv, mcfg.intensity), image.spacing, run_cfg.lungs)
+    x = lung_only(norm, lungs, mcfg.intensity) if mcfg.train.input == "lung_only" else norm
+    with torch.no_grad():
+        logits = sliding_window_inference(torch.from_numpy(x)[None, None], tuple(mcfg.train.patch_size), 1, model,
+                                          overlap=0.25, mode="gaussian", sigma_scale=0.125)
+    channel = 2 if int(mcfg.model.out_channels) == 3 else 0
+    assert isinstance(logits, torch.Tensor)
+    infection = (torch.sigmoid(logits[0, channel]).numpy() >= run_cfg.inference.threshold) & (lungs > 0)
+    write_mask(infection.astype(np.uint8), image, out)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks; 1.0 when both are empty."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / total
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slices", type=int, default=300, help="slices of the phantom (300 = the full CT)")
+    p.add_argument("--size", type=int, default=512, help="in-plane pixels")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of both runs")
+    p.add_argument("--checkpoint", type=Path, default=None, help="a trained model instead of the random one")
+    p.add_argument("--json", type=Path, default=None, help="write the figures to this JSON file")
+    p.add_argument("--skip-reference", action="store_true", help="time covidseg only")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to covidseg segment, e.g. --set inference.bf16=off")
+    p.add_argument("--keep", type=Path, default=None, help="keep the CT and outputs in this folder")
+    p.add_argument("--reference-worker", nargs=3, metavar=("CT", "CKPT", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.reference_worker:
+        ct, ckpt, out = args.reference_worker
+        reference_worker(Path(ct), Path(ckpt), Path(out), args.threads)
+        return 0
+
+    import nibabel as nib
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    folder = Path(args.keep or tempfile.mkdtemp(prefix="covidseg-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    ct, shape = make_ct(folder, args.slices, args.size)
+    ckpt = args.checkpoint or make_checkpoint(folder, ct)
+    print(f"phantom {shape} (D, H, W) made in {time.perf_counter() - t:.1f} s; model {ckpt}; "
+          f"{args.threads} threads; CPU {cpu_name()}", flush=True)
+
+    out = folder / "covidseg_out"
+    cmd = [sys.executable, "-m", "covidseg", "segment", str(ct), "-o", str(out), "--checkpoint", str(ckpt),
+           "--threads", str(args.threads), "--force"]
+    for item in args.overrides:
+        cmd += ["--set", item]
+    ours_s, ours_rss, ours_stdout = measured(cmd, env)
+    report = json.loads((out / "report.json").read_text())
+    print(f"(a) covidseg segment: {ours_s:.1f} s, peak RSS {ours_rss:.2f} GB; steps {report['timings_s']}",
+          flush=True)
+    result: dict[str, object] = {
+        "covidseg_s": ours_s, "covidseg_peak_rss_gb": ours_rss, "covidseg_steps_s": report["timings_s"],
+        "shape": list(shape), "threads": args.threads, "cpu": cpu_name(), "model": str(ckpt),
+        "random_model": args.checkpoint is None, "overrides": args.overrides,
+    }
+    if not args.skip_reference:
+        ref_mask = folder / "reference_infection.nii.gz"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(args.threads),
+               "--reference-worker", str(ct), str(ckpt), str(ref_mask)]
+        ref_s, ref_rss, _ = measured(cmd, env)
+        lungs = np.asarray(nib.load(out / "lungs.nii.gz").dataobj) > 0  # type: ignore[attr-defined]
+        ours_inf = (np.asarray(nib.load(out / "infection.nii.gz").dataobj) > 0) & lungs  # type: ignore[attr-defined]
+        ref_inf = (np.asarray(nib.load(ref_mask).dataobj) > 0) & lungs  # type: ignore[attr-defined]
+        agreement = dice(ours_inf, ref_inf)
+        share_ours = float(ours_inf.sum()) / max(int(lungs.sum()), 1)
+        share_ref = float(ref_inf.sum()) / max(int(lungs.sum()), 1)
+        print(f"(b) reference (MONAI sliding_window_inference, whole volume, float32): {ref_s:.1f} s, "
+              f"peak RSS {ref_rss:.2f} GB", flush=True)
+        print(f"ratio {ref_s / ours_s:.1f}x; Dice of the infection masks inside the lungs {agreement:.4f} "
+              f"(infected share of the lungs: covidseg {100 * share_ours:.2f} %, reference {100 * share_ref:.2f} %)")
+        result.update({"reference_s": ref_s, "ratio": ref_s / ours_s, "reference_peak_rss_gb": ref_rss,
+                       "dice_agreement": agreement, "infected_share_covidseg": share_ours,
+                       "infected_share_reference": share_ref})
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

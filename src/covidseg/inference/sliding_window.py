@@ -1,0 +1,341 @@
+"""Sliding-window inference with Gaussian importance blending, restricted to a box (the lungs).
+
+The windows, their positions and the Gaussian weights are those of MONAI's ``sliding_window_inference``
+(``mode="gaussian"``, ``sigma_scale=0.125``; Isensee et al., nnU-Net, Nature Methods 2021), so that over the
+whole volume the result equals MONAI's (``tests/test_sliding_window.py`` compares them). What is added for speed
+(measured in ``docs/performance.md``):
+
+- windows only over ``box`` (the lungs' bounding box plus a margin) and, when a ``mask`` is given, only the
+  windows that contain at least one mask voxel (the others would only predict voxels outside the mask);
+- windows batched, fed in ``channels_last_3d`` memory format under :func:`torch.inference_mode`;
+- bfloat16 autocast on CPUs with native bfloat16 (AVX512-BF16 / AMX) and on GPUs that have it;
+- accumulators allocated once, over the box only.
+
+Optional flip test-time augmentation averages the sigmoid outputs over every combination of flips of
+``cfg.tta_axes`` (nnU-Net's mirroring).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from covidseg.config import InferenceConfig
+from covidseg.errors import ConfigError, UserError
+
+Box = tuple[slice, slice, slice]
+
+MIN_IMPORTANCE = 1e-3
+"""Smallest Gaussian weight of a window voxel (MONAI's floor), so that window borders still count a little."""
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a device; a missing GPU is a :class:`UserError`."""
+    device = torch.device(name or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"--device {name}: no CUDA GPU is available to this torch ({torch.__version__}); "
+            "use --device cpu (or install a CUDA build of torch on a machine with a GPU)"
+        )
+    return device
+
+
+def bf16_enabled(cfg: InferenceConfig, device: torch.device) -> bool:
+    """Whether bfloat16 autocast is used: ``on``, ``off``, or ``auto`` = where the hardware computes bfloat16
+    natively (CPUs with AVX512-BF16 or AMX as oneDNN reports it; GPUs of compute capability >= 8.0)."""
+    if cfg.bf16 == "off":
+        return False
+    if cfg.bf16 == "on":
+        return True
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def scan_starts(size: int, window: int, overlap: float) -> list[int]:
+    """Window start indices along one axis, exactly as MONAI's ``dense_patch_slices``.
+
+    The step is ``int(window * (1 - overlap))`` (at least 1); the last window is shifted back to end at
+    ``size``. ``size`` must be ``>= window``.
+    """
+    if window >= size:
+        return [0]
+    step = max(int(window * (1.0 - overlap)), 1)
+    starts = []
+    for i in range(int(math.ceil(size / step))):
+        start = i * step
+        starts.append(min(start, size - window))
+        if start + window >= size:
+            break
+    return starts
+
+
+def gaussian_importance(window: Sequence[int], sigma_scale: float) -> np.ndarray:
+    """Gaussian importance map of one window, as MONAI's ``compute_importance_map(mode="gaussian")``.
+
+    The separable product of ``exp(-x**2 / (2 sigma**2))`` with ``x`` measured from the window's centre
+    ``(n - 1) / 2`` and ``sigma = sigma_scale * n`` per axis, floored at :data:`MIN_IMPORTANCE` so that
+    every voxel of a window gets some weight (MONAI 1.6; nnU-Net uses the same sigma of 1/8 of the window).
+
+    Args:
+        window: ``(D, H, W)`` window size in voxels (an axis of size 1 gets weight 1).
+        sigma_scale: sigma as a fraction of the window size (0.125 in MONAI and nnU-Net).
+
+    Returns:
+        ``(D, H, W)`` float32 weights in ``[MIN_IMPORTANCE, 1]``.
+    """
+    weights = np.ones((), dtype=np.float32)
+    for n in window:
+        x = np.arange(n, dtype=np.float32) - (n - 1) / 2.0
+        sigma = np.float32(n * sigma_scale)
+        g = np.exp(x**2 / (-2 * sigma**2)).astype(np.float32)
+        weights = weights[..., None] * g
+    floor = max(float(weights.min()), MIN_IMPORTANCE)
+    return np.maximum(weights, np.float32(floor)).astype(np.float32)
+
+
+def full_box(shape: Sequence[int]) -> Box:
+    """The box covering a whole ``(D, H, W)`` volume."""
+    return (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+
+
+def mask_box(mask: np.ndarray, margin: Sequence[int] = (0, 0, 0)) -> Box | None:
+    """Bounding box of the non-zero voxels of ``mask`` grown by ``margin`` voxels per axis (clipped to the
+    volume); ``None`` when the mask is empty."""
+    if not mask.any():
+        return None
+    out = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hit = np.flatnonzero(mask.any(axis=other))
+        lo = max(int(hit[0]) - int(margin[axis]), 0)
+        hi = min(int(hit[-1]) + 1 + int(margin[axis]), mask.shape[axis])
+        out.append(slice(lo, hi))
+    return (out[0], out[1], out[2])
+
+
+def _normalise_box(box: Box | None, shape: Sequence[int]) -> tuple[slice, ...]:
+    if box is None:
+        return full_box(shape)
+    if len(box) != 3:
+        raise ConfigError(f"sliding-window box {box!r}: expected 3 slices (D, H, W)")
+    out = []
+    for sl, n in zip(box, shape, strict=True):
+        start, stop, step = sl.indices(n)
+        if step != 1 or stop <= start:
+            raise ConfigError(f"sliding-window box {box!r}: each slice must be non-empty with step 1 (axis size {n})")
+        out.append(slice(start, stop))
+    return tuple(out)
+
+
+def _flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every combination of the flip axes (the empty one first), as tensor dims of ``(B, K, D, H, W)``."""
+    dims = [2 + int(a) for a in axes]
+    return [combo for r in range(len(dims) + 1) for combo in itertools.combinations(dims, r)]
+
+
+def _batches(items: list[tuple[int, int, int]], size: int) -> Iterator[list[tuple[int, int, int]]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+# ------------------------------------------------------------------------------------------------ predict
+
+
+def predict_volume(
+    model: nn.Module,
+    volume: np.ndarray,
+    cfg: InferenceConfig,
+    box: Box | None = None,
+    device: str | torch.device | None = None,
+    mask: np.ndarray | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Sigmoid probabilities of ``model`` over ``volume`` by Gaussian-blended sliding windows.
+
+    Args:
+        model: a covidseg U-Net (3D or 2D) or any module mapping ``(B, C, *window)`` to ``(B, K, *window)``
+            logits; deep supervision is switched off for the call and the model's train/eval state and heads are
+            restored afterwards.
+        volume: ``(D, H, W)`` or ``(C, D, H, W)`` network input (normalised to [0, 1]).
+        cfg: window ``(D, H, W)``, overlap, batch, Gaussian sigma scale, TTA, bfloat16, threads.
+        box: three slices ``(D, H, W)``; windows cover only this box and the result is 0 outside it.
+            ``None`` = the whole volume.
+        device: overrides ``cfg.device``.
+        mask: optional ``(D, H, W)`` boolean mask (the lungs); windows without any mask voxel are skipped, so
+            the result is only meaningful on the mask (it is exact there: every window covering a mask voxel
+            contains it). Voxels covered by no computed window get probability 0.
+        progress: show a tqdm bar over the batches (stderr).
+
+    Returns:
+        ``(K, D, H, W)`` float32 probabilities in [0, 1]: the sigmoid of the Gaussian-blended logits (logits are
+        blended, as MONAI and nnU-Net do; with TTA the flipped passes' logits are averaged first).
+
+    Raises:
+        ConfigError: a window that does not fit the model's poolings, a bad box.
+        UserError: a CUDA device that is not there.
+    """
+    dev = resolve_device(device if device is not None else cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    vol = np.asarray(volume, dtype=np.float32)
+    if vol.ndim == 3:
+        vol = vol[None]
+    if vol.ndim != 4:
+        raise ConfigError(f"predict_volume: volume of shape {vol.shape}; expected (D, H, W) or (C, D, H, W)")
+    shape = vol.shape[1:]
+    spatial_dims = int(getattr(model, "spatial_dims", 3))
+    window = [int(w) for w in cfg.window]
+    if spatial_dims == 2:
+        window[0] = 1
+    _check_window(model, window, spatial_dims)
+
+    # pad (symmetrically with zeros, as MONAI) only where the volume itself is smaller than a window
+    pad = [max(w - n, 0) for w, n in zip(window, shape, strict=True)]
+    before = [q // 2 for q in pad]
+    if any(pad):
+        vol = np.pad(vol, [(0, 0)] + [(b, q - b) for b, q in zip(before, pad, strict=True)])
+    padded = vol.shape[1:]
+    want = _normalise_box(box, shape)
+    want_p = [slice(b.start + o, b.stop + o) for b, o in zip(want, before, strict=True)]
+    region_mask: np.ndarray | None = None
+    if mask is not None:
+        region_mask = np.zeros(padded, dtype=bool)
+        m = np.asarray(mask, dtype=bool)[want]
+        region_mask[want_p[0], want_p[1], want_p[2]] = m
+    # windows on the whole volume's grid (MONAI's positions), kept where they meet the box (and the mask), so
+    # that inside the box the result equals the whole-volume result
+    starts = [[s0 for s0 in scan_starts(n, w, cfg.overlap) if s0 < b.stop and s0 + w > b.start]
+              for n, w, b in zip(padded, window, want_p, strict=True)]
+    positions = [(d, h, w) for d, h, w in itertools.product(*starts)]
+    if region_mask is not None:
+        positions = [p for p in positions
+                     if region_mask[p[0] : p[0] + window[0], p[1] : p[1] + window[1], p[2] : p[2] + window[2]].any()]
+    if positions:
+        lo = [min(p[a] for p in positions) for a in range(3)]
+        hi = [max(p[a] for p in positions) + window[a] for a in range(3)]
+    else:
+        lo, hi = [0, 0, 0], list(window)
+    region = [slice(a, b) for a, b in zip(lo, hi, strict=True)]
+    sub = vol[:, region[0], region[1], region[2]]
+    positions = [(d - lo[0], h - lo[1], w - lo[2]) for d, h, w in positions]
+
+    inner = _unwrap(model)
+    was_training = inner.training
+    ds_before = getattr(inner, "deep_supervision", None)
+    set_ds = getattr(inner, "set_deep_supervision", None)
+    if callable(set_ds):
+        set_ds(False)
+    inner.eval()
+    try:
+        probs = _run_windows(inner, sub, window, positions, cfg, dev, spatial_dims, progress)
+    finally:
+        if ds_before is not None and callable(set_ds):
+            set_ds(bool(ds_before))
+        inner.train(was_training)
+
+    full = np.zeros((probs.shape[0], *padded), dtype=np.float32)
+    full[:, region[0], region[1], region[2]] = probs
+    out = np.zeros((probs.shape[0], *shape), dtype=np.float32)
+    # the box asked for (in the unpadded volume); windows reach beyond it but the result stays inside
+    out[:, want[0], want[1], want[2]] = full[:, want_p[0], want_p[1], want_p[2]]
+    return out
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from covidseg.checkpoint import unwrap_model
+
+    return unwrap_model(model)
+
+
+def _check_window(model: nn.Module, window: Sequence[int], spatial_dims: int) -> None:
+    divisor = getattr(_unwrap(model), "size_divisor", None)
+    if divisor is None:
+        return
+    div = (1, *divisor) if spatial_dims == 2 else tuple(divisor)
+    if any(w % d for w, d in zip(window, div, strict=True)):
+        fit = tuple(max(d, -(-w // d) * d) for w, d in zip(window, div, strict=True))
+        raise ConfigError(
+            f"inference.window {'x'.join(map(str, window))} does not fit the model's poolings (each axis a "
+            f"multiple of {'x'.join(map(str, div))}); use --set inference.window={'x'.join(map(str, fit))}"
+        )
+
+
+def _run_windows(
+    model: nn.Module,
+    sub: np.ndarray,
+    window: Sequence[int],
+    positions: list[tuple[int, int, int]],
+    cfg: InferenceConfig,
+    dev: torch.device,
+    spatial_dims: int,
+    progress: bool,
+) -> np.ndarray:
+    """Blend the windows at ``positions`` over ``sub`` (``(C, D, H, W)``); returns ``(K, D, H, W)``."""
+    wd, wh, ww = window
+    importance = torch.from_numpy(gaussian_importance(window, cfg.gaussian_sigma_scale)).to(dev)
+    weight_sum = torch.zeros(sub.shape[1:], dtype=torch.float32, device=dev)
+    acc: torch.Tensor | None = None
+    source = torch.from_numpy(np.ascontiguousarray(sub))
+    use_bf16 = bf16_enabled(cfg, dev)
+    autocast = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if use_bf16
+                else contextlib.nullcontext())
+    flips = _flip_sets(cfg.tta_axes if spatial_dims == 3 else [a for a in cfg.tta_axes if a != 0]) if cfg.tta \
+        else [()]
+    memory_format = torch.channels_last_3d if (cfg.channels_last and spatial_dims == 3) else torch.contiguous_format
+    batches = list(_batches(positions, max(int(cfg.batch_windows), 1)))
+    iterator: Iterator[list[tuple[int, int, int]]] | list[list[tuple[int, int, int]]] = batches
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(batches, desc="windows", unit="batch", leave=False)
+    with torch.inference_mode(), autocast:
+        for batch in iterator:
+            x = torch.stack([source[:, d : d + wd, h : h + wh, w : w + ww] for d, h, w in batch]).to(dev)
+            if spatial_dims == 2:
+                x = x[:, :, 0]  # (B, C, H, W)
+            else:
+                x = x.contiguous(memory_format=memory_format)  # (B, C, D, H, W)
+            logit = None
+            for dims in flips:
+                xi = torch.flip(x, [d - (1 if spatial_dims == 2 else 0) for d in dims]) if dims else x
+                logits = model(xi)
+                if isinstance(logits, (list, tuple)):
+                    logits = logits[0]
+                p = logits.float()
+                if dims:
+                    p = torch.flip(p, [d - (1 if spatial_dims == 2 else 0) for d in dims])
+                logit = p if logit is None else logit + p
+            assert logit is not None
+            if len(flips) > 1:
+                logit = logit / len(flips)
+            if spatial_dims == 2:
+                logit = logit[:, :, None]  # (B, K, 1, H, W)
+            if acc is None:
+                acc = torch.zeros((logit.shape[1], *sub.shape[1:]), dtype=torch.float32, device=dev)
+            weighted = logit * importance  # (B, K, wd, wh, ww)
+            for i, (d, h, w) in enumerate(batch):
+                acc[:, d : d + wd, h : h + wh, w : w + ww] += weighted[i]
+                weight_sum[d : d + wd, h : h + wh, w : w + ww] += importance
+        if acc is None:  # no window at all (empty mask): nothing predicted
+            k = int(getattr(getattr(model, "config", None), "out_channels", 1))
+            return np.zeros((k, *sub.shape[1:]), dtype=np.float32)
+        covered = weight_sum > 0
+        acc[:, covered] /= weight_sum[covered]
+        torch.sigmoid_(acc)
+        acc[:, ~covered] = 0.0  # only under skipped (mask-free) windows: nothing predicted there
+    return acc.cpu().numpy()

@@ -1,0 +1,424 @@
+"""CT volumes in one canonical orientation, and masks written back with the input's exact geometry.
+
+Canonical orientation (docs/architecture.md): the file's voxel grid reoriented to LPS+ (x -> Left,
+y -> Posterior, z -> Superior) with nibabel's orientation tools, then transposed to ``(z, y, x)``, so a canonical
+array is ``(D, H, W)`` = (slices inferior -> superior, rows anterior -> posterior, columns right -> left) and
+``imshow(volume[k])`` shows an axial slice in radiological convention. The reorientation is a pure permutation
+and flip of axes (no resampling), so :meth:`CTImage.to_original` inverts it exactly.
+
+Inputs are NIfTI files (``.nii``, ``.nii.gz``, read with nibabel) and DICOM series (a folder, read with
+SimpleITK, see :mod:`covidseg.io.dicom`). Every failure a user can cause (missing, truncated or corrupt file,
+2D or 4D image, a scan too large for memory, a mask drawn on another grid, unexpected labels) raises
+:class:`~covidseg.errors.InputError` with one line naming the file, what was found and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+from covidseg.errors import ConfigError, InputError
+from covidseg.io.atomic import atomic_path
+
+MAX_VOXELS_DEFAULT = 1_200_000_000
+"""Largest scan read by default (voxels; 4.8 GB as float32). Override with ``$COVIDSEG_MAX_VOXELS``."""
+MAX_VOXELS_ENV = "COVIDSEG_MAX_VOXELS"
+CANONICAL_AXCODES = ("L", "P", "S")
+"""Voxel axes of the reoriented grid before the ``(z, y, x)`` transpose."""
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+AFFINE_ATOL = 1e-3
+"""Tolerance (mm, and mm per voxel for the 3x3 part) when comparing a mask's geometry with its CT's."""
+MIN_SLICES = 2
+"""A volume with fewer voxels than this along an axis is a 2D image."""
+XFORM_SCANNER = 1
+"""NIfTI qform/sform code 'scanner' used for volumes that came from DICOM."""
+
+
+def max_voxels() -> int:
+    """The voxel-count guard: ``$COVIDSEG_MAX_VOXELS`` if set, else :data:`MAX_VOXELS_DEFAULT`."""
+    raw = os.environ.get(MAX_VOXELS_ENV)
+    if raw is None or not raw.strip():
+        return MAX_VOXELS_DEFAULT
+    try:
+        value = int(float(raw))
+    except ValueError:
+        raise ConfigError(f"${MAX_VOXELS_ENV}={raw!r} is not a number; give a voxel count like 1.2e9") from None
+    if value <= 0:
+        raise ConfigError(f"${MAX_VOXELS_ENV}={raw!r} must be positive; give a voxel count like 1.2e9")
+    return value
+
+
+def check_voxel_count(shape: tuple[int, ...], path: Path) -> None:
+    """Refuse a scan larger than :func:`max_voxels` before loading it (instead of being killed for memory)."""
+    count = int(np.prod([int(s) for s in shape], dtype=np.int64))
+    limit = max_voxels()
+    if count > limit:
+        raise InputError(
+            f"{path}: {'x'.join(map(str, shape))} = {count:.3g} voxels is more than the {limit:.3g} allowed "
+            f"(about {4 * count / 1e9:.1f} GB as float32); crop or downsample the scan, or raise the limit with "
+            f"{MAX_VOXELS_ENV}=<voxels> on a machine with enough memory"
+        )
+
+
+def _squeeze_to_3d(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
+    """Accept ``(X, Y, Z)`` and ``(X, Y, Z, 1, ...)``; refuse 2D, single-slice and 4D images."""
+    dims = tuple(int(s) for s in shape)
+    while len(dims) > 3 and dims[-1] == 1:
+        dims = dims[:-1]
+    if len(dims) > 3:
+        raise InputError(
+            f"{path}: a {len(dims)}D image of shape {dims} (several volumes); covidseg needs one 3D CT volume — "
+            f"extract one, e.g. nibabel's img.slicer[..., 0], and pass that file"
+        )
+    if len(dims) < 3 or min(dims) < MIN_SLICES:
+        raise InputError(
+            f"{path}: a 2D image of shape {dims}; covidseg segments 3D CT volumes (NIfTI or a DICOM series) — "
+            f"give the whole volume (for single 2D slices use `covidseg semiseg`)"
+        )
+    return dims  # type: ignore[return-value]
+
+
+@dataclass
+class CTImage:
+    """A CT volume in canonical ``(D, H, W)`` orientation, with what is needed to map back to the file.
+
+    Attributes:
+        array: canonical ``(D, H, W)`` float32 volume holding the file's own values (HU or 0..255).
+        spacing: voxel size in mm along ``(D, H, W)``.
+        affine: 4x4 RAS affine of the *file's* voxel grid, as nibabel reads it (for DICOM: converted from
+            ITK's LPS origin/direction/spacing).
+        original_shape: shape of the file's voxel grid (3 dims).
+        path: the file or DICOM folder it was read from.
+        ornt: nibabel orientation transform from the file's axes to LPS+ axes (see
+            ``nibabel.orientations.ornt_transform``).
+        header: the NIfTI header of the source (``None`` for DICOM); copied into written masks so that their
+            qform/sform match the CT's exactly.
+        source: ``"nifti"`` or ``"dicom"``.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    original_shape: tuple[int, int, int]
+    path: Path
+    ornt: np.ndarray = field(repr=False, default_factory=lambda: np.array([[0, 1], [1, 1], [2, 1]], float))
+    header: Any = field(repr=False, default=None)
+    source: str = "nifti"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Canonical ``(D, H, W)`` shape."""
+        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in mL (spacing product in mm^3 / 1000)."""
+        return float(np.prod(self.spacing)) / 1000.0
+
+    @property
+    def canonical_affine(self) -> np.ndarray:
+        """4x4 RAS affine mapping canonical ``(d, h, w)`` indices to millimetres."""
+        lps_affine = self.affine @ inv_ornt_aff(self.ornt, self.original_shape)
+        permute = np.zeros((4, 4))
+        permute[0, 2] = permute[1, 1] = permute[2, 0] = permute[3, 3] = 1.0  # (d, h, w) -> (x, y, z) indices
+        return lps_affine @ permute
+
+    def from_original(self, file_array: np.ndarray) -> np.ndarray:
+        """File voxel order ``(X, Y, Z)`` -> canonical ``(D, H, W)`` (contiguous copy; no resampling)."""
+        if tuple(file_array.shape[:3]) != tuple(self.original_shape):
+            raise ValueError(f"array of shape {file_array.shape} does not match the file grid {self.original_shape}")
+        return _to_canonical(file_array, self.ornt)
+
+    def to_original(self, canonical_array: np.ndarray) -> np.ndarray:
+        """Canonical ``(..., D, H, W)`` -> the file's voxel order ``(X, Y, Z, ...)`` (leading axes move last).
+
+        A 3D array comes back with exactly :attr:`original_shape`; extra leading axes (channels) are put after
+        the spatial ones, as NIfTI stores them.
+        """
+        if tuple(canonical_array.shape[-3:]) != self.shape:
+            raise ValueError(f"array of shape {canonical_array.shape} does not end with the canonical {self.shape}")
+        lead = canonical_array.ndim - 3
+        # (..., z, y, x) -> (x, y, z, ...): undo the transpose, then the flips/permutation
+        lps = np.moveaxis(canonical_array, [lead, lead + 1, lead + 2], [2, 1, 0])
+        return apply_orientation(lps, _inverse_transform(self.ornt))
+
+
+def _inverse_transform(transform: np.ndarray) -> np.ndarray:
+    """The ``ornt`` transform undoing ``transform`` (file axis i -> LPS axis ``transform[i, 0]``, flipped if -1)."""
+    inverse = np.zeros_like(np.asarray(transform, dtype=float))
+    for file_axis, (lps_axis, flip) in enumerate(transform):
+        inverse[int(lps_axis)] = (file_axis, flip)
+    return inverse
+
+
+def _to_canonical(file_array: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    lps = apply_orientation(file_array, transform)  # (x=L, y=P, z=S, ...)
+    return np.ascontiguousarray(np.moveaxis(lps, [0, 1, 2], [2, 1, 0]) if lps.ndim == 3 else
+                                np.moveaxis(lps, [0, 1, 2], [-1, -2, -3]))
+
+
+def orientation_transform(affine: np.ndarray, path: Path) -> np.ndarray:
+    """nibabel ``ornt`` transform from the voxel axes of ``affine`` to LPS+ axes."""
+    start = io_orientation(affine)
+    if not np.all(np.isfinite(start)):
+        raise InputError(
+            f"{path}: its affine has no valid orientation (zero or repeated axes: {affine[:3, :3].tolist()}); "
+            f"fix the header's qform/sform (e.g. re-export it from the scanner's DICOM)"
+        )
+    return ornt_transform(start, axcodes2ornt(CANONICAL_AXCODES))
+
+
+def make_ct_image(file_array: np.ndarray, affine: np.ndarray, path: Path, header: Any = None,
+                  source: str = "nifti") -> CTImage:
+    """Build a :class:`CTImage` from a 3D array in the file's voxel order and its RAS affine."""
+    affine = np.asarray(affine, dtype=np.float64)
+    transform = orientation_transform(affine, path)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    lps_spacing = [0.0, 0.0, 0.0]
+    for file_axis, (lps_axis, _flip) in enumerate(transform):
+        lps_spacing[int(lps_axis)] = float(zooms[file_axis])
+    if min(lps_spacing) <= 0:
+        raise InputError(f"{path}: voxel spacing {lps_spacing} mm is not positive; fix the header's pixdim/affine")
+    canonical = _to_canonical(np.asarray(file_array), transform).astype(np.float32, copy=False)
+    return CTImage(
+        array=canonical,
+        spacing=(lps_spacing[2], lps_spacing[1], lps_spacing[0]),
+        affine=affine,
+        original_shape=tuple(int(s) for s in file_array.shape[:3]),  # type: ignore[arg-type]
+        path=Path(path),
+        ornt=transform,
+        header=header,
+        source=source,
+    )
+
+
+# --------------------------------------------------------------------------------------------- NIfTI
+
+
+def is_nifti(path: Path) -> bool:
+    """True for ``.nii`` and ``.nii.gz`` names."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def _load_nifti(path: Path) -> Any:
+    """``nib.load`` with every header failure turned into an InputError naming the file."""
+    try:
+        img = nib.load(str(path))
+    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, OSError, EOFError,
+            zlib.error, ValueError) as exc:
+        raise InputError(
+            f"{path}: not a readable NIfTI file ({_reason(exc)}); re-download or re-export it"
+        ) from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{path}: expected a NIfTI image, found {type(img).__name__}; convert it to .nii.gz")
+    return img
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _read_nifti_data(img: Any, path: Path, dtype: Any) -> np.ndarray:
+    """Decode the voxels (applying scl_slope/inter); truncated or corrupt data -> InputError."""
+    try:
+        if np.dtype(dtype).kind == "f":
+            data = img.get_fdata(dtype=dtype, caching="unchanged")
+        else:
+            data = np.asanyarray(img.dataobj)
+    except (EOFError, zlib.error, OSError, ValueError, MemoryError) as exc:
+        if isinstance(exc, MemoryError):
+            raise InputError(
+                f"{path}: not enough memory to load {'x'.join(map(str, img.shape))} voxels; "
+                f"use a machine with more RAM or crop the scan"
+            ) from None
+        raise InputError(
+            f"{path}: the file is truncated or corrupt ({_reason(exc)}); re-download or re-export it"
+        ) from None
+    if data.dtype.kind not in "biuf":
+        raise InputError(f"{path}: voxel type {data.dtype} is not a scalar image; convert it to a grey-level CT")
+    return np.asarray(data)
+
+
+def _read_nifti(path: Path, dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray, Any]:
+    img = _load_nifti(path)
+    shape3 = _squeeze_to_3d(img.shape, path)
+    check_voxel_count(shape3, path)
+    data = _read_nifti_data(img, path, dtype).reshape(shape3)
+    return data, np.asarray(img.affine, dtype=np.float64), img.header.copy()
+
+
+# --------------------------------------------------------------------------------------------- public API
+
+
+def read_image(path: str | Path) -> CTImage:
+    """Read a CT volume: a ``.nii`` / ``.nii.gz`` file or a folder holding a DICOM series.
+
+    Args:
+        path: NIfTI file or DICOM folder (several series: the one with most slices is used and named).
+
+    Returns:
+        The volume in canonical ``(D, H, W)`` order (float32, the file's own values) with spacing in mm and the
+        file's RAS affine.
+
+    Raises:
+        InputError: missing, unreadable, truncated or corrupt input; 2D or 4D image; too many voxels; a DICOM
+            series with missing or duplicated slices or uneven spacing.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder; give a .nii/.nii.gz file or a DICOM folder")
+    if path.is_dir():
+        from covidseg.io.dicom import read_dicom_series
+
+        return read_dicom_series(path)
+    if not is_nifti(path):
+        hint = " (for DICOM give the folder that holds the series)" if path.suffix.lower() in (".dcm", ".ima") \
+            else ""
+        raise InputError(f"{path}: unsupported file type '{''.join(path.suffixes) or path.name}'; give a .nii or "
+                         f".nii.gz file or a DICOM folder{hint}")
+    data, affine, header = _read_nifti(path)
+    return make_ct_image(data, affine, path, header=header, source="nifti")
+
+
+def _mask_values(data: np.ndarray, path: Path) -> np.ndarray:
+    """Label array as uint8; non-finite, fractional, negative or >255 values -> InputError."""
+    if data.dtype.kind == "f":
+        if not np.all(np.isfinite(data)):
+            raise InputError(f"{path}: the mask holds NaN or infinite values; a mask must hold integer labels")
+        rounded = np.rint(data)
+        if not np.array_equal(rounded, data):
+            raise InputError(f"{path}: the mask holds fractional values (e.g. {data[rounded != data].flat[0]!r}); "
+                             f"a mask must hold integer labels — threshold or round it")
+        data = rounded
+    if data.size and (data.min() < 0 or data.max() > np.iinfo(np.uint8).max):
+        raise InputError(f"{path}: mask labels range {data.min()}..{data.max()}, expected 0..255 integer labels; "
+                         f"give a label mask (e.g. 0 background, 1 left lung, 2 right lung)")
+    return data.astype(np.uint8, copy=False)
+
+
+def label_values(mask: np.ndarray) -> list[int]:
+    """Sorted label values present in a uint8 mask (fast: a bincount)."""
+    counts = np.bincount(mask.ravel(), minlength=1)
+    return [int(v) for v in np.flatnonzero(counts)]
+
+
+def read_mask(path: str | Path, like: CTImage | None = None, labels: Collection[int] | None = None) -> np.ndarray:
+    """Read a label mask (NIfTI) into canonical ``(D, H, W)`` uint8.
+
+    Args:
+        path: ``.nii`` / ``.nii.gz`` mask.
+        like: the CT the mask belongs to; its voxel grid (canonical shape and affine, to
+            :data:`AFFINE_ATOL`) must be the mask's.
+        labels: allowed label values (e.g. ``{0, 1, 2}``); others raise InputError. ``None`` accepts 0..255.
+
+    Raises:
+        InputError: unreadable/truncated file, non-integer values, another grid than ``like``, labels outside
+            ``labels``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: mask file not found; check the path or the dataset layout")
+    if not is_nifti(path):
+        raise InputError(f"{path}: unsupported mask type; give a .nii or .nii.gz label mask")
+    img = _load_nifti(path)
+    shape3 = _squeeze_to_3d(img.shape, path)
+    check_voxel_count(shape3, path)
+    data = _mask_values(_read_nifti_data(img, path, img.get_data_dtype()).reshape(shape3), path)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    transform = orientation_transform(affine, path)
+    canonical = _to_canonical(data, transform)
+    if like is not None:
+        mask_geometry = CTImage(array=canonical, spacing=(1.0, 1.0, 1.0), affine=affine,
+                                original_shape=shape3, path=path, ornt=transform)
+        if canonical.shape != like.shape:
+            raise InputError(
+                f"{path}: mask shape {shape3} (canonical {canonical.shape}) does not match the CT {like.path} "
+                f"{like.original_shape} (canonical {like.shape}); pair the mask with the CT it was drawn on, or "
+                f"resample it onto the CT grid with nearest-neighbour interpolation"
+            )
+        diff = np.abs(mask_geometry.canonical_affine - like.canonical_affine)
+        if diff.max() > AFFINE_ATOL * max(1.0, float(np.abs(like.affine[:3, 3]).max()) / 100.0):
+            raise InputError(
+                f"{path}: mask geometry (affine) differs from the CT {like.path} by up to {diff.max():.4g} mm; "
+                f"it was drawn on another grid — resample it onto the CT with nearest-neighbour interpolation, "
+                f"or copy the CT's header if only the header is wrong"
+            )
+    if labels is not None:
+        found = label_values(canonical)
+        extra = sorted(set(found) - set(int(v) for v in labels))
+        if extra:
+            raise InputError(
+                f"{path}: unexpected label values {extra} (found {found}, expected a subset of "
+                f"{sorted(int(v) for v in labels)}); check that this is the right kind of mask"
+            )
+    return canonical
+
+
+def _output_header(like: CTImage, dtype: Any) -> Any:
+    if like.header is not None:
+        header = like.header.copy()
+    else:
+        header = nib.Nifti1Header()
+        header.set_qform(like.affine, code=XFORM_SCANNER)
+        header.set_sform(like.affine, code=XFORM_SCANNER)
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(1.0, 0.0)
+    return header
+
+
+def _write_nifti(file_array: np.ndarray, like: CTImage, path: Path, dtype: Any) -> Path:
+    path = Path(path)
+    if not is_nifti(path):
+        raise InputError(f"{path}: output must end in .nii.gz or .nii")
+    if path.exists() and like.path.exists() and path.resolve() == like.path.resolve():
+        raise InputError(f"{path}: refusing to overwrite the input scan; choose another output path")
+    header = _output_header(like, dtype)
+    klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    if like.header is None:
+        img = klass(np.asarray(file_array, dtype=dtype), like.affine, header=header)
+        img.set_qform(like.affine, code=XFORM_SCANNER)
+        img.set_sform(like.affine, code=XFORM_SCANNER)
+    else:
+        img = klass(np.asarray(file_array, dtype=dtype), like.affine, header=header)
+    img.set_data_dtype(dtype)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def write_mask(mask: np.ndarray, like: CTImage, path: str | Path) -> Path:
+    """Write a canonical ``(D, H, W)`` label mask as a uint8 NIfTI with exactly ``like``'s shape and affine.
+
+    The CT's own NIfTI header (qform and sform with their codes) is copied, so the mask overlays the CT in
+    3D Slicer / ITK-SNAP; for a DICOM input both are set to the converted affine with code 'scanner'.
+    Written atomically; refuses to overwrite the input itself.
+    """
+    mask = np.asarray(mask)
+    if mask.shape != like.shape:
+        raise ValueError(f"mask of shape {mask.shape} does not match the canonical CT shape {like.shape}")
+    if mask.dtype != np.uint8:
+        if mask.dtype.kind == "b":
+            mask = mask.astype(np.uint8)
+        else:
+            if mask.size and (mask.min() < 0 or mask.max() > np.iinfo(np.uint8).max):
+                raise ValueError(f"mask labels {mask.min()}..{mask.max()} do not fit uint8")
+            mask = mask.astype(np.uint8)
+    return _write_nifti(like.to_original(mask), like, Path(path), np.uint8)
+
+
+def write_volume(array: np.ndarray, like: CTImage, path: str | Path, dtype: Any = np.float32) -> Path:
+    """Write a canonical ``(D, H, W)`` (or ``(K, D, H, W)``) array as NIfTI on ``like``'s grid (atomic).
+
+    Channels, when given, are stored as the 4th NIfTI axis (``(X, Y, Z, K)``).
+    """
+    array = np.asarray(array)
+    return _write_nifti(like.to_original(array), like, Path(path), np.dtype(dtype))

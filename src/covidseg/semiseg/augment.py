@@ -1,0 +1,181 @@
+"""Batch augmentation of 2D slices, on the device the batch lives on: flips, rotation, scaling, intensity.
+
+The field's slice augmentations (nnU-Net's 2D defaults, Inf-Net's flips/rotations): mirroring, in-plane rotation
+and isotropic scaling in one affine resampling, then brightness, contrast and gamma. As in TorchIO, the random
+part only *draws* parameters (:func:`draw_params`, from an explicit seeded :class:`torch.Generator` on the CPU)
+and a deterministic twin *applies* them (:func:`apply_params`), so a batch can be replayed from its parameters
+and the same seed gives the same batches on any device.
+
+Written with ``affine_grid``/``grid_sample`` so that a whole batch is augmented on the GPU (a per-sample CPU
+pipeline would starve a GPU on 352x352 slices); ``tests/test_semiseg.py`` checks the resampling against
+``scipy.ndimage.affine_transform`` and the intensity part against MONAI's ``AdjustContrast`` (gamma) when MONAI
+is installed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MASK_THRESHOLD = 0.5
+"""A resampled mask pixel is foreground when its bilinear value is >= 0.5."""
+
+
+@dataclass
+class AugmentConfig:
+    """Probabilities and ranges of the slice augmentations (defaults after nnU-Net's 2D settings, milder)."""
+
+    flip_h: float = 0.5
+    """Probability of a left-right mirror."""
+    flip_v: float = 0.5
+    """Probability of an anterior-posterior mirror (nnU-Net mirrors every axis)."""
+    p_affine: float = 0.8
+    """Probability of a rotation + scaling."""
+    rotate_deg: float = 20.0
+    """Rotation drawn uniformly in [-rotate_deg, rotate_deg] degrees."""
+    scale: tuple[float, float] = (0.8, 1.25)
+    """Zoom factor drawn log-uniformly in this range (> 1 enlarges the content)."""
+    p_intensity: float = 0.5
+    """Probability of each intensity change (brightness, contrast, gamma), drawn independently."""
+    brightness: float = 0.1
+    """Additive shift drawn in [-brightness, brightness] (image scale [0, 1])."""
+    contrast: tuple[float, float] = (0.75, 1.25)
+    """Multiplicative contrast around the image mean."""
+    gamma: tuple[float, float] = (0.7, 1.5)
+    """Gamma exponent drawn log-uniformly in this range (applied on [0, 1])."""
+
+
+@dataclass
+class AugmentParams:
+    """Parameters of one augmented batch; every field is a ``(B,)`` CPU tensor.
+
+    Identity values: no flips, angle 0, zoom 1, brightness 0, contrast 1, gamma 1.
+    """
+
+    flip_h: torch.Tensor
+    flip_v: torch.Tensor
+    angle: torch.Tensor
+    """Radians."""
+    zoom: torch.Tensor
+    brightness: torch.Tensor
+    contrast: torch.Tensor
+    gamma: torch.Tensor
+
+    @classmethod
+    def identity(cls, batch: int) -> AugmentParams:
+        """Parameters that leave a batch of ``batch`` slices unchanged."""
+        zeros, ones = torch.zeros(batch), torch.ones(batch)
+        return cls(zeros.bool(), zeros.bool(), zeros, ones, zeros, ones, ones)
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+
+
+def _log_uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    return torch.exp(_uniform(n, math.log(lo), math.log(hi), g))
+
+
+def draw_params(batch: int, cfg: AugmentConfig, generator: torch.Generator) -> AugmentParams:
+    """Draw the augmentation of a batch of ``batch`` slices from ``generator`` (a CPU generator).
+
+    Always draws the same number of values per batch, so the stream stays aligned whatever was applied.
+    """
+    g = generator
+    flip_h = torch.rand(batch, generator=g) < cfg.flip_h
+    flip_v = torch.rand(batch, generator=g) < cfg.flip_v
+    affine_on = torch.rand(batch, generator=g) < cfg.p_affine
+    angle = _uniform(batch, -cfg.rotate_deg, cfg.rotate_deg, g) * math.pi / 180.0
+    zoom = _log_uniform(batch, *cfg.scale, g)
+    on = torch.rand(batch, 3, generator=g) < cfg.p_intensity
+    brightness = _uniform(batch, -cfg.brightness, cfg.brightness, g)
+    contrast = _uniform(batch, *cfg.contrast, g)
+    gamma = _log_uniform(batch, *cfg.gamma, g)
+    return AugmentParams(
+        flip_h=flip_h,
+        flip_v=flip_v,
+        angle=torch.where(affine_on, angle, 0.0).float(),
+        zoom=torch.where(affine_on, zoom, 1.0).float(),
+        brightness=torch.where(on[:, 0], brightness, 0.0).float(),
+        contrast=torch.where(on[:, 1], contrast, 1.0).float(),
+        gamma=torch.where(on[:, 2], gamma, 1.0).float(),
+    )
+
+
+def affine_theta(params: AugmentParams) -> torch.Tensor:
+    """``(B, 2, 3)`` matrices for ``affine_grid``: output (x, y) in [-1, 1] -> input (x, y).
+
+    Sampling the input at ``R(angle) @ F @ (x, y) / zoom`` mirrors the content by ``F`` (``x -> -x``
+    left-right, ``y -> -y`` anterior-posterior), then rotates it about the centre (a positive angle turns it
+    counter-clockwise on screen, as ``np.rot90``) and zooms it by ``zoom`` (> 1 enlarges).
+    """
+    cos, sin = torch.cos(params.angle), torch.sin(params.angle)
+    fx = 1.0 - 2.0 * params.flip_h.float()
+    fy = 1.0 - 2.0 * params.flip_v.float()
+    inv = 1.0 / params.zoom
+    theta = torch.zeros(params.angle.shape[0], 2, 3)
+    theta[:, 0, 0] = cos * fx * inv
+    theta[:, 0, 1] = -sin * fy * inv
+    theta[:, 1, 0] = sin * fx * inv
+    theta[:, 1, 1] = cos * fy * inv
+    return theta
+
+
+def apply_params(
+    images: torch.Tensor, masks: torch.Tensor | None, params: AugmentParams
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply drawn parameters (deterministic).
+
+    Args:
+        images: ``(B, C, H, W)`` float in [0, 1].
+        masks: ``(B, K, H, W)`` in {0, 1}, or ``None``.
+        params: from :func:`draw_params` (``B`` entries).
+
+    Returns:
+        ``(B, C, H, W)`` images in [0, 1] and ``(B, K, H, W)`` masks in {0, 1} (or ``None``). Outside the
+        resampled field of view the image is 0 (black, as the slices' own background) and the mask 0.
+    """
+    device = images.device
+    theta = affine_theta(params).to(device=device, dtype=torch.float32)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, H, W, 2)
+    out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out_masks = None
+    if masks is not None:
+        m = F.grid_sample(masks.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        out_masks = (m >= MASK_THRESHOLD).to(masks.dtype)
+    view = (-1, 1, 1, 1)
+    gamma = params.gamma.to(device).view(view)
+    contrast = params.contrast.to(device).view(view)
+    brightness = params.brightness.to(device).view(view)
+    out = out.clamp(0.0, 1.0) ** gamma  # (B, C, H, W)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = (out - mean) * contrast + mean + brightness
+    return out.clamp(0.0, 1.0), out_masks
+
+
+class SliceAugment:
+    """Seeded, replayable batch augmentation: ``augment(images, masks) -> (images, masks)``.
+
+    Args:
+        cfg: ranges and probabilities.
+        seed: seed of the CPU generator that draws every parameter.
+
+    Attributes:
+        last_params: the parameters of the last batch (to replay it with :func:`apply_params`).
+    """
+
+    def __init__(self, cfg: AugmentConfig | None = None, seed: int = 0) -> None:
+        self.cfg = cfg or AugmentConfig()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.last_params: AugmentParams | None = None
+
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C, H, W)`` images and ``(B, K, H, W)`` masks -> augmented tensors of the same shapes."""
+        params = draw_params(images.shape[0], self.cfg, self.generator)
+        self.last_params = params
+        out, out_masks = apply_params(images, masks, params)
+        assert out_masks is not None
+        return out, out_masks

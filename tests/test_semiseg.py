@@ -1,0 +1,293 @@
+"""COVID-SemiSeg loader, augmentation, folds, 2D training, checkpoint and the `covidseg semiseg` commands."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from covidseg.errors import ConfigError, InputError
+from covidseg.semiseg.augment import AugmentConfig, AugmentParams, SliceAugment, affine_theta, apply_params
+from covidseg.semiseg.data import load_folder, resize_stack
+from covidseg.semiseg.train import (
+    SemisegConfig,
+    cross_validate,
+    make_folds,
+    predict_slices,
+    save_semiseg_checkpoint,
+    train_model,
+)
+
+REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "covid-semiseg" / "train"
+TINY = dict(size=(32, 32), base_width=4, depth=2, epochs=1, batch_size=2, amp="off", device="cpu")
+"""Settings small enough for a CPU test (seconds)."""
+
+
+def write_folder(root: Path, n: int = 4, multiclass: bool = True, seed: int = 0) -> Path:
+    """A COVID-SemiSeg-layout folder of ``n`` small synthetic slices of varying sizes."""
+    rng = np.random.default_rng(seed)
+    for sub in ("Imgs", "GT") + (("GT-multiclass",) if multiclass else ()):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        h, w = 30 + 3 * i, 36 + 2 * i
+        img = (rng.random((h, w)) * 120).astype(np.uint8)
+        gt = np.zeros((h, w), np.uint8)
+        gt[5:15 + i, 8:20] = 255
+        img[gt > 0] += 100  # a bright lesion
+        Image.fromarray(img).save(root / "Imgs" / f"{i}.jpg")
+        Image.fromarray(gt).save(root / "GT" / f"{i}.png")
+        if multiclass:
+            Image.fromarray((gt > 0).astype(np.uint8) * (1 + i % 2)).save(root / "GT-multiclass" / f"{i}.png")
+    return root
+
+
+# --------------------------------------------------------------------------------------------- loader
+
+
+def test_loader_pairs_by_stem_in_natural_order(tmp_path: Path) -> None:
+    root = write_folder(tmp_path, n=3)
+    (root / "Imgs" / "2.jpg").rename(root / "Imgs" / "10.jpg")
+    (root / "GT" / "2.png").rename(root / "GT" / "10.png")
+    (root / "GT-multiclass" / "2.png").rename(root / "GT-multiclass" / "10.png")
+    (root / "Imgs" / ".DS_Store").write_bytes(b"junk")
+    slices = load_folder(root)
+    assert [s.name for s in slices] == ["0", "1", "10"]
+    s = slices[1]
+    assert s.image.dtype == np.float32 and 0.0 <= s.image.min() and s.image.max() <= 1.0
+    assert s.mask.dtype == np.uint8 and set(np.unique(s.mask)) == {0, 1}
+    assert s.shape == (33, 38) and s.mask.shape == s.shape
+    assert s.multiclass is not None and set(np.unique(s.multiclass)) == {0, 2}
+    assert int(s.mask.sum()) == (15 + 1 - 5) * 12
+
+
+def test_loader_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="folder not found"):
+        load_folder(tmp_path / "missing")
+    with pytest.raises(InputError, match="no Imgs/"):
+        load_folder(tmp_path)
+    root = write_folder(tmp_path / "a", n=2, multiclass=False)
+    (root / "GT" / "1.png").unlink()
+    with pytest.raises(InputError, match=r"Imgs/1\.jpg: no matching mask"):
+        load_folder(root)
+    root = write_folder(tmp_path / "b", n=2, multiclass=False)
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "GT" / "7.png")
+    with pytest.raises(InputError, match=r"GT/7\.png: no matching slice"):
+        load_folder(root)
+    root = write_folder(tmp_path / "c", n=2, multiclass=False)
+    (root / "Imgs" / "0.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(InputError, match=r"Imgs/0\.jpg: not a readable image"):
+        load_folder(root)
+    root = write_folder(tmp_path / "d", n=2, multiclass=False)
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "GT" / "0.png")
+    with pytest.raises(InputError, match=r"GT/0\.png: mask size 5x5 differs"):
+        load_folder(root)
+    root = write_folder(tmp_path / "e", n=2, multiclass=True)
+    (root / "GT-multiclass" / "1.png").unlink()
+    with pytest.raises(InputError, match="GT-multiclass/ and Imgs/ do not hold the same slices"):
+        load_folder(root)
+
+
+def test_resize_stack(tmp_path: Path) -> None:
+    slices = load_folder(write_folder(tmp_path, n=3))
+    images, masks = resize_stack(slices, (32, 48))
+    assert images.shape == masks.shape == (3, 1, 32, 48)
+    assert images.dtype == torch.float32 and set(torch.unique(masks).tolist()) <= {0.0, 1.0}
+    assert masks.sum() > 0
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason=f"COVID-SemiSeg slices not present at {REAL}")
+def test_real_folder_and_pinned_folds() -> None:
+    slices = load_folder(REAL)
+    assert len(slices) == 50
+    assert all(s.multiclass is not None for s in slices)
+    assert all(s.mask.any() for s in slices)  # every training slice holds infection
+    folds = make_folds(len(slices), 5, seed=0)
+    names = [[slices[i].name for i in fold] for fold in folds]
+    assert names[0] == ["2", "3", "4", "25", "27", "30", "31", "33", "43", "45"]
+    assert names[4] == ["5", "11", "19", "20", "37", "40", "42", "49", "51", "67"]
+
+
+# --------------------------------------------------------------------------------------------- folds
+
+
+def test_folds_are_seeded_and_pinned() -> None:
+    folds = make_folds(50, 5, seed=0)
+    assert folds[0] == [2, 3, 4, 18, 20, 23, 24, 26, 34, 36]
+    assert folds[4] == [5, 7, 14, 15, 29, 31, 33, 39, 41, 49]
+    assert sorted(i for f in folds for i in f) == list(range(50))
+    assert [len(f) for f in make_folds(7, 3, seed=1)] == [3, 2, 2]
+    assert make_folds(50, 5, seed=1) != folds
+    with pytest.raises(ConfigError, match="--folds 1"):
+        make_folds(50, 1)
+
+
+# --------------------------------------------------------------------------------------------- augmentation
+
+
+def _batch(seed: int = 0, b: int = 2, n: int = 33) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(b, 1, n, n, generator=g)
+    masks = (torch.rand(b, 1, n, n, generator=g) > 0.7).float()
+    return images, masks
+
+
+def test_identity_params_leave_the_batch_unchanged() -> None:
+    images, masks = _batch()
+    out, out_m = apply_params(images, masks, AugmentParams.identity(2))
+    assert torch.allclose(out, images, atol=1e-5)
+    assert torch.equal(out_m, masks)
+
+
+def test_flips_and_quarter_turn_are_exact() -> None:
+    images, masks = _batch()
+    p = AugmentParams.identity(2)
+    p.flip_h = torch.tensor([True, False])
+    p.flip_v = torch.tensor([False, True])
+    out, out_m = apply_params(images, masks, p)
+    assert torch.allclose(out[0], images[0].flip(-1), atol=1e-5)
+    assert torch.allclose(out[1], images[1].flip(-2), atol=1e-5)
+    assert torch.equal(out_m[0], masks[0].flip(-1))
+    q = AugmentParams.identity(2)
+    q.angle = torch.full((2,), math.pi / 2)
+    out, out_m = apply_params(images, masks, q)
+    assert torch.allclose(out, torch.rot90(images, 1, dims=(2, 3)), atol=1e-5)
+    assert torch.equal(out_m, torch.rot90(masks, 1, dims=(2, 3)))
+
+
+def test_affine_matches_scipy_reference() -> None:
+    images, _ = _batch(n=33)
+    p = AugmentParams.identity(1)
+    p.angle, p.zoom, p.flip_h = torch.tensor([0.3]), torch.tensor([1.2]), torch.tensor([True])
+    out, _ = apply_params(images[:1], None, p)
+    a = affine_theta(p)[0, :, :2].numpy().astype(np.float64)  # (x, y) -> (x, y), x = column
+    m = np.array([[a[1, 1], a[1, 0]], [a[0, 1], a[0, 0]]])  # the same map in (row, column)
+    centre = np.array([16.0, 16.0])
+    ref = ndimage.affine_transform(images[0, 0].double().numpy(), m, offset=centre - m @ centre, order=1,
+                                   mode="constant", cval=0.0)
+    inner = (slice(4, -4), slice(4, -4))  # the borders differ only in how "outside" is blended
+    assert np.allclose(out[0, 0].numpy()[inner], ref[inner], atol=1e-5)
+
+
+def test_gamma_matches_monai() -> None:
+    monai_transforms = pytest.importorskip("monai.transforms")
+    images, _ = _batch(b=1)
+    images[0, 0, 0, 0], images[0, 0, 0, 1] = 0.0, 1.0  # MONAI rescales by the image's own range
+    p = AugmentParams.identity(1)
+    p.gamma = torch.tensor([1.4])
+    out, _ = apply_params(images, None, p)
+    ref = monai_transforms.AdjustContrast(gamma=1.4)(images[0])
+    assert torch.allclose(out[0], torch.as_tensor(ref), atol=1e-5)
+
+
+def test_augmentation_is_seeded_and_replayable() -> None:
+    images, masks = _batch(b=4)
+    a1, a2, a3 = SliceAugment(seed=3), SliceAugment(seed=3), SliceAugment(seed=4)
+    x1, y1 = a1(images, masks)
+    x2, y2 = a2(images, masks)
+    x3, _ = a3(images, masks)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(x1, x3)
+    assert a1.last_params is not None
+    xr, yr = apply_params(images, masks, a1.last_params)
+    assert torch.equal(xr, x1) and torch.equal(yr, y1)
+    assert 0.0 <= float(x1.min()) and float(x1.max()) <= 1.0
+    assert set(torch.unique(y1).tolist()) <= {0.0, 1.0}
+    off = SliceAugment(AugmentConfig(flip_h=0, flip_v=0, p_affine=0, p_intensity=0), seed=0)
+    xo, yo = off(images, masks)
+    assert torch.allclose(xo, images, atol=1e-5) and torch.equal(yo, masks)
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def test_training_is_deterministic_and_cv_scores(tmp_path: Path) -> None:
+    slices = load_folder(write_folder(tmp_path, n=4))
+    cfg = SemisegConfig(variant="unet-fv-paspp-ds-2d", **TINY)
+    images, masks = resize_stack(slices, cfg.size)
+    device = torch.device("cpu")
+    m1 = train_model(images, masks, cfg, device, progress=False)
+    m2 = train_model(images, masks, cfg, device, progress=False)
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    probs = predict_slices(m1, slices, cfg.size, device)
+    assert [p.shape for p in probs] == [s.shape for s in slices]  # back at each GT's size
+    assert all(0.0 <= p.min() and p.max() <= 1.0 for p in probs)
+    folds_seen: list[int] = []
+    cv = cross_validate(slices, SemisegConfig(variant="unet-2d", folds=2, **TINY), device, progress=False,
+                        on_fold=lambda f: folds_seen.append(f["fold"]))
+    assert folds_seen == [0, 1] and len(cv["folds"]) == 2
+    assert sorted(n for f in cv["folds"] for n in f["test"]) == ["0", "1", "2", "3"]
+    for key in ("mean_dice_infnet", "dice_at_0_5", "iou", "sensitivity", "specificity", "precision"):
+        assert 0.0 <= cv["mean"][key] <= 1.0 and cv["sd"][key] >= 0.0
+    with pytest.raises(ConfigError, match="2D variant"):
+        train_model(images, masks, SemisegConfig(variant="unet", **TINY), device, progress=False)
+
+
+def test_checkpoint_roundtrip_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from covidseg.cli.main import run as cli
+    from covidseg.semiseg.evaluate import evaluate_folder, load_semiseg_model
+
+    root = write_folder(tmp_path / "data", n=3)
+    slices = load_folder(root)
+    cfg = SemisegConfig(variant="unet-fv-se-2d", **TINY)
+    images, masks = resize_stack(slices, cfg.size)
+    model = train_model(images, masks, cfg, torch.device("cpu"), progress=False)
+    ckpt = save_semiseg_checkpoint(tmp_path / "m.pt", model, cfg)
+    loaded, meta = load_semiseg_model(ckpt, torch.device("cpu"))
+    assert meta["input_size"] == [32, 32] and meta["weights_dtype"] == "float16"
+    assert next(loaded.parameters()).dtype == torch.float32
+    p_orig = predict_slices(model, slices, cfg.size, torch.device("cpu"))
+    p_load = predict_slices(loaded, slices, cfg.size, torch.device("cpu"))
+    assert all(np.allclose(a, b, atol=2e-2) for a, b in zip(p_orig, p_load, strict=True))  # fp16 weights
+
+    result = evaluate_folder(ckpt, root, device="cpu")
+    assert result["n_images"] == 3 and len(result["per_image"]) == 3
+    out = tmp_path / "r.json"
+    with pytest.raises(SystemExit) as exc:
+        cli(["semiseg", "evaluate", "--checkpoint", str(ckpt), "--data", str(root), "--json", str(out),
+             "--device", "cpu"])
+    assert exc.value.code in (0, None)
+    data = json.loads(out.read_text())
+    for key in ("n_images", "mean_dice_infnet", "dice_at_0_5", "iou", "sensitivity", "specificity", "precision"):
+        assert key in data
+    assert data["mean_dice_infnet"] == pytest.approx(result["mean_dice_infnet"])
+    assert [r["name"] for r in data["per_image"]] == ["0", "1", "2"]
+    assert "mean_dice_infnet" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as exc:
+        cli(["semiseg", "evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(root),
+             "--json", str(out)])
+    assert exc.value.code == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_cli_train_smoke(tmp_path: Path) -> None:
+    from covidseg.cli.main import run as cli
+
+    root = write_folder(tmp_path / "data", n=4)
+    run_dir = tmp_path / "run"
+    args = ["semiseg", "train", "--data", str(root), "--out", str(run_dir), "--folds", "2", "--epochs", "1",
+            "--variant", "unet-2d", "--device", "cpu", "--base-width", "4", "--batch-size", "2", "--size", "32"]
+    with pytest.raises(SystemExit) as exc:
+        cli(args)
+    assert exc.value.code in (0, None)
+    cv = json.loads((run_dir / "cv.json").read_text())
+    assert len(cv["folds"]) == 2 and (run_dir / "final.pt").is_file()
+    assert json.loads((run_dir / "config.json").read_text())["config"]["variant"] == "unet-2d"
+    with pytest.raises(SystemExit) as exc:
+        cli(args)
+    assert exc.value.code == 2  # the run folder is not overwritten without --force
+
+
+def test_default_checkpoint_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import covidseg.semiseg.evaluate as ev
+
+    monkeypatch.setattr(ev, "DEFAULT_WEIGHTS", "does-not-exist.pt")
+    with pytest.raises(InputError, match="shipped COVID-SemiSeg model is not in this copy"):
+        ev.default_checkpoint()
