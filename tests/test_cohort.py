@@ -52,8 +52,13 @@ WORKER = textwrap.dedent("""
 
     cases = [Path(p) for p in Path(cases_file).read_text().split()]
     result = run_cohort(cases, out, process, progress=False, poll_s=0.1, timeout_s=60)
-    print("RESULT " + json.dumps({"rank": result.rank, "processed": result.processed, "skipped": result.skipped,
-                                  "wait_mode": result.wait_mode, "summary": str(result.summary) if result.summary else None}))
+    text = json.dumps({"rank": result.rank, "processed": result.processed, "skipped": result.skipped,
+                       "wait_mode": result.wait_mode, "summary": str(result.summary) if result.summary else None})
+    # torchrun merges the ranks' stdout (lines can interleave), so each rank also writes its own file
+    results = Path(log).parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / f"{result.rank}.json").write_text(text)
+    print("RESULT " + text)
 """)
 
 
@@ -195,9 +200,12 @@ def _run_torchrun(tmp_path: Path, cases_file: Path, out: Path, log: Path) -> lis
     script.write_text(WORKER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(script), str(cases_file), str(out), str(log), "1"]
+    results = log.parent / "results"
+    for old in results.glob("*.json"):
+        old.unlink()
     proc = subprocess.run(cmd, env=base_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return results_of(proc.stdout)
+    return sorted((json.loads(f.read_text()) for f in results.glob("*.json")), key=lambda r: r["rank"])
 
 
 def test_torchrun_two_processes_do_each_case_once_and_a_rerun_does_nothing(tmp_path):

@@ -213,7 +213,7 @@ def _load_nifti(path: Path) -> Any:
     try:
         img = nib.load(str(path))
     except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, OSError, EOFError,
-            zlib.error, ValueError) as exc:
+            zlib.error, ValueError, OverflowError, TypeError, IndexError) as exc:
         raise InputError(
             f"{path}: not a readable NIfTI file ({_reason(exc)}); re-download or re-export it"
         ) from None
@@ -234,7 +234,7 @@ def _read_nifti_data(img: Any, path: Path, dtype: Any) -> np.ndarray:
             data = img.get_fdata(dtype=dtype, caching="unchanged")
         else:
             data = np.asanyarray(img.dataobj)
-    except (EOFError, zlib.error, OSError, ValueError, MemoryError) as exc:
+    except (EOFError, zlib.error, OSError, ValueError, OverflowError, TypeError, MemoryError) as exc:
         if isinstance(exc, MemoryError):
             raise InputError(
                 f"{path}: not enough memory to load {'x'.join(map(str, img.shape))} voxels; "
