@@ -291,3 +291,21 @@ def test_default_checkpoint_missing_is_a_clear_error(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(ev, "DEFAULT_WEIGHTS", "does-not-exist.pt")
     with pytest.raises(InputError, match="shipped COVID-SemiSeg model is not in this copy"):
         ev.default_checkpoint()
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason=f"COVID-SemiSeg slices not present at {REAL}")
+def test_shipped_default_model_evaluates_real_slices(tmp_path: Path) -> None:
+    """The shipped weights load and segment real slices (4 of the slices it was trained on: a regression check of
+    the file and the evaluation path, not a result)."""
+    import shutil
+
+    from covidseg.semiseg.evaluate import default_checkpoint, evaluate_folder
+
+    sub = tmp_path / "subset"
+    for kind, ext in (("Imgs", ".jpg"), ("GT", ".png")):
+        (sub / kind).mkdir(parents=True)
+        for stem in ("0", "1", "2", "3"):
+            shutil.copy(REAL / kind / f"{stem}{ext}", sub / kind / f"{stem}{ext}")
+    result = evaluate_folder(default_checkpoint(), sub, device="cpu")
+    assert result["n_images"] == 4
+    assert 0.5 < result["mean_dice_infnet"] <= 1.0
