@@ -18,6 +18,10 @@ make the agreement trivial); the infected share of each mask is printed so that 
 
 Run: ``python benchmarks/inference.py [--slices 300] [--threads 2] [--json out.json]``. The 2 shared cores of
 the development machine make timings noisy when others run; compare the ratio measured in one run.
+
+On a GPU: ``python benchmarks/inference.py --device cuda --no-reference --json gpu.json`` times ``segment`` with
+``--device cuda`` (the JSON also holds ``covidseg_infection_s``, the infection stage alone, and the other steps);
+without ``--no-reference`` the reference runs on the same GPU.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ PHANTOM_SEEDS = range(40)
 def cpu_name() -> str:
     """The CPU model as ``lscpu`` names it."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -134,7 +138,7 @@ def measured(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     return float(wall), float(rss_kb) / 1024**2, rest
 
 
-def reference_worker(ct: Path, checkpoint: Path, out: Path, threads: int) -> None:
+def reference_worker(ct: Path, checkpoint: Path, out: Path, threads: int, device: str = "cpu") -> None:
     """(b): read, classical lungs, lung-only input, MONAI sliding window over the whole volume (float32)."""
     import torch
     from monai.inferers import sliding_window_inference
@@ -146,7 +150,7 @@ def reference_worker(ct: Path, checkpoint: Path, out: Path, threads: int) -> Non
     from covidseg.io.image import read_image, write_mask
 
     torch.set_num_threads(threads)
-    model, mcfg, _ = load_checkpoint(checkpoint)
+    model, mcfg, _ = load_checkpoint(checkpoint, device=device)
     model.set_deep_supervision(False)  # type: ignore[operator]
     run_cfg = Config()
     image = read_image(ct)
@@ -155,10 +159,11 @@ def reference_worker(ct: Path, checkpoint: Path, out: Path, threads: int) -> Non
     lungs = classical_lungs(to_hu(image.array, conv, mcfg.intensity), image.spacing, run_cfg.lungs)
     x = lung_only(norm, lungs, mcfg.intensity) if mcfg.train.input == "lung_only" else norm
     with torch.no_grad():
-        logits = sliding_window_inference(torch.from_numpy(x)[None, None], tuple(mcfg.train.patch_size), 1, model,
-                                          overlap=0.25, mode="gaussian", sigma_scale=0.125)
+        logits = sliding_window_inference(torch.from_numpy(x)[None, None].to(device), tuple(mcfg.train.patch_size), 1,
+                                          model, overlap=0.25, mode="gaussian", sigma_scale=0.125)
     channel = 2 if int(mcfg.model.out_channels) == 3 else 0
     assert isinstance(logits, torch.Tensor)
+    logits = logits.cpu()
     infection = (torch.sigmoid(logits[0, channel]).numpy() >= run_cfg.inference.threshold) & (lungs > 0)
     write_mask(infection.astype(np.uint8), image, out)
 
@@ -176,15 +181,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of both runs")
     p.add_argument("--checkpoint", type=Path, default=None, help="a trained model instead of the random one")
     p.add_argument("--json", type=Path, default=None, help="write the figures to this JSON file")
-    p.add_argument("--skip-reference", action="store_true", help="time covidseg only")
+    p.add_argument("--skip-reference", "--no-reference", dest="skip_reference", action="store_true",
+                   help="time covidseg only (e.g. on a GPU, where the slow CPU reference is not wanted)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where both paths run the network")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to covidseg segment, e.g. --set inference.bf16=off")
     p.add_argument("--keep", type=Path, default=None, help="keep the CT and outputs in this folder")
+    p.add_argument("--ct", type=Path, default=None, help="use this CT (e.g. one kept by --keep) instead of a new phantom")
     p.add_argument("--reference-worker", nargs=3, metavar=("CT", "CKPT", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.reference_worker:
         ct, ckpt, out = args.reference_worker
-        reference_worker(Path(ct), Path(ckpt), Path(out), args.threads)
+        reference_worker(Path(ct), Path(ckpt), Path(out), args.threads, args.device)
         return 0
 
     import nibabel as nib
@@ -193,29 +201,35 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(args.keep or tempfile.mkdtemp(prefix="covidseg-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    ct, shape = make_ct(folder, args.slices, args.size)
+    if args.ct:
+        ct = args.ct
+        shape = tuple(int(v) for v in nib.load(ct).shape[::-1])  # type: ignore[attr-defined]
+    else:
+        ct, shape = make_ct(folder, args.slices, args.size)
     ckpt = args.checkpoint or make_checkpoint(folder, ct)
     print(f"phantom {shape} (D, H, W) made in {time.perf_counter() - t:.1f} s; model {ckpt}; "
           f"{args.threads} threads; CPU {cpu_name()}", flush=True)
 
     out = folder / "covidseg_out"
     cmd = [sys.executable, "-m", "covidseg", "segment", str(ct), "-o", str(out), "--checkpoint", str(ckpt),
-           "--threads", str(args.threads), "--force"]
+           "--threads", str(args.threads), "--device", args.device, "--force"]
     for item in args.overrides:
         cmd += ["--set", item]
     ours_s, ours_rss, ours_stdout = measured(cmd, env)
-    report = json.loads((out / "report.json").read_text())
-    print(f"(a) covidseg segment: {ours_s:.1f} s, peak RSS {ours_rss:.2f} GB; steps {report['timings_s']}",
-          flush=True)
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    print(f"(a) covidseg segment on {args.device}: {ours_s:.1f} s, peak RSS {ours_rss:.2f} GB; steps "
+          f"{report['timings_s']}", flush=True)
     result: dict[str, object] = {
         "covidseg_s": ours_s, "covidseg_peak_rss_gb": ours_rss, "covidseg_steps_s": report["timings_s"],
+        "covidseg_infection_s": report["timings_s"].get("infection_s"), "device": args.device,
+        "date": time.strftime("%Y-%m-%d"), "inference": report.get("inference"),
         "shape": list(shape), "threads": args.threads, "cpu": cpu_name(), "model": str(ckpt),
         "random_model": args.checkpoint is None, "overrides": args.overrides,
     }
     if not args.skip_reference:
         ref_mask = folder / "reference_infection.nii.gz"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(args.threads),
-               "--reference-worker", str(ct), str(ckpt), str(ref_mask)]
+               "--device", args.device, "--reference-worker", str(ct), str(ckpt), str(ref_mask)]
         ref_s, ref_rss, _ = measured(cmd, env)
         lungs = np.asarray(nib.load(out / "lungs.nii.gz").dataobj) > 0  # type: ignore[attr-defined]
         ours_inf = (np.asarray(nib.load(out / "infection.nii.gz").dataobj) > 0) & lungs  # type: ignore[attr-defined]
@@ -223,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         agreement = dice(ours_inf, ref_inf)
         share_ours = float(ours_inf.sum()) / max(int(lungs.sum()), 1)
         share_ref = float(ref_inf.sum()) / max(int(lungs.sum()), 1)
-        print(f"(b) reference (MONAI sliding_window_inference, whole volume, float32): {ref_s:.1f} s, "
+        print(f"(b) reference (MONAI sliding_window_inference, whole volume, float32, {args.device}): {ref_s:.1f} s, "
               f"peak RSS {ref_rss:.2f} GB", flush=True)
         print(f"ratio {ref_s / ours_s:.1f}x; Dice of the infection masks inside the lungs {agreement:.4f} "
               f"(infected share of the lungs: covidseg {100 * share_ours:.2f} %, reference {100 * share_ref:.2f} %)")

@@ -50,7 +50,7 @@ WORKER = textwrap.dedent("""
         (dst / "result.txt").write_text(src.name)
         return {"volume_ml": 1.5 * len(src.name), "lungs": {"dice": 0.9}}
 
-    cases = [Path(p) for p in Path(cases_file).read_text().split()]
+    cases = [Path(p) for p in Path(cases_file).read_text(encoding="utf-8").split()]
     result = run_cohort(cases, out, process, progress=False, poll_s=0.1, timeout_s=60)
     text = json.dumps({"rank": result.rank, "processed": result.processed, "skipped": result.skipped,
                        "wait_mode": result.wait_mode, "summary": str(result.summary) if result.summary else None})
@@ -80,7 +80,7 @@ def make_cases(root: Path, names=None) -> list[Path]:
 
 
 def read_calls(log: Path) -> list[str]:
-    return sorted(line.split()[1] for line in log.read_text().splitlines()) if log.exists() else []
+    return sorted(line.split()[1] for line in log.read_text(encoding="utf-8").splitlines()) if log.exists() else []
 
 
 def read_summary(out: Path) -> list[dict[str, str]]:
@@ -205,7 +205,7 @@ def _run_torchrun(tmp_path: Path, cases_file: Path, out: Path, log: Path) -> lis
         old.unlink()
     proc = subprocess.run(cmd, env=base_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return sorted((json.loads(f.read_text()) for f in results.glob("*.json")), key=lambda r: r["rank"])
+    return sorted((json.loads(f.read_text(encoding="utf-8")) for f in results.glob("*.json")), key=lambda r: r["rank"])
 
 
 def test_torchrun_two_processes_do_each_case_once_and_a_rerun_does_nothing(tmp_path):
@@ -224,11 +224,11 @@ def test_torchrun_two_processes_do_each_case_once_and_a_rerun_does_nothing(tmp_p
     assert len(rows) == N_CASES and {r["status"] for r in rows} == {"done"}
     assert {r["rank"] for r in rows} == {"0", "1"}
     for cid, path in case_ids(cases).items():
-        assert (out / cid / "result.txt").read_text() == path.name
+        assert (out / cid / "result.txt").read_text(encoding="utf-8") == path.name
     assert len(list((out / STATUS_DIR).glob("*.json"))) == N_CASES + 2  # + one marker per rank
 
     second = _run_torchrun(tmp_path, cases_file, out, log)
-    assert len(log.read_text().splitlines()) == N_CASES, "the rerun must not process anything"
+    assert len(log.read_text(encoding="utf-8").splitlines()) == N_CASES, "the rerun must not process anything"
     assert all(r["processed"] == [] for r in second)
     assert sorted(second[0]["skipped"] + second[1]["skipped"]) == sorted(case_ids(cases))
     assert len(read_summary(out)) == N_CASES

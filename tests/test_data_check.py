@@ -202,7 +202,7 @@ def test_check_reports_shapes_conventions_labels_and_volumes(tmp_path, capsys):
     assert code == 0, err
     assert "coronacases_001" in out and "radiopaedia_10_85902_1" in out and "windowed" in out
     assert "all cases ok" in out
-    saved = json.loads((tmp_path / "check.json").read_text())
+    saved = json.loads((tmp_path / "check.json").read_text(encoding="utf-8"))
     assert saved["ok"] and saved["cases"][1]["convention"] == "windowed"
 
 
@@ -247,7 +247,7 @@ def test_cli_split_prints_and_writes_json(tmp_path, capsys):
                             str(tmp_path / "s.json")], capsys)
     assert code == 0
     split = json.loads(out)
-    assert json.loads((tmp_path / "s.json").read_text()) == split
+    assert json.loads((tmp_path / "s.json").read_text(encoding="utf-8")) == split
     assert sorted(split["train"] + split["val"] + split["test"]) == \
         ["coronacases_001", "coronacases_002", "radiopaedia_10_85902_1"]
     code, _, err = run_cli(["data", "split", str(tmp_path), "--split", "fold-9"], capsys)

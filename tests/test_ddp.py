@@ -85,10 +85,10 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     a, b = _update(tmp_path / "one", config), _update(tmp_path / "two", config)
     cos = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
     rel = float((a - b).norm() / a.norm())
-    loss_one = float((tmp_path / "one" / "metrics.csv").read_text().splitlines()[1].split(",")[2])
-    loss_two = float((tmp_path / "two" / "metrics.csv").read_text().splitlines()[1].split(",")[2])
+    loss_one = float((tmp_path / "one" / "metrics.csv").read_text(encoding="utf-8").splitlines()[1].split(",")[2])
+    loss_two = float((tmp_path / "two" / "metrics.csv").read_text(encoding="utf-8").splitlines()[1].split(",")[2])
     assert abs(loss_two - loss_one) / loss_one < LOSS_REL_MAX, (loss_one, loss_two)
     assert cos >= COSINE_MIN and rel < REL_DIFF_MAX, (cos, rel)
     import json
 
-    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+    assert json.loads((tmp_path / "two" / "run.json").read_text(encoding="utf-8"))["world_size"] == 2

@@ -147,7 +147,7 @@ def test_interrupted_download_resumes_with_range_then_skips_when_complete(zenodo
     assert (f"/api/records/{RECORD}/files/{key}", f"bytes={half}-") in zenodo.requests
     assert [f.name for f in folders] == [Path(k).stem for k in ARCHIVES]
     assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob("*.zip"))  # archives removed
-    assert (tmp_path / "COVID-19-CT-Seg_20cases" / COMPLETE_MARKER).read_text().strip() == \
+    assert (tmp_path / "COVID-19-CT-Seg_20cases" / COMPLETE_MARKER).read_text(encoding="utf-8").strip() == \
         zenodo.published_md5[key]
     cases = find_cases(tmp_path)
     assert [c.case_id for c in cases] == ["coronacases_001"] and cases[0].lung is not None

@@ -44,17 +44,17 @@ def test_tiny_ablation_table(tmp_path):
     for key in ("dice", "iou", "sensitivity", "precision", "nsd", "hd95", "published_dice", "lung_mask"):
         assert key in rows[0]
     assert float(rows[3]["published_dice"]) == pytest.approx(76.27)
-    text = md.read_text()
+    text = md.read_text(encoding="utf-8")
     assert "command: `covidseg experiment ablation (test)`" in text and "machine:" in text
     assert "ground truth" in text and "±" in text
     weights = {(tmp_path / "out" / "runs" / f"{r['model']}-lung_only-report" / "best.pt").stat().st_size
                for r in rows}
     assert len(weights) == 4  # four really different models (their metrics differ once trained longer)
     # a second call reuses the complete runs (and their cached test metrics) and writes the same table
-    before = (tmp_path / "out" / "TABLE.csv").read_text()
+    before = (tmp_path / "out" / "TABLE.csv").read_text(encoding="utf-8")
     run_experiment("ablation", data, tmp_path / "out", epochs=1, overrides=overrides, progress=False,
                    command="covidseg experiment ablation (test)")
-    assert (tmp_path / "out" / "TABLE.csv").read_text() == before
+    assert (tmp_path / "out" / "TABLE.csv").read_text(encoding="utf-8") == before
     from covidseg.errors import ConfigError
 
     with pytest.raises(ConfigError, match="other settings"):

@@ -48,5 +48,5 @@ def test_picture_and_html(tmp_path: Path) -> None:
               "lungs": {k: summary[k] for k in ("left", "right", "both")}, "severity_source": "Pan et al.",
               "model": {"name": "m", "checkpoint": "c.pt"}, "lung_method": "classical",
               "infection_outside_lungs_ml": 0.0, "run_time_s": 1.0, "versions": {"covidseg": "0"}}
-    page = render_html(report, png, tmp_path / "report.html").read_text()
+    page = render_html(report, png, tmp_path / "report.html").read_text(encoding="utf-8")
     assert "data:image/png;base64," in page and "t&lt;1&gt;" in page and "15.00" in page

@@ -253,7 +253,7 @@ def test_checkpoint_roundtrip_and_cli(tmp_path: Path, capsys: pytest.CaptureFixt
         cli(["semiseg", "evaluate", "--checkpoint", str(ckpt), "--data", str(root), "--json", str(out),
              "--device", "cpu"])
     assert exc.value.code in (0, None)
-    data = json.loads(out.read_text())
+    data = json.loads(out.read_text(encoding="utf-8"))
     for key in ("n_images", "mean_dice_infnet", "dice_at_0_5", "iou", "sensitivity", "specificity", "precision"):
         assert key in data
     assert data["mean_dice_infnet"] == pytest.approx(result["mean_dice_infnet"])
@@ -277,9 +277,9 @@ def test_cli_train_smoke(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         cli(args)
     assert exc.value.code in (0, None)
-    cv = json.loads((run_dir / "cv.json").read_text())
+    cv = json.loads((run_dir / "cv.json").read_text(encoding="utf-8"))
     assert len(cv["folds"]) == 2 and (run_dir / "final.pt").is_file()
-    assert json.loads((run_dir / "config.json").read_text())["config"]["variant"] == "unet-2d"
+    assert json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["config"]["variant"] == "unet-2d"
     with pytest.raises(SystemExit) as exc:
         cli(args)
     assert exc.value.code == 2  # the run folder is not overwritten without --force

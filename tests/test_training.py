@@ -128,7 +128,7 @@ def test_same_seed_same_weights_and_run_folder(tmp_path, reference_run, cohort, 
     assert ref.step == ref.total_steps == 4
     for name in ("config.yaml", "run.json", "metrics.csv", "last.pt", "best.pt"):
         assert (ref_dir / name).is_file(), name
-    rows = (ref_dir / "metrics.csv").read_text().splitlines()
+    rows = (ref_dir / "metrics.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0].startswith("epoch,step,train_loss,val_dice") and len(rows) == 3
     model, config, meta = load_checkpoint(ref_dir / "best.pt")
     assert meta["best_dice"] is not None and config.model.base_width == 4
@@ -166,7 +166,7 @@ def test_kill9_mid_epoch_then_resume_ends_identically(tmp_path, reference_run, c
     assert state["complete"] and state["step"] == ref.total_steps
     load_checkpoint(run / "best.pt")  # valid best checkpoint
     assert _same(_weights(ref_dir / "last.pt"), _weights(run / "last.pt"))
-    lines = (run / "metrics.csv").read_text().splitlines()
+    lines = (run / "metrics.csv").read_text(encoding="utf-8").splitlines()
     assert [ln.split(",")[0] for ln in lines[1:]] == ["1", "2"]  # no duplicated epoch rows
 
 

@@ -111,9 +111,11 @@ class TrainConfig:
 class InferenceConfig:
     """Sliding-window inference settings shared by validation, ``segment`` and the benchmarks."""
 
-    window: Triple = (8, 128, 128)
+    window: Triple = (16, 512, 512)
+    """Largest window ``(D, H, W)``; with ``fit_window`` each axis shrinks to the lungs' box, so a chest CT's box
+    is covered in-plane by one window (no in-plane overlap, one model call per slab: docs/performance.md)."""
     overlap: float = 0.25
-    batch_windows: int = 4
+    batch_windows: int = 1
     gaussian_sigma_scale: float = 0.125
     threshold: float = 0.5
     tta: bool = False
@@ -129,6 +131,13 @@ class InferenceConfig:
     averaged when ``tta`` is on."""
     box_margin_mm: float = 10.0
     """Margin around the lungs' bounding box over which windows run, in mm."""
+    overlap_axes: tuple[float, float, float] | None = None
+    """Overlap per axis ``(D, H, W)``, replacing ``overlap`` (e.g. less overlap in-plane with large windows)."""
+    grid: Literal["volume", "box"] = "box"
+    """Where the window grid is anchored when a box is given: ``volume`` = MONAI's grid over the whole volume
+    (inside the box the answer equals a whole-volume run), ``box`` = a grid fitted to the box (fewer windows)."""
+    fit_window: bool = True
+    """Shrink the window, per axis, to the box's extent (rounded up to the model's divisor)."""
 
 
 @dataclass
@@ -163,6 +172,11 @@ class LungConfig:
     """Fill convex-hull concavities of each lung slice, except the one facing the heart (sub-pleural lesions)."""
     max_concavity_fraction: float = 0.25
     """Largest concavity filled, as a share of the lung slice's area (the diaphragm's dome is larger)."""
+    max_hole_fraction: float = 0.1
+    """Largest 2D hole filled, as a share of the lung slice's area, unless it is enclosed in 3D too (a larger one
+    open in 3D is the diaphragm's dome inside the basal crescent)."""
+    max_medial_cosine: float = 0.7
+    """A concavity opening towards the mediastinum (cosine with the medial direction above this) is not filled."""
 
 
 @dataclass
@@ -177,6 +191,9 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------- conversion
+
+_BOOL_SPELLINGS: tuple[tuple[str, str], ...] = (("on", "off"), ("true", "false"), ("yes", "no"))
+"""Words a YAML boolean may stand for in a Literal of strings (``--set inference.bf16=off``)."""
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:
@@ -199,9 +216,16 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"config key '{key}': invalid value {value!r}")
     if origin is Literal:
-        for choice in args:
-            if value == choice or str(value) == str(choice):
-                return choice
+        if isinstance(value, bool):
+            # YAML reads bare on/off, yes/no, true/false as booleans: map back to the spelling the Literal has
+            for yes, no in _BOOL_SPELLINGS:
+                word = yes if value else no
+                if word in args:
+                    return word
+        else:
+            for choice in args:
+                if value == choice or str(value) == str(choice):
+                    return choice
         raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(repr, args))}")
     if origin is tuple:
         if isinstance(value, str):
@@ -309,7 +333,7 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None, ba
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found; give an existing YAML file")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
         config = config_from_dict(data, config)

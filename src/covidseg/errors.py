@@ -13,7 +13,8 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 """An internal error (a bug): a traceback is printed with a hint to report it."""
 EXIT_USER = 2
-"""Bad input or usage: a one-line message, no traceback (the same code argument parsing uses)."""
+"""Bad input or usage, or an environment problem the user can fix (full disk, no write permission, no GPU): a
+one-line message, no traceback (the same code argument parsing uses)."""
 EXIT_INTERRUPTED = 130
 """Interrupted by Ctrl-C / SIGTERM; nothing left that looks complete."""
 

@@ -53,6 +53,6 @@ def run(args: argparse.Namespace) -> int:
         config_file=Path(args.config) if args.config else None, overrides=args.overrides,
         progress=not args.quiet, command=" ".join(["covidseg", *sys.argv[1:]]),
     )
-    print(md.read_text())
+    print(md.read_text(encoding="utf-8"))
     print(f"written: {md} and {md.with_suffix('.csv')}")
     return 0

@@ -13,9 +13,15 @@ involved. Stage 1 finds the lungs (classically, or with a trained lung model); s
 on the lungs only, in sliding windows over the lungs' box.
 
 INPUT is a .nii/.nii.gz file, a DICOM folder, a folder of them, or a text file listing them (one a line).
-For one input, OUT is its folder; for several, OUT holds one folder per case. Each folder gets lungs.nii.gz,
-infection.nii.gz (same grid and affine as the input; they overlay in 3D Slicer), report.json, report.csv and
-overview.png (+ probability.nii.gz, report.html on request). Not for diagnosis.
+For one input, OUT is its folder. Several inputs are a cohort: OUT/<case>/ per case, a status file per case in
+OUT/cohort_status/, OUT/summary.csv at the end; cases already done are skipped, so running the same command
+again only does what is left. Under torchrun the processes share the cohort:
+
+  torchrun --nproc_per_node 4 -m covidseg segment cases.txt -o OUT --checkpoint CKPT --device cuda
+
+Each folder gets lungs.nii.gz, infection.nii.gz (same grid and affine as the input), segmentation.seg.nrrd (3D
+Slicer: named, coloured segments), report.json, report.csv and overview.png (+ probability.nii.gz, report.html on
+request). Not for diagnosis.
 """
 
 
@@ -25,16 +31,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", metavar="INPUT", help="NIfTI file, DICOM folder, folder of them, or a list file")
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
     p.add_argument("--checkpoint", metavar="CKPT", default=None,
-                   help="infection model (.pt) written by 'covidseg train' or 'covidseg demo' (required)")
+                   help="infection model (required): a checkpoint .pt written by 'covidseg train' or 'covidseg "
+                        "demo', or a file written by 'covidseg export' (TorchScript; .onnx with --backend "
+                        "onnxruntime)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="what runs the networks: PyTorch, or ONNX Runtime (on the CPU; an .onnx export, or a "
+                        "checkpoint exported in memory)")
     p.add_argument("--lungs", default="classic", metavar="classic|CKPT",
                    help="stage 1: 'classic' (no weights) or a lung-model checkpoint (trained with target lung)")
     p.add_argument("--device", default=None, metavar="cpu|cuda",
-                   help="where the networks run (default: inference.device, cpu)")
+                   help="where the networks run (default: inference.device, cpu); under torchrun 'cuda' means "
+                        "cuda:LOCAL_RANK")
     p.add_argument("--tta", action="store_true", help="average over flips (slower: 8 passes)")
     p.add_argument("--probability", action="store_true", help="also write probability.nii.gz")
     p.add_argument("--html", action="store_true", help="also write a self-contained report.html")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--force", action="store_true", help="replace existing output folders")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output folder (one input; a cohort skips the cases already done)")
     add_config_args(p)
     p.set_defaults(func=run)
 
@@ -55,22 +68,26 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--threads {args.threads}: expected a positive number of threads")
         config.inference.threads = args.threads
     options = SegmentOptions(checkpoint=Path(args.checkpoint), lungs=args.lungs, device=args.device,
-                             tta=args.tta, probability=args.probability, html=args.html, force=args.force)
+                             tta=args.tta, probability=args.probability, html=args.html, force=args.force,
+                             backend=args.backend)
 
     def log(message: str) -> None:
         sys.stderr.write(message + "\n")
 
     results = segment(Path(args.input), Path(args.out), options, config, log=log)
     failed = [r for r in results if r.error]
+    skipped = [r for r in results if r.skipped]
     for r in results:
-        if r.report is None:
+        if r.report is None or r.skipped:
             continue
         both = r.report["lungs"]["both"]
         left, right = r.report["lungs"]["left"], r.report["lungs"]["right"]
         print(f"{r.name}: left {left['percent']:.1f} %, right {right['percent']:.1f} %, both {both['percent']:.1f} % "
               f"({both['severity']}, score {both['severity_score']}) in {r.report['run_time_s']:.1f} s -> {r.out_dir}")
-    if len(results) > 1 or failed:
-        print(f"{len(results) - len(failed)} of {len(results)} case(s) segmented; {len(failed)} failed")
+    if len(results) > 1 or failed or skipped:
+        done = len(results) - len(failed) - len(skipped)
+        print(f"{done} of {len(results)} case(s) segmented; {len(failed)} failed"
+              + (f"; {len(skipped)} already done (skipped)" if skipped else ""))
         for r in failed:
             print(f"  failed: {r.input}: {r.error}")
     return EXIT_USER if failed else 0

@@ -186,7 +186,7 @@ def unpack(zip_path: Path, target: Path, md5: str) -> Path:
     content = tmp
     if len(entries) == 1 and entries[0].is_dir() and entries[0].name == target.name:
         content = entries[0]
-    (content / COMPLETE_MARKER).write_text(md5 + "\n")
+    (content / COMPLETE_MARKER).write_text(md5 + "\n", encoding="utf-8")
     if target.exists():
         shutil.rmtree(target)
     os.replace(content, target)
@@ -199,7 +199,7 @@ def is_complete(target: Path, md5: str) -> bool:
     """True when ``target`` was unpacked from the archive with this md5."""
     marker = target / COMPLETE_MARKER
     with contextlib.suppress(OSError):
-        return marker.read_text().strip() == md5
+        return marker.read_text(encoding="utf-8").strip() == md5
     return False
 
 

@@ -191,7 +191,7 @@ def _scan_kaggle(root: Path) -> Dataset:
                    for kind, name in KAGGLE_MASK_DIRS.items() if (root / name).is_dir()}
         return Dataset(root, "kaggle", _pair(root, "kaggle", by_id, by_kind, problems), tuple(by_kind), problems)
     try:
-        with open(meta, newline="") as fh:
+        with open(meta, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"{meta}: cannot read the metadata table ({exc}); re-download the Kaggle copy") from None
@@ -250,7 +250,7 @@ def _nnunet_label_kind(root: Path, problems: list[Problem]) -> MaskKind:
     if not meta.is_file():
         return "infection"
     try:
-        labels = json.loads(meta.read_text()).get("labels", {})
+        labels = json.loads(meta.read_text(encoding="utf-8")).get("labels", {})
     except (OSError, ValueError, AttributeError) as exc:
         problems.append(Problem(meta, f"not readable JSON ({exc}); labels taken as infection (0/1)"))
         return "infection"

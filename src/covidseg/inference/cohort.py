@@ -176,7 +176,7 @@ def status_path(out_dir: Path, cid: str) -> Path:
 def read_status(path: Path) -> dict[str, Any] | None:
     """A status or marker JSON, or ``None`` when absent or unreadable (a half-copied file counts as absent)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

@@ -224,14 +224,21 @@ def split_two(mask: np.ndarray, min_voxels: int, max_erosions: int, midline: flo
 
 
 def _regrow(parts: list[np.ndarray], air: np.ndarray, steps: int) -> list[np.ndarray]:
-    """Give back to each part the ``air`` voxels within ``steps`` dilations of it (nearest part wins)."""
-    seeds = np.zeros(air.shape, dtype=np.uint8)
-    for i, part in enumerate(parts, start=1):
-        seeds[part] = i
-    grown = ndimage.binary_dilation(seeds > 0, iterations=steps) & air
-    idx = ndimage.distance_transform_edt(seeds == 0, return_distances=False, return_indices=True)
-    nearest = seeds[tuple(idx)]
-    return [(seeds == i) | (grown & (nearest == i)) for i in range(1, len(parts) + 1)]
+    """Give back to each part the ``air`` voxels within ``steps`` dilations of it: one 6-connected dilation step
+    at a time, so each voxel goes to the part that reaches it first (the nearer one; ties to the larger part)."""
+    grown = [p.copy() for p in parts]
+    taken = np.zeros(air.shape, dtype=bool)
+    for g in grown:
+        taken |= g
+    for _ in range(steps):
+        for g in grown:
+            box = _bbox(g, margin=(1, 1, 1))
+            if box is None:
+                continue
+            ring = ndimage.binary_dilation(g[box]) & air[box] & ~taken[box]
+            g[box] |= ring
+            taken[box] |= ring
+    return grown
 
 
 def _disk(radius_px: tuple[float, float]) -> np.ndarray:
@@ -241,12 +248,16 @@ def _disk(radius_px: tuple[float, float]) -> np.ndarray:
 
 
 def fill_lung_slices(lung: np.ndarray, spacing: Sequence[float], cfg: LungConfig, medial_side: int) -> np.ndarray:
-    """Per axial slice: fill holes, close with a disk, and fill the convex-hull concavities not facing the heart.
+    """Per axial slice: fill holes, close with a disk, and fill the convex-hull concavities that face the chest wall.
+
+    A 2D hole is filled when it is small (at most ``cfg.max_hole_fraction`` of the lung slice: vessels, nodules,
+    enclosed lesions) or when it is also enclosed in 3D; a large 2D hole open in 3D is the diaphragm's dome seen
+    through the basal crescent of the lung (the liver or spleen), not lung.
 
     Args:
         lung: ``(D, H, W)`` mask of one lung.
         spacing: mm.
-        cfg: closing radius (mm).
+        cfg: closing radius (mm), hole and concavity limits.
         medial_side: +1 when the mediastinum lies at higher column indices than this lung (the right lung),
             -1 otherwise.
     """
@@ -256,43 +267,116 @@ def fill_lung_slices(lung: np.ndarray, spacing: Sequence[float], cfg: LungConfig
     if box is None:
         return lung
     sub = lung[box]
+    holes_3d = ndimage.binary_fill_holes(sub) & ~sub
     radius = (cfg.closing_radius_mm / spacing[1], cfg.closing_radius_mm / spacing[2])
-    disk = _disk(radius)
+    disk = _disk(radius)[None]  # (1, h, w): every slice at once, within its own plane
     pad = int(math.ceil(max(radius))) + 1
-    out = np.zeros_like(sub)
-    for z in range(sub.shape[0]):
-        sl = sub[z]
-        if not sl.any():
-            continue
-        filled = ndimage.binary_fill_holes(sl)
-        padded = np.pad(filled, pad)
-        closed = ndimage.binary_closing(padded, structure=disk)[pad:-pad, pad:-pad]
-        closed = ndimage.binary_fill_holes(closed | filled)
-        if cfg.fill_concavities and closed.sum() > 3:
-            closed = closed | _lateral_concavities(closed, convex_hull_image(closed), medial_side,
-                                                   cfg.max_concavity_fraction)
-        out[z] = closed
+    # holes and the closing on the whole stack at once (in-plane structures: the same as slice by slice)
+    filled = sub | _fillable_stack(sub, holes_3d, cfg.max_hole_fraction)
+    padded = np.pad(filled, ((0, 0), (pad, pad), (pad, pad)))
+    closed = ndimage.binary_closing(padded, structure=disk)[:, pad:-pad, pad:-pad]
+    closed = filled | (closed & ~_large_stack(filled, cfg.max_hole_fraction))
+    closed |= _fillable_stack(closed, holes_3d, cfg.max_hole_fraction)
+    if cfg.fill_concavities:
+        for z in np.flatnonzero(closed.sum(axis=(1, 2)) > 3):
+            closed[z] |= _lateral_concavities(closed[z], convex_hull_image(closed[z]), medial_side,
+                                              cfg.max_concavity_fraction, cfg.max_medial_cosine)
     result = np.zeros_like(lung)
-    result[box] = out
+    result[box] = closed
     return result
 
 
-def _lateral_concavities(lung: np.ndarray, hull: np.ndarray, medial_side: int, max_fraction: float) -> np.ndarray:
-    """Concavities (hull minus lung, 2D) smaller than ``max_fraction`` of the lung slice whose centre is not in
-    the anterior-medial quadrant of the lung (where the heart lies): sub-pleural consolidation against the chest
-    wall, posterior and paravertebral."""
+def _stack_holes(m: np.ndarray) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+    """2D holes of every slice of ``m``: labels, count, areas and the lung area of each hole's slice."""
+    labels, n = ndimage.label(ndimage.binary_fill_holes(m, structure=_SLICE_2D) & ~m, structure=_SLICE_2D)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)
+    slice_area = m.sum(axis=(1, 2))
+    z_of = np.zeros(n + 1, dtype=np.int64)
+    if n:
+        objects = ndimage.find_objects(labels)
+        z_of[1:] = [o[0].start if o is not None else 0 for o in objects]
+    return labels, n, areas, slice_area[z_of]
+
+
+def _fillable_stack(m: np.ndarray, holes_3d: np.ndarray, max_fraction: float) -> np.ndarray:
+    """Per slice, the 2D holes of ``m`` that are small (<= ``max_fraction`` of the slice's area) or mostly enclosed
+    in 3D too (:func:`_fillable_holes` on every slice at once)."""
+    labels, n, areas, slice_area = _stack_holes(m)
+    if n == 0:
+        return np.zeros_like(m)
+    in_3d = np.bincount(labels[holes_3d], minlength=n + 1)
+    keep = (areas <= max_fraction * slice_area) | (2 * in_3d >= areas)
+    keep[0] = False
+    return keep[labels]
+
+
+def _large_stack(m: np.ndarray, max_fraction: float) -> np.ndarray:
+    """Per slice, the 2D holes of ``m`` larger than ``max_fraction`` of the slice's area."""
+    labels, n, areas, slice_area = _stack_holes(m)
+    if n == 0:
+        return np.zeros_like(m)
+    big = areas > max_fraction * slice_area
+    big[0] = False
+    return big[labels]
+
+
+def _holes(sl: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+    labels, n = ndimage.label(ndimage.binary_fill_holes(sl) & ~sl)
+    return labels, n, np.bincount(labels.ravel(), minlength=n + 1)
+
+
+def _fillable_holes(sl: np.ndarray, holes_3d: np.ndarray, max_fraction: float) -> np.ndarray:
+    """2D holes of ``sl`` that are small (<= ``max_fraction`` of its area) or mostly enclosed in 3D too: one slice,
+    the reference that the vectorised :func:`_fillable_stack` is tested against."""
+    labels, n, areas = _holes(sl)
+    if n == 0:
+        return np.zeros_like(sl)
+    in_3d = np.bincount(labels[holes_3d], minlength=n + 1)
+    limit = max_fraction * sl.sum()
+    keep = np.flatnonzero((areas <= limit) | (2 * in_3d >= areas))
+    return np.isin(labels, keep[keep > 0])
+
+
+def _lateral_concavities(lung: np.ndarray, hull: np.ndarray, medial_side: int, max_fraction: float,
+                         max_medial_cosine: float) -> np.ndarray:
+    """Concavities (hull minus lung, 2D) that open towards the chest wall: sub-pleural consolidation against the
+    lateral, anterior or posterior wall, paravertebral.
+
+    A concavity is left out when it is larger than ``max_fraction`` of the lung slice, when its centre is in the
+    anterior-medial quadrant of the lung (the heart's notch), or when it opens towards the mediastinum: its
+    opening (the concavity's pixels on the hull's border) lies medially of its floor (its pixels touching the
+    lung), the cosine between that direction and the medial direction above ``max_medial_cosine`` (the
+    descending aorta, the hilum, the oesophagus, which the lung wraps around medially).
+    """
     defects = hull & ~lung
     labels, n = ndimage.label(defects)
     if n == 0:
         return defects
     rows, cols = np.nonzero(lung)
     cy, cx = rows.mean(), cols.mean()
-    centres = ndimage.center_of_mass(defects, labels, range(1, n + 1))
+    index = np.arange(1, n + 1)
+    centres = ndimage.center_of_mass(defects, labels, index)
     areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    limit = max_fraction * lung.sum()
-    keep = [i + 1 for i, (y, x) in enumerate(centres)
-            if areas[i] <= limit  # the diaphragm's dome (abdomen inside the basal crescent) is large
-            and not ((x - cx) * medial_side > 0 and y < cy)]  # medial and anterior: the heart's notch
+    opening = (labels * (hull & ~ndimage.binary_erosion(hull, border_value=0))).ravel()
+    floor = (labels * ndimage.binary_dilation(lung)).ravel()
+    grid = np.indices(lung.shape)
+    yy, xx = grid[0].ravel(), grid[1].ravel()
+
+    def centre(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        count = np.bincount(lab, minlength=n + 1)[1:]
+        safe = np.maximum(count, 1)
+        return (count, np.bincount(lab, weights=yy, minlength=n + 1)[1:] / safe,
+                np.bincount(lab, weights=xx, minlength=n + 1)[1:] / safe)
+
+    n_open, oy, ox = centre(opening)
+    n_floor, fy, fx = centre(floor)
+    dy, dx = oy - fy, ox - fx
+    norm = np.hypot(dy, dx)
+    medial = np.where((n_open > 0) & (n_floor > 0) & (norm > 0), dx * medial_side / np.maximum(norm, 1e-9), -1.0)
+    cy_d, cx_d = np.array(centres, dtype=float).reshape(n, 2).T
+    heart = ((cx_d - cx) * medial_side > 0) & (cy_d < cy)
+    ok = (areas <= max_fraction * lung.sum()) & ~heart & (medial <= max_medial_cosine)
+    keep = index[ok]
     return np.isin(labels, keep)
 
 
@@ -359,25 +443,30 @@ def classical_lungs(hu: np.ndarray, spacing: Sequence[float], cfg: LungConfig | 
 def _refine_border(small_labels: np.ndarray, small_air: np.ndarray, hu: np.ndarray, factors: Sequence[int],
                    cfg: LungConfig) -> np.ndarray:
     """Full-resolution labels: each lung's coarse interior as it is; within one work voxel of its border, the
-    full-resolution air voxels plus the coarse voxels that were filled (dense lesions or vessels, not air)."""
+    full-resolution air voxels plus the coarse voxels that were filled (dense lesions or vessels, not air).
+    Works inside the lungs' box only."""
     out = np.zeros(hu.shape, dtype=np.uint8)
-    fine_air: np.ndarray | None = None
+    box = _bbox(small_labels > 0, margin=(1, 1, 1))
+    if box is None:
+        return out
+    labels, air = small_labels[box], small_air[box]
+    keep = np.zeros_like(labels)
+    ring_labels = np.zeros_like(labels)
     for label in (LEFT, RIGHT):
-        m = small_labels == label
+        m = labels == label
         if not m.any():
             continue
         inner = ndimage.binary_erosion(m, structure=_SLICE_2D)
         ring = ndimage.binary_dilation(m, structure=_SLICE_2D) & ~inner
-        dense = m & ~small_air & ring  # filled on the coarse grid: keep whole
-        box = _bbox(ring, margin=(0, 0, 0))
-        assert box is not None
-        fine_box = tuple(slice(b.start * f, min(b.stop * f, n)) for b, f, n in zip(box, factors, hu.shape, strict=True))
-        if fine_air is None:
-            fine_air = np.zeros(hu.shape, dtype=bool)
-        fine_air[fine_box] = hu[fine_box] < cfg.air_threshold_hu
-        keep = upsample_labels(inner | dense, factors, hu.shape)
-        keep |= upsample_labels(ring & ~dense, factors, hu.shape) & fine_air
-        out[keep & (out == 0)] = label
+        dense = m & ~air & ring  # filled on the coarse grid: keep whole
+        keep[(inner | dense) & (keep == 0)] = label
+        ring_labels[ring & ~dense & (ring_labels == 0)] = label
+    fine_box = tuple(slice(b.start * f, min(b.stop * f, n)) for b, f, n in zip(box, factors, hu.shape, strict=True))
+    fine_shape = tuple(s.stop - s.start for s in fine_box)
+    fine = upsample_labels(keep, factors, fine_shape)
+    border = upsample_labels(ring_labels, factors, fine_shape)
+    border[hu[fine_box] >= cfg.air_threshold_hu] = 0
+    out[fine_box] = np.where(fine > 0, fine, border)
     return out
 
 

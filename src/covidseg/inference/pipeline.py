@@ -12,8 +12,14 @@ when all are complete, so an interrupted run never leaves a folder that looks fi
 
 - ``lungs.nii.gz`` (uint8, 1 left, 2 right), ``infection.nii.gz`` (uint8 0/1), optionally ``probability.nii.gz``
   (float32 infection probability);
+- ``segmentation.seg.nrrd``: the same masks as a 3D Slicer segmentation with named, coloured segments (left lung,
+  right lung, infection; :func:`covidseg.io.slicer.write_slicer_segmentation`);
 - ``report.json`` and ``report.csv`` (volumes in mL, percentages, severity, spacing, model, versions, timings);
 - ``overview.png`` and optionally ``report.html`` (self-contained).
+
+A folder or a list of inputs is a cohort (:func:`segment_cohort`): it runs through
+:func:`covidseg.inference.cohort.run_cohort`, so several processes (``torchrun``, a SLURM array) share it, a case
+already done is skipped, each case has a status file and ``OUT/summary.csv`` sums it up.
 """
 
 from __future__ import annotations
@@ -35,9 +41,11 @@ import numpy as np
 from torch import nn
 
 from covidseg.config import Config
-from covidseg.errors import InputError, OutputExistsError, UserError
+from covidseg.errors import InputError, OutputExistsError
 
-OUTPUT_FILES = ("lungs.nii.gz", "infection.nii.gz", "report.json", "report.csv", "overview.png")
+SLICER_FILE = "segmentation.seg.nrrd"
+"""The 3D Slicer segmentation of a case (docs/interop.md)."""
+OUTPUT_FILES = ("lungs.nii.gz", "infection.nii.gz", SLICER_FILE, "report.json", "report.csv", "overview.png")
 """Files every case folder holds (``probability.nii.gz`` and ``report.html`` when asked for)."""
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -54,6 +62,9 @@ class SegmentOptions:
         probability: also write ``probability.nii.gz``.
         html: also write ``report.html``.
         force: replace an existing output folder.
+        backend: ``torch`` (a checkpoint ``.pt`` or a TorchScript export) or ``onnxruntime`` (an ``.onnx`` export,
+            or a checkpoint exported in memory); see :func:`covidseg.export.load_model`. ONNX Runtime runs on the
+            CPU.
     """
 
     checkpoint: Path
@@ -63,6 +74,7 @@ class SegmentOptions:
     probability: bool = False
     html: bool = False
     force: bool = False
+    backend: str = "torch"
 
 
 @dataclass
@@ -88,6 +100,8 @@ class CaseResult:
     report: dict[str, Any] | None = None
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False
+    """A cohort case found done by an earlier run (nothing recomputed; ``report`` read back from its folder)."""
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -123,11 +137,19 @@ def find_inputs(input_path: Path) -> tuple[list[Path], bool]:
     if path.is_file():
         if path.name.lower().endswith(NIFTI_SUFFIXES):
             return [path], False
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+        if path.suffix.lower() in (".dcm", ".ima") or head[128:132] == b"DICM":
+            raise InputError(f"{path}: a single DICOM file; give the folder that holds the series (all its "
+                             "slices) instead")
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError) as exc:
             raise InputError(f"{path}: neither a NIfTI file nor a readable text list of inputs ({exc}); give a "
                              ".nii/.nii.gz file, a DICOM folder or a list with one path a line") from None
+        if "\x00" in text:
+            raise InputError(f"{path}: not a NIfTI file (the name must end in .nii or .nii.gz) and not a text list "
+                             "of inputs; rename it or give a .nii/.nii.gz file, a DICOM folder or a list")
         lines = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
         items = [Path(ln) if Path(ln).is_absolute() else path.parent / ln for ln in lines if ln]
         if not items:
@@ -147,13 +169,23 @@ def find_inputs(input_path: Path) -> tuple[list[Path], bool]:
 # ------------------------------------------------------------------------------------------------ models
 
 
-def load_models(options: SegmentOptions, device: str) -> LoadedModels:
-    """Load the infection checkpoint (and the lung checkpoint when ``options.lungs`` is one)."""
-    from covidseg.checkpoint import load_checkpoint
+def load_models(options: SegmentOptions, device: str, threads: int = 0) -> LoadedModels:
+    """Load the infection model (and the lung model when ``options.lungs`` is a file) with ``options.backend``.
 
-    model, config, meta = load_checkpoint(options.checkpoint, device=device)
+    Args:
+        options: checkpoint paths and the backend (:func:`covidseg.export.load_model`: a ``.pt`` checkpoint, a
+            TorchScript or an ``.onnx`` export).
+        device: torch device of the models (ONNX Runtime models run on the CPU whatever it says).
+        threads: ONNX Runtime intra-op threads (0 = all cores).
+
+    Raises:
+        InputError: a missing or unreadable file, or a lung model given as the infection model.
+    """
+    from covidseg.export import load_model
+
+    model, config, meta = load_model(options.checkpoint, options.backend, device=device, threads=threads)
     k = int(config.model.out_channels)
-    if k == 2:
+    if k == 2 or meta.get("target") == "lung":
         raise InputError(
             f"{options.checkpoint}: this is a lung model (2 output channels: left, right); give it as "
             "--lungs CKPT and an infection model (target infection or joint) as --checkpoint"
@@ -161,9 +193,22 @@ def load_models(options: SegmentOptions, device: str) -> LoadedModels:
     loaded = LoadedModels(model, config, meta, Path(options.checkpoint))
     if options.lungs != "classic":
         lung_path = Path(options.lungs)
-        lung_model, lung_config, _ = load_checkpoint(lung_path, device=device)
+        lung_model, lung_config, _ = load_model(lung_path, options.backend, device=device, threads=threads)
         loaded.lung_model, loaded.lung_config, loaded.lung_checkpoint = lung_model, lung_config, lung_path
     return loaded
+
+
+def run_device(options: SegmentOptions, config: Config, local_rank: int = 0) -> str:
+    """Where the networks run: ``cpu`` for ONNX Runtime; else ``--device`` (or ``inference.device``), where a
+    bare ``cuda`` becomes ``cuda:LOCAL_RANK`` so that each process of a node takes its own GPU."""
+    from covidseg.inference.sliding_window import resolve_device
+
+    if options.backend == "onnxruntime":
+        return "cpu"
+    device = resolve_device(options.device or config.inference.device)
+    if device.type == "cuda" and device.index is None:
+        device = resolve_device(f"cuda:{local_rank}")
+    return str(device)
 
 
 def infection_channel(config: Config) -> int:
@@ -286,8 +331,9 @@ def build_report(image: Any, name: str, seg: dict[str, Any], models: LoadedModel
                   "target": models.config.train.target,
                   "meta": {k: v for k, v in models.meta.items() if isinstance(v, (int, float, str, bool))}},
         "inference": {"window": list(inf.window), "overlap": inf.overlap, "threshold": inf.threshold,
-                      "tta": inf.tta, "device": device,
-                      "bf16": bf16_enabled(inf, resolve_device(device)), "box": seg["box"]},
+                      "tta": inf.tta, "device": device, "backend": options.backend,
+                      "bf16": options.backend == "torch" and bf16_enabled(inf, resolve_device(device)),
+                      "box": seg["box"]},
         "versions": versions(),
         "timings_s": {k: round(v, 3) for k, v in seg["timings"].items()},
         "run_time_s": run_time_s,
@@ -310,8 +356,15 @@ def report_csv(report: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def check_output(out_dir: Path, force: bool) -> None:
-    """Refuse an output folder that already holds something unless ``force``."""
+def check_output(out_dir: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse an output folder that already holds something unless ``force``, and always one that is, or holds,
+    or lies inside (for a DICOM folder) one of ``inputs``: ``--force`` replaces outputs, never the user's data."""
+    target = Path(out_dir).resolve()
+    for item in inputs:
+        src = Path(item).resolve()
+        if target == src or target in src.parents or (src.is_dir() and src in target.parents):
+            raise InputError(f"{out_dir}: the output folder would hold or replace the input {item}; choose an -o "
+                             "folder outside the input (covidseg never overwrites its input, even with --force)")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise OutputExistsError(f"{out_dir}: already exists and is not empty; choose another -o folder or add "
                                 "--force to replace it")
@@ -333,11 +386,12 @@ def segment_case(input_path: Path, out_dir: Path, models: LoadedModels, config: 
     """Segment one CT and write its folder (see the module docstring). Raises on failure."""
     from covidseg.io.atomic import atomic_write_text
     from covidseg.io.image import read_image, write_mask, write_volume
+    from covidseg.io.slicer import write_slicer_segmentation
     from covidseg.report.html import render_html
     from covidseg.report.overview import render_overview
 
     start = time.perf_counter()
-    check_output(out_dir, options.force)
+    check_output(out_dir, options.force, (Path(input_path),))
     name = case_name(Path(input_path))
     t = time.perf_counter()
     image = read_image(input_path)
@@ -351,6 +405,7 @@ def segment_case(input_path: Path, out_dir: Path, models: LoadedModels, config: 
         t = time.perf_counter()
         write_mask(seg["lungs"], image, tmp / "lungs.nii.gz")
         write_mask(seg["infection"], image, tmp / "infection.nii.gz")
+        write_slicer_segmentation(seg["lungs"], image, tmp / SLICER_FILE, infection=seg["infection"])
         if options.probability:
             write_volume(seg["probability"].astype(np.float32), image, tmp / "probability.nii.gz", np.float32)
         seg["timings"]["write_masks_s"] = time.perf_counter() - t
@@ -372,41 +427,82 @@ def segment_case(input_path: Path, out_dir: Path, models: LoadedModels, config: 
     return CaseResult(name, Path(input_path), out_dir, report=report, timings=seg["timings"])
 
 
+def case_scalars(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures of a ``report.json`` that go into the cohort's ``summary.csv``."""
+    row: dict[str, Any] = {}
+    for side in ("left", "right", "both"):
+        e = report["lungs"][side]
+        row.update({f"{side}_lung_ml": round(e["lung_ml"], 3), f"{side}_infection_ml": round(e["infection_ml"], 3),
+                    f"{side}_percent": round(e["percent"], 4)})
+    row.update({"severity_score": report["severity"]["score"], "severity": report["severity"]["category"],
+                "infection_outside_lungs_ml": round(report["infection_outside_lungs_ml"], 3),
+                "run_time_s": report["run_time_s"]})
+    return row
+
+
 def segment(input_path: Path, out: Path, options: SegmentOptions, config: Config,
             log: Callable[[str], None] | None = None) -> list[CaseResult]:
-    """Segment one input or a batch (one sub-folder of ``out`` per case; failed cases reported and skipped).
+    """Segment one input, or a cohort (a folder or a list of inputs: :func:`segment_cohort`).
 
     Returns:
-        One :class:`CaseResult` per case, in input order.
+        One :class:`CaseResult` per case this process handled (for a cohort: this rank's share), in input order.
     """
-    from covidseg.inference.sliding_window import resolve_device
-
-    device = str(resolve_device(options.device or config.inference.device))
     if options.tta:
         config.inference.tta = True
     cases, batch = find_inputs(input_path)
-    names = [case_name(c) for c in cases]
     if batch:
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise InputError(f"{input_path}: several inputs are named {', '.join(dupes)}; their output folders "
-                             "would clash; rename them")
-        targets = [out / n for n in names]
-    else:
-        targets = [out]
-    for target in targets:
-        check_output(target, options.force)
-    models = load_models(options, device)
-    if not batch:
-        return [segment_case(cases[0], out, models, config, options, device, progress=True)]
-    from tqdm import tqdm
+        return segment_cohort(cases, out, options, config, log=log)
+    device = run_device(options, config)
+    check_output(out, options.force, tuple(cases))
+    models = load_models(options, device, threads=config.inference.threads)
+    return [segment_case(cases[0], out, models, config, options, device, progress=True)]
 
+
+def segment_cohort(cases: list[Path], out: Path, options: SegmentOptions, config: Config,
+                   log: Callable[[str], None] | None = None) -> list[CaseResult]:
+    """Segment a cohort with :func:`covidseg.inference.cohort.run_cohort`: case ``c`` -> ``out/c/``.
+
+    Each process (rank, from torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, else 0 of 1) takes its share;
+    cases whose status says ``done`` are skipped (a rerun does no work and loads no model), failed ones are tried
+    again and may overwrite their own folder; the model is loaded once per process, on ``cuda:LOCAL_RANK`` with
+    ``--device cuda``. Rank 0 writes ``out/summary.csv`` when every rank has finished.
+
+    Returns:
+        One :class:`CaseResult` per case of this rank's share (``skipped`` for those done before).
+    """
+    from dataclasses import replace
+
+    from covidseg.inference.cohort import case_ids, read_status, resolve_rank, run_cohort, status_path
+
+    ids = case_ids(cases)
+    check_output(out, True, tuple(cases))  # --force or not: a cohort folder never holds or replaces an input
+    me = resolve_rank()
+    device = run_device(options, config, me.local_rank)
+    case_options = replace(options, force=True)  # a retried case replaces its own partial outputs only
+    loaded: list[LoadedModels] = []
+
+    def process_case(src: Path, dst: Path) -> dict[str, Any]:
+        if not loaded:
+            loaded.append(load_models(options, device, threads=config.inference.threads))
+        result = segment_case(src, dst, loaded[0], config, case_options, device)
+        assert result.report is not None
+        return case_scalars(result.report)
+
+    cohort = run_cohort(cases, out, process_case, me.rank, me.world_size)
     results = []
-    for case, target in tqdm(list(zip(cases, targets, strict=True)), desc="cases", unit="case"):
-        try:
-            results.append(segment_case(case, target, models, config, options, device))
-        except UserError as exc:
-            results.append(CaseResult(case_name(case), case, target, error=str(exc)))
-            if log:
-                log(f"{case}: failed: {exc}")
+    for cid in cohort.assigned:
+        status = read_status(status_path(out, cid)) or {}
+        result = CaseResult(cid, ids[cid], out / cid, skipped=cid in cohort.skipped)
+        if status.get("status") == "done":
+            with contextlib.suppress(OSError, ValueError):
+                result.report = json.loads((out / cid / "report.json").read_text(encoding="utf-8"))
+            if result.report is None:
+                result.error = f"{out / cid}/report.json is missing although the case's status says done"
+        else:
+            result.error = str(status.get("error") or "not run")
+            if log and cid not in cohort.failed:  # failures of this run were printed as they happened
+                log(f"{ids[cid]}: failed earlier: {result.error}")
+        results.append(result)
+    if cohort.summary is not None and log:
+        log(f"cohort summary: {cohort.summary}")
     return results

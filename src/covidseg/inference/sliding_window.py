@@ -190,8 +190,17 @@ def predict_volume(
         UserError: a CUDA device that is not there.
     """
     dev = resolve_device(device if device is not None else cfg.device)
+    threads = torch.get_num_threads()
     if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+        torch.set_num_threads(cfg.threads)  # restored on return: a library call leaves the process as it was
+    try:
+        return _predict_volume(model, volume, cfg, box, dev, mask, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _predict_volume(model: nn.Module, volume: np.ndarray, cfg: InferenceConfig, box: Box | None,
+                    dev: torch.device, mask: np.ndarray | None, progress: bool) -> np.ndarray:
     vol = np.asarray(volume, dtype=np.float32)
     if vol.ndim == 3:
         vol = vol[None]
@@ -204,35 +213,48 @@ def predict_volume(
         window[0] = 1
     _check_window(model, window, spatial_dims)
 
+    want = _normalise_box(box, shape)
+    if cfg.fit_window:
+        window = _fit_window(model, window, want, spatial_dims)
+    overlaps = tuple(cfg.overlap_axes) if cfg.overlap_axes is not None else (cfg.overlap,) * 3
+
     # pad (symmetrically with zeros, as MONAI) only where the volume itself is smaller than a window
     pad = [max(w - n, 0) for w, n in zip(window, shape, strict=True)]
     before = [q // 2 for q in pad]
     if any(pad):
         vol = np.pad(vol, [(0, 0)] + [(b, q - b) for b, q in zip(before, pad, strict=True)])
     padded = vol.shape[1:]
-    want = _normalise_box(box, shape)
     want_p = [slice(b.start + o, b.stop + o) for b, o in zip(want, before, strict=True)]
     region_mask: np.ndarray | None = None
     if mask is not None:
         region_mask = np.zeros(padded, dtype=bool)
-        m = np.asarray(mask, dtype=bool)[want]
-        region_mask[want_p[0], want_p[1], want_p[2]] = m
-    # windows on the whole volume's grid (MONAI's positions), kept where they meet the box (and the mask), so
-    # that inside the box the result equals the whole-volume result
-    starts = [[s0 for s0 in scan_starts(n, w, cfg.overlap) if s0 < b.stop and s0 + w > b.start]
-              for n, w, b in zip(padded, window, want_p, strict=True)]
+        region_mask[want_p[0], want_p[1], want_p[2]] = np.asarray(mask, dtype=bool)[want]
+    if cfg.grid == "box":  # a grid fitted to the box (shifted back where the box ends near the volume's end)
+        starts = []
+        for n, w, b, ov in zip(padded, window, want_p, overlaps, strict=True):
+            extent = max(b.stop - b.start, w)
+            first = min(b.start, n - extent)
+            starts.append([first + s0 for s0 in scan_starts(extent, w, ov)])
+    else:  # MONAI's positions on the whole volume, kept where they meet the box: inside it the result equals
+        # the whole-volume result
+        starts = [[s0 for s0 in scan_starts(n, w, ov) if s0 < b.stop and s0 + w > b.start]
+                  for n, w, b, ov in zip(padded, window, want_p, overlaps, strict=True)]
     positions = [(d, h, w) for d, h, w in itertools.product(*starts)]
     if region_mask is not None:
         positions = [p for p in positions
                      if region_mask[p[0] : p[0] + window[0], p[1] : p[1] + window[1], p[2] : p[2] + window[2]].any()]
-    if positions:
-        lo = [min(p[a] for p in positions) for a in range(3)]
-        hi = [max(p[a] for p in positions) + window[a] for a in range(3)]
+    sized = [(p, tuple(window)) for p in positions]
+    if region_mask is not None and cfg.grid == "box" and cfg.fit_window and spatial_dims == 3 and mask is not None:
+        sized = _fit_to_mask(model, sized, region_mask, _margin(np.asarray(mask, dtype=bool), want))
+    del region_mask
+    if sized:
+        lo = [min(p[a] for p, _ in sized) for a in range(3)]
+        hi = [max(p[a] + size[a] for p, size in sized) for a in range(3)]
     else:
         lo, hi = [0, 0, 0], list(window)
     region = [slice(a, b) for a, b in zip(lo, hi, strict=True)]
     sub = vol[:, region[0], region[1], region[2]]
-    positions = [(d - lo[0], h - lo[1], w - lo[2]) for d, h, w in positions]
+    sized = [((d - lo[0], h - lo[1], w - lo[2]), size) for (d, h, w), size in sized]
 
     inner = _unwrap(model)
     was_training = inner.training
@@ -242,18 +264,59 @@ def predict_volume(
         set_ds(False)
     inner.eval()
     try:
-        probs = _run_windows(inner, sub, window, positions, cfg, dev, spatial_dims, progress)
+        probs = _run_windows(inner, sub, sized, cfg, dev, spatial_dims, progress)
     finally:
         if ds_before is not None and callable(set_ds):
             set_ds(bool(ds_before))
         inner.train(was_training)
 
-    full = np.zeros((probs.shape[0], *padded), dtype=np.float32)
-    full[:, region[0], region[1], region[2]] = probs
     out = np.zeros((probs.shape[0], *shape), dtype=np.float32)
-    # the box asked for (in the unpadded volume); windows reach beyond it but the result stays inside
-    out[:, want[0], want[1], want[2]] = full[:, want_p[0], want_p[1], want_p[2]]
+    # the box asked for (in the unpadded volume) where the windows' region covers it; windows reach beyond the box
+    # but the result stays inside it
+    inter = [slice(max(w.start, r.start), min(w.stop, r.stop)) for w, r in zip(want_p, region, strict=True)]
+    if all(i.stop > i.start for i in inter):
+        dst = tuple(slice(i.start - o, i.stop - o) for i, o in zip(inter, before, strict=True))
+        src = tuple(slice(i.start - r.start, i.stop - r.start) for i, r in zip(inter, region, strict=True))
+        out[(slice(None), *dst)] = probs[(slice(None), *src)]
     return out
+
+
+def _margin(mask: np.ndarray, box: Sequence[slice]) -> tuple[int, int, int]:
+    """The margin (voxels per axis) between the mask's bounding box and ``box`` (the lungs' box + its margin)."""
+    tight = mask_box(mask[tuple(box)])
+    if tight is None:
+        return (0, 0, 0)
+    return tuple(min(t.start, (b.stop - b.start) - t.stop) for t, b in zip(tight, box, strict=True))  # type: ignore[return-value]
+
+
+def _fit_to_mask(model: nn.Module, sized: list[tuple[tuple[int, int, int], tuple[int, ...]]], mask: np.ndarray,
+                 margin: Sequence[int]) -> list[tuple[tuple[int, int, int], tuple[int, ...]]]:
+    """Shrink each window in-plane to the mask's bounding box inside it plus ``margin`` (rounded up to the model's
+    divisor, kept inside the original window): near the apex and the bases the lungs' cross-section is far smaller
+    than the box's, and a fully convolutional model accepts any size."""
+    divisor = getattr(_unwrap(model), "size_divisor", None) or (1, 1, 1)
+    out: list[tuple[tuple[int, int, int], tuple[int, ...]]] = []
+    for (d, h, w), (wd, wh, ww) in sized:
+        part = mask[d : d + wd, h : h + wh, w : w + ww]
+        start, size = [d, h, w], [wd, wh, ww]
+        for axis, (origin, extent) in ((1, (h, wh)), (2, (w, ww))):
+            other = (0, 2) if axis == 1 else (0, 1)
+            hit = np.flatnonzero(part.any(axis=other))
+            lo_ = max(int(hit[0]) - int(margin[axis]), 0)
+            hi_ = min(int(hit[-1]) + 1 + int(margin[axis]), extent)
+            div = int(divisor[axis])
+            n = min(extent, max(div, -(-(hi_ - lo_) // div) * div))
+            first = min(lo_, extent - n)
+            start[axis], size[axis] = origin + first, n
+        out.append(((start[0], start[1], start[2]), (size[0], size[1], size[2])))
+    return out
+
+
+def _fit_window(model: nn.Module, window: Sequence[int], box: Sequence[slice], spatial_dims: int) -> list[int]:
+    """``window`` shrunk per axis to the box's extent rounded up to the model's size divisor."""
+    divisor = getattr(_unwrap(model), "size_divisor", None)
+    div = (1, 1, 1) if divisor is None else ((1, *divisor) if spatial_dims == 2 else tuple(divisor))
+    return [min(int(w), max(d, -(-(b.stop - b.start) // d) * d)) for w, b, d in zip(window, box, div, strict=True)]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -278,34 +341,46 @@ def _check_window(model: nn.Module, window: Sequence[int], spatial_dims: int) ->
 def _run_windows(
     model: nn.Module,
     sub: np.ndarray,
-    window: Sequence[int],
-    positions: list[tuple[int, int, int]],
+    sized: list[tuple[tuple[int, int, int], tuple[int, ...]]],
     cfg: InferenceConfig,
     dev: torch.device,
     spatial_dims: int,
     progress: bool,
 ) -> np.ndarray:
-    """Blend the windows at ``positions`` over ``sub`` (``(C, D, H, W)``); returns ``(K, D, H, W)``."""
-    wd, wh, ww = window
-    importance = torch.from_numpy(gaussian_importance(window, cfg.gaussian_sigma_scale)).to(dev)
+    """Blend the windows ``sized`` (``(start, size)`` each, ``(D, H, W)``) over ``sub`` (``(C, D, H, W)``);
+    returns ``(K, D, H, W)``. Consecutive windows of one size are batched (up to ``cfg.batch_windows``)."""
+    importance_of: dict[tuple[int, ...], torch.Tensor] = {}
     weight_sum = torch.zeros(sub.shape[1:], dtype=torch.float32, device=dev)
     acc: torch.Tensor | None = None
     source = torch.from_numpy(np.ascontiguousarray(sub))
-    use_bf16 = bf16_enabled(cfg, dev)
+    native = not hasattr(model, "session")  # an ONNX Runtime model computes float32 in its own layout
+    use_bf16 = native and bf16_enabled(cfg, dev)
     autocast = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if use_bf16
                 else contextlib.nullcontext())
     flips = _flip_sets(cfg.tta_axes if spatial_dims == 3 else [a for a in cfg.tta_axes if a != 0]) if cfg.tta \
         else [()]
-    memory_format = torch.channels_last_3d if (cfg.channels_last and spatial_dims == 3) else torch.contiguous_format
-    batches = list(_batches(positions, max(int(cfg.batch_windows), 1)))
-    iterator: Iterator[list[tuple[int, int, int]]] | list[list[tuple[int, int, int]]] = batches
+    memory_format = (torch.channels_last_3d if (native and cfg.channels_last and spatial_dims == 3)
+                     else torch.contiguous_format)
+    batches: list[list[tuple[tuple[int, int, int], tuple[int, ...]]]] = []
+    for item in sized:
+        if batches and batches[-1][0][1] == item[1] and len(batches[-1]) < max(int(cfg.batch_windows), 1):
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+    iterator: Iterator[list[tuple[tuple[int, int, int], tuple[int, ...]]]] | list[
+        list[tuple[tuple[int, int, int], tuple[int, ...]]]] = batches
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(batches, desc="windows", unit="batch", leave=False)
     with torch.inference_mode(), autocast:
         for batch in iterator:
-            x = torch.stack([source[:, d : d + wd, h : h + wh, w : w + ww] for d, h, w in batch]).to(dev)
+            wd, wh, ww = batch[0][1]
+            if batch[0][1] not in importance_of:
+                importance_of[batch[0][1]] = torch.from_numpy(
+                    gaussian_importance(batch[0][1], cfg.gaussian_sigma_scale)).to(dev)
+            importance = importance_of[batch[0][1]]
+            x = torch.stack([source[:, d : d + wd, h : h + wh, w : w + ww] for (d, h, w), _ in batch]).to(dev)
             if spatial_dims == 2:
                 x = x[:, :, 0]  # (B, C, H, W)
             else:
@@ -327,9 +402,9 @@ def _run_windows(
                 logit = logit[:, :, None]  # (B, K, 1, H, W)
             if acc is None:
                 acc = torch.zeros((logit.shape[1], *sub.shape[1:]), dtype=torch.float32, device=dev)
-            weighted = logit * importance  # (B, K, wd, wh, ww)
-            for i, (d, h, w) in enumerate(batch):
-                acc[:, d : d + wd, h : h + wh, w : w + ww] += weighted[i]
+            logit.mul_(importance)  # (B, K, wd, wh, ww)
+            for i, ((d, h, w), _) in enumerate(batch):
+                acc[:, d : d + wd, h : h + wh, w : w + ww] += logit[i]
                 weight_sum[d : d + wd, h : h + wh, w : w + ww] += importance
         if acc is None:  # no window at all (empty mask): nothing predicted
             k = int(getattr(getattr(model, "config", None), "out_channels", 1))

@@ -12,6 +12,15 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+DEFAULT_FILE_MODE = 0o666
+"""Mode of a newly created file before the umask is applied (what ``open(path, "w")`` gives)."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
@@ -27,6 +36,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        with contextlib.suppress(FileNotFoundError):  # mkstemp makes 0600; give the file the usual permissions
+            os.chmod(tmp_path, DEFAULT_FILE_MODE & ~_umask())
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -41,6 +41,12 @@ def itk_to_ras_affine(origin: tuple[float, ...], spacing: tuple[float, ...], dir
     return LPS_TO_RAS @ lps
 
 
+def _itk_reason(exc: BaseException) -> str:
+    """The last non-empty line of an ITK/GDCM exception (its first lines are source paths), for a one-line error."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 def _sitk():  # type: ignore[no-untyped-def]
     import SimpleITK as sitk
 
@@ -54,7 +60,8 @@ def choose_series(folder: Path) -> tuple[str, list[str]]:
     try:
         series_ids = list(reader.GetGDCMSeriesIDs(str(folder)))
     except RuntimeError as exc:
-        raise InputError(f"{folder}: cannot list DICOM series ({exc}); check the folder's files") from None
+        raise InputError(f"{folder}: cannot list DICOM series ({_itk_reason(exc)}); check the folder's files — "
+                         f"a file may be corrupt or not a CT slice") from None
     if not series_ids:
         contents = "empty" if not any(folder.iterdir()) else "holds no DICOM series"
         raise InputError(f"{folder}: the folder is {contents}; give a .nii/.nii.gz file or a folder of DICOM "
@@ -92,7 +99,7 @@ def _slice_geometry(files: list[str], folder: Path) -> tuple[np.ndarray, np.ndar
         try:
             reader.ReadImageInformation()
         except RuntimeError as exc:
-            raise InputError(f"{name}: not a readable DICOM file ({str(exc).strip().splitlines()[0]}); remove it "
+            raise InputError(f"{name}: not a readable DICOM file ({_itk_reason(exc)}); remove it "
                              f"from {folder} or re-export the series") from None
         if not reader.HasMetaDataKey(TAG_POSITION) or not reader.HasMetaDataKey(TAG_ORIENTATION):
             raise InputError(f"{name}: no Image Position/Orientation (Patient) tags; this is not a CT slice "
@@ -164,7 +171,7 @@ def read_dicom_series(folder: str | Path) -> CTImage:
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        raise InputError(f"{folder}: the DICOM series cannot be read ({str(exc).strip().splitlines()[-1]}); "
+        raise InputError(f"{folder}: the DICOM series cannot be read ({_itk_reason(exc)}); "
                          f"a file is corrupt or truncated — re-export the series") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{folder}: the series holds colour (multi-component) pixels; give a grey-level CT")

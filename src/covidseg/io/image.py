@@ -71,6 +71,9 @@ def check_voxel_count(shape: tuple[int, ...], path: Path) -> None:
 def _squeeze_to_3d(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
     """Accept ``(X, Y, Z)`` and ``(X, Y, Z, 1, ...)``; refuse 2D, single-slice and 4D images."""
     dims = tuple(int(s) for s in shape)
+    if not dims or min(dims) <= 0:
+        raise InputError(f"{path}: the header gives the image shape {dims}, with zero or negative sizes; the file "
+                         f"is corrupt — re-download or re-export it")
     while len(dims) > 3 and dims[-1] == 1:
         dims = dims[:-1]
     if len(dims) > 3:
@@ -167,6 +170,11 @@ def _to_canonical(file_array: np.ndarray, transform: np.ndarray) -> np.ndarray:
 
 def orientation_transform(affine: np.ndarray, path: Path) -> np.ndarray:
     """nibabel ``ornt`` transform from the voxel axes of ``affine`` to LPS+ axes."""
+    if not np.all(np.isfinite(affine)):
+        raise InputError(
+            f"{path}: its affine holds NaN or infinite values ({np.asarray(affine)[:3].tolist()}); fix the "
+            f"header's qform/sform (e.g. re-export it from the scanner's DICOM)"
+        )
     start = io_orientation(affine)
     if not np.all(np.isfinite(start)):
         raise InputError(

@@ -135,17 +135,20 @@ def _labels(case: Any, like: Any) -> tuple[np.ndarray, np.ndarray]:
     """``(lung, infection)`` uint8 canonical masks from whichever mask files the case has."""
     from scipy import ndimage
 
+    from covidseg.data.check import EXPECTED_LABELS
     from covidseg.io.image import read_mask
 
-    joint = read_mask(case.lung_and_infection, like=like) if case.lung_and_infection else None
+    # labels outside the dataset's sets are refused (InputError naming the file), never silently dropped
+    joint = read_mask(case.lung_and_infection, like=like, labels=EXPECTED_LABELS["lung_and_infection"]) \
+        if case.lung_and_infection else None
     if case.infection is not None:
-        infection = (read_mask(case.infection, like=like) > 0).astype(np.uint8)
+        infection = (read_mask(case.infection, like=like, labels=EXPECTED_LABELS["infection"]) > 0).astype(np.uint8)
     elif joint is not None:
         infection = (joint == LABEL_INFECTION_JOINT).astype(np.uint8)
     else:
         infection = np.zeros(like.array.shape, np.uint8)
     if case.lung is not None:
-        lung = read_mask(case.lung, like=like).astype(np.uint8)
+        lung = read_mask(case.lung, like=like, labels=EXPECTED_LABELS["lung"]).astype(np.uint8)
     elif joint is not None:
         lung = np.where(joint == LABEL_INFECTION_JOINT, 0, joint).astype(np.uint8)
         hole = joint == LABEL_INFECTION_JOINT
@@ -191,7 +194,7 @@ def _save_npy(folder: Path, name: str, array: np.ndarray) -> None:
 
 
 def _load_entry(case_id: str, folder: Path) -> CachedCase:
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     return CachedCase(
         case_id=case_id,
         folder=folder,
@@ -260,7 +263,7 @@ def prepare_case(
             "ct": str(case.ct),
             "cache_version": CACHE_VERSION,
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         try:
             os.replace(tmp, folder)
         except OSError:  # another process (DDP rank, parallel run) finished the same entry first

@@ -171,7 +171,7 @@ def evaluate_run(
     cache_file = run_dir / TEST_METRICS_FILE
     ids = [c.case_id for c in cases]
     if cache_file.is_file():
-        saved = json.loads(cache_file.read_text())
+        saved = json.loads(cache_file.read_text(encoding="utf-8"))
         if saved.get("best_mtime_ns") == stamp and list(saved.get("cases", {})) == ids:
             return saved["cases"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

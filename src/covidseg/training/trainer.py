@@ -119,7 +119,7 @@ def machine_description(device: torch.device | str = "cpu") -> str:
 
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
@@ -302,7 +302,7 @@ def train(
             raise InputError(f"{out}: not a run folder (no {CONFIG_FILE} / {RUN_FILE}); give the folder of a "
                              "'covidseg train' run to --resume, or start a new run with --out")
         config = load_config(out / CONFIG_FILE)
-        record = json.loads(run_file.read_text())
+        record = json.loads(run_file.read_text(encoding="utf-8"))
         data = data or record["data"]
         split = split or record["split"]
     else:
@@ -314,6 +314,9 @@ def train(
         raise InputError("no dataset folder given; use --data DIR")
     split = split or "report"
     config = model_config_for(config)
+    from covidseg.models.registry import resolve_model_config
+
+    resolve_model_config(config.model)  # a bad model.name or a contradicting switch fails now, not after caching
     tcfg = config.train
     if tcfg.batch_size < 1 or tcfg.epochs < 1 or tcfg.patches_per_epoch < 1:
         raise ConfigError("train.batch_size, train.epochs and train.patches_per_epoch must be positive integers")
@@ -386,7 +389,6 @@ def _train(
         history = list(meta.get("history") or [])
     elif info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / CONFIG_FILE)
         record = {
             "version": code_version(),
             "seed": tcfg.seed,
@@ -400,6 +402,9 @@ def _train(
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         atomic_write_text(out / RUN_FILE, json.dumps(record, indent=1))
+        # config.yaml last: a folder holding it is a run that --resume can continue (a kill between the two
+        # writes leaves only run.json, and a new run with the same --out is still allowed)
+        save_config(config, out / CONFIG_FILE)
 
     train_model: nn.Module = model
     if info.enabled:
