@@ -243,9 +243,20 @@ def evaluate(run_dir: Path, config: Config, data: Path, test_ids: list[str], pro
     dataset = find_dataset(data)
     cached = cache_cases(config, [dataset[c] for c in test_ids], progress=progress)
     per_case = evaluate_run(run_dir, cached, dataset, progress=progress)
-    cases = {cid: {k: float(per_case[cid][k]) for k in EVAL_KEYS} for cid in test_ids}
-    mean = {k: mean_sd([cases[c][k] for c in test_ids])[0] for k in EVAL_KEYS}
-    return {"cases": cases, "mean": mean}
+    from covidseg.data.layouts import find_cases
+    from covidseg.io.image import read_mask
+
+    layout = {c.case_id: c for c in find_cases(data)}
+    cases: dict[str, dict[str, Any]] = {}
+    for cid in test_ids:
+        cases[cid] = {k: float(per_case[cid][k]) for k in EVAL_KEYS}
+        truth = layout[cid].infection
+        cases[cid]["truth_voxels"] = int(np.count_nonzero(read_mask(truth))) if truth else 0
+    # A phantom without infection has no Dice to speak of (0 with any false positive, 1 without): like the
+    # report, whose 20 cases are all infected, the mean is over the cases with infection.
+    scored = [c for c in test_ids if cases[c]["truth_voxels"] > 0] or list(test_ids)
+    mean = {k: mean_sd([cases[c][k] for c in scored])[0] for k in EVAL_KEYS}
+    return {"cases": cases, "mean": mean, "mean_over": scored}
 
 
 def write_evaluation(out: Path, evaluation: dict[str, Any], checkpoint: Path) -> None:
@@ -271,7 +282,10 @@ def evaluation_table(evaluation: dict[str, Any]) -> str:
     head = f"{'held-out phantom':<{width}}  " + "  ".join(f"{k:>11}" for k in PRINTED_KEYS)
     lines = [head, "-" * len(head)]
     for cid, m in [*evaluation["cases"].items(), ("mean", evaluation["mean"])]:
-        lines.append(f"{cid:<{width}}  " + "  ".join(f"{100 * m[k]:10.1f}%" for k in PRINTED_KEYS))
+        row = f"{cid:<{width}}  " + "  ".join(f"{100 * m[k]:10.1f}%" for k in PRINTED_KEYS)
+        if m.get("truth_voxels") == 0:
+            row += "  (no infection in this phantom: Dice is 0 with any false positive; not in the mean)"
+        lines.append(row)
     return "\n".join(lines)
 
 

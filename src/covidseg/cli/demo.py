@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 DESCRIPTION = """\
-The whole job on synthetic data, on the CPU, in a few minutes (about 5 on 2 cores; docs/demo.md):
+The whole job on synthetic data, on the CPU, in a few minutes (about 6 on 2 cores; docs/demo.md):
 
   1. writes a small cohort of synthetic chest-CT phantoms (10 cases, Zenodo layout) into DIR/phantoms;
   2. trains the report's final model (unet-fv-paspp-ds, at a reduced width, depth and patch) with the code of
