@@ -188,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="passed to covidseg segment, e.g. --set inference.bf16=off")
     p.add_argument("--keep", type=Path, default=None, help="keep the CT and outputs in this folder")
     p.add_argument("--ct", type=Path, default=None, help="use this CT (e.g. one kept by --keep) instead of a new phantom")
+    p.add_argument("--reference-from", type=Path, default=None, metavar="JSON",
+                   help="reuse the reference of an earlier run with the same --keep folder, --ct and model: its time "
+                        "and RSS from that run's JSON, its mask from KEEP/reference_infection.nii.gz (the "
+                        "reference takes about 20 min on 2 cores; use it to compare several settings of ours)")
     p.add_argument("--reference-worker", nargs=3, metavar=("CT", "CKPT", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.reference_worker:
@@ -228,9 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.skip_reference:
         ref_mask = folder / "reference_infection.nii.gz"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(args.threads),
-               "--device", args.device, "--reference-worker", str(ct), str(ckpt), str(ref_mask)]
-        ref_s, ref_rss, _ = measured(cmd, env)
+        if args.reference_from:
+            earlier = json.loads(args.reference_from.read_text(encoding="utf-8"))
+            ref_s, ref_rss = float(earlier["reference_s"]), float(earlier["reference_peak_rss_gb"])
+            result["reference_reused_from"] = str(args.reference_from)
+        else:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(args.threads),
+                   "--device", args.device, "--reference-worker", str(ct), str(ckpt), str(ref_mask)]
+            ref_s, ref_rss, _ = measured(cmd, env)
         lungs = np.asarray(nib.load(out / "lungs.nii.gz").dataobj) > 0  # type: ignore[attr-defined]
         ours_inf = (np.asarray(nib.load(out / "infection.nii.gz").dataobj) > 0) & lungs  # type: ignore[attr-defined]
         ref_inf = (np.asarray(nib.load(ref_mask).dataobj) > 0) & lungs  # type: ignore[attr-defined]
@@ -246,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                        "infected_share_reference": share_ref})
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"figures written to {args.json}")
     return 0
 

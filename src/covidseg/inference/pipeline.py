@@ -41,7 +41,7 @@ import numpy as np
 from torch import nn
 
 from covidseg.config import Config
-from covidseg.errors import InputError, OutputExistsError
+from covidseg.errors import InputError, OutputExistsError, UserError
 
 SLICER_FILE = "segmentation.seg.nrrd"
 """The 3D Slicer segmentation of a case (docs/interop.md)."""
@@ -365,6 +365,15 @@ def check_output(out_dir: Path, force: bool, inputs: tuple[Path, ...] = ()) -> N
         if target == src or target in src.parents or (src.is_dir() and src in target.parents):
             raise InputError(f"{out_dir}: the output folder would hold or replace the input {item}; choose an -o "
                              "folder outside the input (covidseg never overwrites its input, even with --force)")
+    existing = target  # fail before the computation, not after it, when OUT cannot be made
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != target and not existing.is_dir():
+        raise UserError(f"{out_dir}: {existing} is a file, not a folder; a file stands where a folder is needed; "
+                        "choose another output path")
+    if not os.access(existing if existing != target else target.parent, os.W_OK):
+        raise UserError(f"{out_dir}: no permission to write in {existing if existing != target else target.parent}; "
+                        "choose an output folder you can write to (-o/--out)")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise OutputExistsError(f"{out_dir}: already exists and is not empty; choose another -o folder or add "
                                 "--force to replace it")
