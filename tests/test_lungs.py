@@ -85,9 +85,9 @@ PHANTOM_DICE_FLOOR = 0.90
 """Regression floor per lung on scale-0.25 phantoms (the issue's target, 0.95, is the xfail test below)."""
 
 
-def _phantom_dice(seed: int) -> tuple[float, float, float]:
+def _phantom_dice(seed: int, scale: float = 0.25) -> tuple[float, float, float]:
     phantom = pytest.importorskip("covidseg.phantom")
-    ph = phantom.make_phantom("coronacases", seed, scale=0.25)
+    ph = phantom.make_phantom("coronacases", seed, scale=scale)
     out = classical_lungs(ph.ct, ph.spacing)
     inf = ph.infection > 0
     kept = float((out[inf] > 0).mean()) if inf.any() else 1.0
@@ -106,6 +106,16 @@ def test_phantom_dice_target(seed: int) -> None:
     left, right, kept = _phantom_dice(seed)
     assert left >= 0.95 and right >= 0.95
     assert kept >= 0.9
+
+
+@pytest.mark.slow
+def test_full_size_phantom_dice_target() -> None:
+    """Issue 5's acceptance at the size it names (512 x 512, about 280 slices, 0.7 x 0.7 x 1 mm), on the seed whose
+    scale-0.25 phantom is the worst (seed 2: a 388 mL consolidation filling the left base). Measured: left 0.963,
+    right 0.983; all 12 seeds 1-12 at full size: 0.963-0.990 (docs/segment.md)."""
+    left, right, kept = _phantom_dice(2, scale=1.0)
+    assert left >= 0.95 and right >= 0.95
+    assert kept >= 0.85
 
 
 @pytest.mark.xfail(reason="known limit: a consolidation filling most of the basal slices of the left lung (seed 2, "
