@@ -14,7 +14,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 import yaml
 
@@ -25,6 +24,7 @@ from covidseg.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER
 from covidseg.io.image import MAX_VOXELS_ENV
 from covidseg.models import create_model, variant_config
 from covidseg.phantom import make_phantom
+from dicom_series import write_dicom_series
 
 SCALE = 0.1
 """Phantom scale: about 51x51 pixels and 25 slices; a whole `segment` takes about half a second in-process."""
@@ -201,27 +201,8 @@ def test_boolean_for_a_literal_without_on_off_is_still_refused():
 
 def _dicom_series(folder: Path, n: int = 6, drop: int | None = None, duplicate: int | None = None,
                   positions: list[float] | None = None) -> Path:
-    """A small CT series written slice by slice with SimpleITK (as tests/test_io.py)."""
-    folder.mkdir(parents=True)
-    volume = hu_volume((n, 16, 16))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    uid = "1.2.826.0.1.3680043.2.1125.77"
-    for k in range(n):
-        if k == drop:
-            continue
-        z = positions[k] if positions else 2.0 * k
-        sl = sitk.GetImageFromArray(volume[k])
-        for tag, value in {"0008|0060": "CT", "0020|000d": uid + ".0", "0020|000e": uid,
-                           "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0018": f"{uid}.{k + 1}",
-                           "0020|0013": str(k + 1), "0020|0032": f"0\\0\\{z}", "0020|0037": "1\\0\\0\\0\\1\\0",
-                           "0028|1052": "0", "0028|1053": "1"}.items():
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"s{k:03d}.dcm"))
-        writer.Execute(sl)
-        if k == duplicate:
-            writer.SetFileName(str(folder / f"s{k:03d}_copy.dcm"))
-            writer.Execute(sl)
+    """A small CT series (slices 2 mm apart unless ``positions`` says otherwise)."""
+    write_dicom_series(folder, hu_volume((n, 16, 16)), positions_z=positions, drop=drop, duplicate=duplicate)
     return folder
 
 
@@ -233,7 +214,7 @@ def _truncated(root: Path) -> Path:
 
 def _corrupt_dicom(root: Path) -> Path:
     folder = _dicom_series(root / "corrupt_dcm")
-    victim = folder / "s002.dcm"
+    victim = sorted(folder.glob("*.dcm"))[2]
     victim.write_bytes(victim.read_bytes()[:300])
     return folder
 

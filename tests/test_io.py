@@ -25,6 +25,7 @@ from covidseg.io.image import (
     write_mask,
     write_volume,
 )
+from dicom_series import write_dicom_series
 
 SHAPE = (12, 10, 6)  # file grid (X, Y, Z), tiny on purpose
 
@@ -255,39 +256,6 @@ def test_mask_labels_outside_the_expected_set_and_fractional_values(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- DICOM
-
-
-def write_dicom_series(folder: Path, volume_zyx: np.ndarray, origin, spacing, direction, series_uid: str,
-                       positions_z: list[float] | None = None) -> list[Path]:
-    """Write a CT series slice by slice with SimpleITK's ImageFileWriter (the SimpleITK DICOM example)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    image = sitk.GetImageFromArray(volume_zyx.astype(np.int16))
-    image.SetOrigin(origin)
-    image.SetSpacing(spacing)
-    image.SetDirection(direction)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    d = np.asarray(direction).reshape(3, 3)
-    orientation = "\\".join(f"{v:.10f}" for v in (*d[:, 0], *d[:, 1]))
-    paths = []
-    for k in range(volume_zyx.shape[0]):
-        sl = image[:, :, k]
-        position = image.TransformIndexToPhysicalPoint((0, 0, k))
-        if positions_z is not None:
-            position = tuple(np.asarray(origin) + d[:, 2] * positions_z[k])
-        tags = {
-            "0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": series_uid,
-            "0020|0037": orientation, "0020|0032": "\\".join(f"{v:.10f}" for v in position),
-            "0020|0013": str(k + 1), "0008|0018": f"{series_uid}.{k + 1}", "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
-            "0028|1052": "0", "0028|1053": "1", "0028|1054": "HU",
-        }
-        for key, value in tags.items():
-            sl.SetMetaData(key, value)
-        path = folder / f"{series_uid.split('.')[-1]}_{k:03d}.dcm"
-        writer.SetFileName(str(path))
-        writer.Execute(sl)
-        paths.append(path)
-    return paths
 
 
 def oblique_itk_geometry():

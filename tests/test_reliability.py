@@ -458,24 +458,12 @@ def test_fuzz_nifti_header_fields(nifti_template, tmp_path_factory, monkeypatch,
 
 @pytest.fixture(scope="module")
 def dicom_template(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
-    import SimpleITK as sitk
+    from dicom_series import write_dicom_series
 
     folder = tmp_path_factory.mktemp("dicom_fuzz")
     volume = np.random.default_rng(1).integers(-1024, 400, (3, 8, 8)).astype(np.int16)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    uid = "1.2.826.0.1.3680043.2.1125.88"
-    blobs = []
-    for k in range(volume.shape[0]):
-        sl = sitk.GetImageFromArray(volume[k])
-        for tag, value in {"0008|0060": "CT", "0020|000d": uid + ".0", "0020|000e": uid,
-                           "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0018": f"{uid}.{k + 1}",
-                           "0020|0013": str(k + 1), "0020|0032": f"0\\0\\{2.0 * k}", "0020|0037": "1\\0\\0\\0\\1\\0",
-                           "0028|1052": "-1024", "0028|1053": "1"}.items():
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"{k}.dcm"))
-        writer.Execute(sl)
-        blobs.append((folder / f"{k}.dcm").read_bytes())
+    paths = write_dicom_series(folder, volume, series_uid="1.2.826.0.1.3680043.2.1125.88", intercept=-1024)
+    blobs = [path.read_bytes() for path in paths]
     return blobs
 
 

@@ -75,25 +75,11 @@ def test_outputs_geometry_and_volumes(case: dict[str, Path]) -> None:
 
 def test_nifti_and_dicom_give_same_masks(case: dict[str, Path]) -> None:
     sitk = pytest.importorskip("SimpleITK")
+    from dicom_series import write_dicom_series
+
     dicom = case["root"] / "case_a_dicom"
-    dicom.mkdir()
-    img = sitk.Cast(sitk.ReadImage(str(case["ct"])), sitk.sitkInt16)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    direction = img.GetDirection()
-    series = "1.2.826.0.1.3680043.2.1125.1"
-    for k in range(img.GetDepth()):
-        sl = img[:, :, k]
-        for tag, value in {
-            "0008|0060": "CT", "0020|000e": series, "0020|000d": series + ".0", "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
-            "0008|0018": f"{series}.{k + 1}", "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, k)))),
-            "0020|0037": "\\".join(map(str, direction[0:3] + direction[3:6])),
-            "0028|1052": "0", "0028|1053": "1",
-        }.items():
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(dicom / f"{k:04d}.dcm"))
-        writer.Execute(sl)
+    img = sitk.ReadImage(str(case["ct"]))
+    write_dicom_series(dicom, sitk.GetArrayFromImage(img), img.GetOrigin(), img.GetSpacing(), img.GetDirection())
     out = case["root"] / "same_dicom"
     assert _run(["segment", str(dicom), "-o", str(out), "--checkpoint", str(case["ckpt"]),
                  "--set", f"inference.window={WINDOW}"]) == 0
