@@ -420,3 +420,17 @@ def test_full_disk_while_writing_leaves_nothing_that_looks_complete(world, tmp_p
     assert_user_error(code, err, "No space left on device", "disk is full")
     assert not out.exists()
     assert [p for p in tmp_path.rglob("*")] == [], "a partial folder or temporary file was left behind"
+
+
+def test_help_keeps_the_examples_lines_and_wraps_long_descriptions(capsys):
+    from covidseg.cli._common import DESCRIPTION_WIDTH
+    from covidseg.cli.main import build_parser
+
+    for argv in (["segment", "--help"], ["semiseg", "train", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(argv)
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert all(len(line) <= DESCRIPTION_WIDTH for line in out.splitlines()), argv
+        if argv[0] == "segment":
+            assert "\n  torchrun --nproc_per_node 4 -m covidseg segment cases.txt -o OUT" in out
