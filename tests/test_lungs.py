@@ -76,6 +76,19 @@ def test_block_mean_and_upsample() -> None:
     assert up.shape == (2, 3, 5)
 
 
+@pytest.mark.parametrize("factors", [(1, 2, 2), (2, 2, 2), (1, 3, 3), (1, 1, 1)])
+def test_block_mean_equals_the_reshape_mean(factors: tuple[int, int, int]) -> None:
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1024, 2000, size=(7, 33, 31)).astype(np.float32)  # not multiples: edge padding
+    pad = [(0, (-n) % f) for n, f in zip(hu.shape, factors, strict=True)]
+    v = np.pad(hu, pad, mode="edge")
+    d, h, w = (n // f for n, f in zip(v.shape, factors, strict=True))
+    ref = v.reshape(d, factors[0], h, factors[1], w, factors[2]).mean(axis=(1, 3, 5), dtype=np.float32)
+    out = block_mean(hu, factors)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, ref)
+
+
 def test_empty_volume_gives_empty_mask() -> None:
     hu = np.full((8, 32, 32), 40.0, np.float32)
     assert not classical_lungs(hu, (2.0, 1.0, 1.0)).any()

@@ -133,10 +133,22 @@ def normalize(array: np.ndarray, cfg: IntensityConfig | None = None, convention:
     """
     cfg = cfg or IntensityConfig()
     chosen = resolve_convention(array, cfg, convention, path)
-    out = to_hu(array, chosen, cfg)
+    return window_hu(to_hu(array, chosen, cfg), cfg, in_place=True)
+
+
+def window_hu(hu: np.ndarray, cfg: IntensityConfig | None = None, in_place: bool = False) -> np.ndarray:
+    """Hounsfield units -> float32 in [0, 1] over ``cfg.window_hu`` (the last step of :func:`normalize`).
+
+    Args:
+        hu: values in HU (float32 when ``in_place``).
+        cfg: gives ``window_hu``.
+        in_place: overwrite ``hu`` (a float32 array) instead of making a new array.
+    """
+    cfg = cfg or IntensityConfig()
     w0, w1 = cfg.window_hu
     if not w1 > w0:
         raise ConfigError(f"intensity.window_hu {list(cfg.window_hu)}: the upper end must exceed the lower")
+    out = hu if in_place and hu.dtype == np.float32 else np.array(hu, dtype=np.float32, copy=True)
     out -= np.float32(w0)
     out *= np.float32(1.0 / (w1 - w0))
     np.clip(out, 0.0, 1.0, out=out)

@@ -24,6 +24,7 @@ With ``--lungs CKPT`` a trained lung model (target ``lung``, 2 sigmoid channels 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -56,10 +57,19 @@ def block_mean(volume: np.ndarray, factors: Sequence[int]) -> np.ndarray:
         return np.asarray(volume, dtype=np.float32)
     pad = [(0, (-n) % f) for n, f in zip(volume.shape, factors, strict=True)]
     v = np.pad(volume, pad, mode="edge") if any(p[1] for p in pad) else volume
-    d, h, w = (n // f for n, f in zip(v.shape, factors, strict=True))
+    # the sum of the blocks' strided sub-grids, then one division: the same values as a reshape-mean (exactly for
+    # integer HU) in a third of its time
     fd, fh, fw = factors
-    out = v.reshape(d, fd, h, fh, w, fw).mean(axis=(1, 3, 5), dtype=np.float32)
-    return out.astype(np.float32, copy=False)
+    out: np.ndarray | None = None
+    for od, oh, ow in itertools.product(range(fd), range(fh), range(fw)):
+        part = v[od::fd, oh::fh, ow::fw]
+        if out is None:
+            out = part.astype(np.float32, copy=True)
+        else:
+            out += part
+    assert out is not None
+    out /= np.float32(fd * fh * fw)
+    return out
 
 
 def upsample_labels(labels: np.ndarray, factors: Sequence[int], shape: Sequence[int]) -> np.ndarray:
@@ -77,13 +87,12 @@ def upsample_labels(labels: np.ndarray, factors: Sequence[int], shape: Sequence[
 def body_air(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
     """Air below ``threshold_hu`` that does not touch the border of its axial slice (air inside the body)."""
     air = hu < threshold_hu
-    labels, _ = ndimage.label(air, structure=_SLICE_2D)
-    border = np.zeros_like(air)
-    border[:, 0, :] = border[:, -1, :] = True
-    border[:, :, 0] = border[:, :, -1] = True
-    outside = np.unique(labels[border & air])
-    inside = air & ~np.isin(labels, outside[outside > 0])
-    return inside
+    labels, n = ndimage.label(air, structure=_SLICE_2D)
+    outside = np.zeros(n + 1, dtype=bool)  # a lookup table over the labels (np.isin is slower here)
+    for face in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+        outside[face] = True
+    outside[0] = True
+    return ~outside[labels]
 
 
 def remove_airways(air: np.ndarray, spacing: Sequence[float], cfg: LungConfig) -> np.ndarray:

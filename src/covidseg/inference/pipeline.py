@@ -238,18 +238,21 @@ def segment_image(image: Any, models: LoadedModels, config: Config, device: str,
     """
     from covidseg.inference.lungs import classical_lungs, model_lungs
     from covidseg.inference.sliding_window import mask_box, predict_volume
-    from covidseg.intensity import lung_only, normalize, resolve_convention, to_hu
+    from covidseg.intensity import lung_only, resolve_convention, to_hu, window_hu
 
     timings: dict[str, float] = {}
     intensity = models.config.intensity
+    lung_only_input = models.config.train.input == "lung_only"
     t = time.perf_counter()
     convention = resolve_convention(image.array, intensity, None, image.path)
-    normalized = normalize(image.array, intensity, convention, image.path)
-    hu = to_hu(image.array, convention, intensity)
+    hu = image.array if convention == "hu" else to_hu(image.array, convention, intensity)  # read-only below
+    # the whole normalised CT only where a network sees it whole; a lung-only input is made over the box below
+    normalized = window_hu(hu, intensity) if models.lung_model is not None or not lung_only_input else None
     timings["normalize_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     if models.lung_model is not None:
+        assert normalized is not None
         lungs = model_lungs(models.lung_model, normalized, config.inference, device=device)
     else:
         lungs = classical_lungs(hu, image.spacing, config.lungs)
@@ -265,7 +268,12 @@ def segment_image(image: Any, models: LoadedModels, config: Config, device: str,
     t = time.perf_counter()
     margin = tuple(int(np.ceil(config.inference.box_margin_mm / s)) for s in image.spacing)
     box = mask_box(lung, margin)
-    net_input = lung_only(normalized, lungs, intensity) if models.config.train.input == "lung_only" else normalized
+    if normalized is None:  # lung-only input over the lungs' box; outside it no voxel is lung
+        assert box is not None
+        net_input = np.full(hu.shape, np.float32(intensity.outside_lung_value), dtype=np.float32)
+        net_input[box] = lung_only(window_hu(hu[box], intensity), lungs[box], intensity)
+    else:
+        net_input = lung_only(normalized, lungs, intensity) if lung_only_input else normalized
     prob_all = predict_volume(models.model, net_input, config.inference, box=box, device=device, mask=lung,
                               progress=progress)
     prob = prob_all[infection_channel(models.config)]

@@ -7,8 +7,10 @@ whole volume the result equals MONAI's (``tests/test_sliding_window.py`` compare
 
 - windows only over ``box`` (the lungs' bounding box plus a margin) and, when a ``mask`` is given, only the
   windows that contain at least one mask voxel (the others would only predict voxels outside the mask);
-- windows batched, fed in ``channels_last_3d`` memory format under :func:`torch.inference_mode`;
-- bfloat16 autocast on CPUs with native bfloat16 (AVX512-BF16 / AMX) and on GPUs that have it;
+- a covidseg network runs as its inference form (:func:`covidseg.models.deploy.deploy_copy`: batch norm folded,
+  weights in ``channels_last_3d`` and, where bfloat16 is used, in bfloat16), windows batched and fed in the same
+  dtype and memory format under :func:`torch.inference_mode`; other modules (TorchScript) run under autocast;
+- bfloat16 on CPUs with native bfloat16 (AVX512-BF16 / AMX) and on GPUs that have it;
 - accumulators allocated once, over the box only.
 
 Optional flip test-time augmentation averages the sigmoid outputs over every combination of flips of
@@ -28,6 +30,8 @@ from torch import nn
 
 from covidseg.config import InferenceConfig
 from covidseg.errors import ConfigError, UserError
+from covidseg.models.deploy import deploy_copy
+from covidseg.models.unet import UNet
 
 Box = tuple[slice, slice, slice]
 
@@ -355,12 +359,17 @@ def _run_windows(
     source = torch.from_numpy(np.ascontiguousarray(sub))
     native = not hasattr(model, "session")  # an ONNX Runtime model computes float32 in its own layout
     use_bf16 = native and bf16_enabled(cfg, dev)
-    autocast = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if use_bf16
-                else contextlib.nullcontext())
-    flips = _flip_sets(cfg.tta_axes if spatial_dims == 3 else [a for a in cfg.tta_axes if a != 0]) if cfg.tta \
-        else [()]
     memory_format = (torch.channels_last_3d if (native and cfg.channels_last and spatial_dims == 3)
                      else torch.contiguous_format)
+    input_dtype = torch.float32
+    autocast: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+    if isinstance(model, UNet):  # its inference form: batch norm folded, weights in the compute dtype and layout
+        input_dtype = torch.bfloat16 if use_bf16 else torch.float32
+        model = deploy_copy(model, input_dtype, channels_last=memory_format == torch.channels_last_3d)
+    elif use_bf16:  # any other module (a TorchScript export): bf16 by autocast
+        autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
+    flips = _flip_sets(cfg.tta_axes if spatial_dims == 3 else [a for a in cfg.tta_axes if a != 0]) if cfg.tta \
+        else [()]
     batches: list[list[tuple[tuple[int, int, int], tuple[int, ...]]]] = []
     for item in sized:
         if batches and batches[-1][0][1] == item[1] and len(batches[-1]) < max(int(cfg.batch_windows), 1):
@@ -380,7 +389,8 @@ def _run_windows(
                 importance_of[batch[0][1]] = torch.from_numpy(
                     gaussian_importance(batch[0][1], cfg.gaussian_sigma_scale)).to(dev)
             importance = importance_of[batch[0][1]]
-            x = torch.stack([source[:, d : d + wd, h : h + wh, w : w + ww] for (d, h, w), _ in batch]).to(dev)
+            x = torch.stack([source[:, d : d + wd, h : h + wh, w : w + ww] for (d, h, w), _ in batch]).to(
+                dev, input_dtype)
             if spatial_dims == 2:
                 x = x[:, :, 0]  # (B, C, H, W)
             else:

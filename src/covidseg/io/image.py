@@ -238,7 +238,12 @@ def _reason(exc: BaseException) -> str:
 def _read_nifti_data(img: Any, path: Path, dtype: Any) -> np.ndarray:
     """Decode the voxels (applying scl_slope/inter); truncated or corrupt data -> InputError."""
     try:
-        if np.dtype(dtype).kind == "f":
+        proxy = img.dataobj
+        if np.dtype(dtype).kind == "f" and getattr(proxy, "slope", None) == 1 and getattr(proxy, "inter", None) == 0:
+            # no scaling: the stored integers cast once (get_fdata gives the same values about 1.5x slower)
+            data = np.asanyarray(proxy)
+            data = data if data.dtype == dtype else data.astype(dtype)
+        elif np.dtype(dtype).kind == "f":
             data = img.get_fdata(dtype=dtype, caching="unchanged")
         else:
             data = np.asanyarray(img.dataobj)

@@ -1,0 +1,63 @@
+"""The inference form of a network (covidseg.models.deploy): folded batch norm, dtype, memory format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from covidseg.models.deploy import deploy_copy, fold_batch_norm
+from covidseg.models.registry import create_model, variant_config
+
+FOLD_TOLERANCE = 1e-4
+"""Largest |logit| difference allowed between a folded float32 copy and the original (float rounding only)."""
+BF16_LOGIT_TOLERANCE = 0.1
+"""Largest |logit| difference allowed between the bfloat16 copy and the float32 original on a small random net."""
+
+
+def _model(spatial_dims: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    name = "unet-fv-paspp-ds" + ("-2d" if spatial_dims == 2 else "")
+    model = create_model(variant_config(name, base_width=4))
+    for module in model.modules():  # statistics far from the identity, so that a wrong fold shows
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.3, 3.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.3, 0.3)
+    return model.eval().set_deep_supervision(False)
+
+
+@pytest.mark.parametrize("spatial_dims", [3, 2])
+def test_folded_copy_matches_the_original(spatial_dims: int) -> None:
+    model = _model(spatial_dims)
+    x = torch.rand((2, 1, 8, 32, 32) if spatial_dims == 3 else (2, 1, 32, 32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    deployed = deploy_copy(model)
+    with torch.inference_mode():
+        ref, out = model(x), deployed(x)
+    assert (ref - out).abs().max().item() < FOLD_TOLERANCE
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in deployed.modules())
+    # the original is untouched
+    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_bf16_channels_last_copy_is_close_and_in_its_layout() -> None:
+    model = _model()
+    x = torch.rand(1, 1, 8, 32, 32)
+    deployed = deploy_copy(model, torch.bfloat16, channels_last=True)
+    conv = next(m for m in deployed.modules() if isinstance(m, nn.Conv3d) and m.kernel_size == (3, 3, 3))
+    assert conv.weight.dtype == torch.bfloat16
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        ref = model(x)
+        out = deployed(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)).float()
+    assert (ref - out).abs().max().item() < BF16_LOGIT_TOLERANCE
+
+
+def test_fold_refuses_a_training_model() -> None:
+    model = _model().train()
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norm(model)
