@@ -63,7 +63,7 @@ def deploy_copy(model: nn.Module, dtype: torch.dtype = torch.float32, channels_l
     fold_batch_norm(out)
     out.to(dtype=dtype)
     if channels_last and int(getattr(out, "spatial_dims", 3)) == 3:
-        out.to(memory_format=torch.channels_last_3d)
+        out.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     for p in out.parameters():
         p.requires_grad_(False)
     return out
