@@ -117,8 +117,12 @@ def _check_labels(array: np.ndarray, allowed: Sequence[int], what: str) -> np.nd
         return array.astype(np.uint8)
     if array.dtype.kind not in "iu":
         raise ValueError(f"{what}: expected integer labels, got dtype {array.dtype}")
+    valid = {0, *allowed}
+    lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
+    if hi - lo < len(valid) and set(range(lo, hi + 1)) <= valid:
+        return array.astype(np.uint8, copy=False)  # the range alone proves it (np.unique sorts the whole volume)
     found = np.unique(array)
-    bad = sorted(set(found.tolist()) - {0, *allowed})
+    bad = sorted(set(found.tolist()) - valid)
     if bad:
         raise ValueError(f"{what}: labels {bad} not among 0, {', '.join(map(str, allowed))}")
     return array.astype(np.uint8)

@@ -33,8 +33,11 @@ def involvement(lungs: np.ndarray, infection: np.ndarray, spacing: Sequence[floa
         raise ValueError(f"lung mask {lungs.shape} and infection mask {infection.shape} differ in shape")
     voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
     inf = infection > 0
-    counts = np.bincount(lungs.ravel(), minlength=3)
-    inf_counts = np.bincount(lungs[inf].ravel(), minlength=3)
+    counts, inf_counts = [0, 0, 0], [0, 0, 0]  # count_nonzero of a comparison: no int64 copy as in bincount
+    for label in LUNG_NAMES:
+        side = lungs == label
+        counts[label] = int(np.count_nonzero(side))
+        inf_counts[label] = int(np.count_nonzero(side & inf))
     out: dict[str, Any] = {"voxel_volume_ml": voxel_ml}
     entries = [(name, int(counts[label]), int(inf_counts[label])) for label, name in LUNG_NAMES.items()]
     entries.append(("both", int(counts[1] + counts[2]), int(inf_counts[1] + inf_counts[2])))
