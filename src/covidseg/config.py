@@ -117,17 +117,20 @@ class InferenceConfig:
     window (agreement 0.992 with bf16, 1.0000 in float32). ``16x512x512`` with ``grid=box`` and ``fit_window``
     covers the lungs' box in-plane with one window: 1.7x faster, but a different answer (docs/performance.md)."""
     overlap: float = 0.25
-    batch_windows: int = 1
+    batch_windows: int = 2
+    """Windows per network call. 2 by default: in float32 torch runs 3D convolutions of a batch of 1 with few
+    channels through its slow im2col path instead of oneDNN (5x slower on the development CPU); bfloat16 is the
+    same speed with 1, 2 (docs/performance.md)."""
     gaussian_sigma_scale: float = 0.125
     threshold: float = 0.5
     tta: bool = False
     device: str = "cpu"
     bf16: Literal["auto", "on", "off"] = "auto"
-    """bfloat16 autocast on CPUs with AMX/AVX512-BF16 (``auto``) or forced."""
+    """bfloat16 on CPUs with AMX/AVX512-BF16 and on GPUs that have it (``auto``), or forced (``on``/``off``)."""
     threads: int = 0
     """Torch intra-op threads; 0 = all cores."""
     channels_last: bool = True
-    """Feed windows in ``channels_last_3d`` memory format (faster oneDNN convolutions on CPU)."""
+    """Weights and windows in ``channels_last_3d`` memory format (faster oneDNN convolutions on CPU)."""
     tta_axes: tuple[int, ...] = (0, 1, 2)
     """Spatial axes ``(D, H, W)`` = ``(0, 1, 2)`` whose flips (every combination, as nnU-Net's mirroring) are
     averaged when ``tta`` is on."""

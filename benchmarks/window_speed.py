@@ -1,0 +1,121 @@
+"""Benchmark: seconds per 8x128x128 window of the report's full model, for each way of running it (issue 7).
+
+The settings compared, interleaved in one run (each repeat runs every setting once, so that the load of a shared
+machine spreads over all of them; the median over repeats is reported):
+
+- ``autocast``: the training module (batch norm separate, float32 weights) under bfloat16 autocast, input in
+  ``channels_last_3d``: what ``segment`` did before ``covidseg.models.deploy``;
+- ``deploy bf16``: :func:`covidseg.models.deploy.deploy_copy` in bfloat16 (batch norm folded, weights bf16 and
+  channels-last): what ``segment`` does where the CPU has native bf16;
+- ``float32``: the training module in float32, contiguous input;
+- ``deploy float32``: the folded copy in float32, channels-last: ``segment`` with ``inference.bf16=off`` or on a CPU
+  without native bf16;
+
+each with a batch of 1 and of 2 windows (seconds per window). In float32 torch sends a batch of 1 with few channels
+through its im2col path rather than oneDNN (``ConvParams::use_mkldnn`` in ATen's Convolution.cpp: a batch of 1 with
+``N * C * D * H`` at most 20480 stays native), which is why ``inference.batch_windows`` defaults to 2.
+
+Run: ``python benchmarks/window_speed.py --threads 2 --json out.json``. Random weights (the speed does not depend
+on them); the GFLOP per window are counted by :func:`covidseg.models.flops.count_flops`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from covidseg.models.deploy import deploy_copy
+from covidseg.models.registry import create_model, variant_config
+
+WINDOW = (8, 128, 128)
+"""The report's training patch (D, H, W): segment's default window."""
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def settings(model: nn.Module) -> dict[str, tuple[nn.Module, torch.dtype, bool, bool]]:
+    """name -> (module, input dtype, channels-last input, autocast)."""
+    native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    out: dict[str, tuple[nn.Module, torch.dtype, bool, bool]] = {
+        "float32": (model, torch.float32, False, False),
+        "deploy float32": (deploy_copy(model, torch.float32, channels_last=True), torch.float32, True, False),
+    }
+    if native_bf16:
+        out["autocast"] = (model, torch.float32, True, True)
+        out["deploy bf16"] = (deploy_copy(model, torch.bfloat16, channels_last=True), torch.bfloat16, True, False)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats of every setting (median reported)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="windows per call")
+    p.add_argument("--json", type=Path, default=None, help="write the table as JSON")
+    args = p.parse_args(argv)
+
+    from covidseg.models.flops import count_flops
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = create_model(variant_config("unet-fv-paspp-ds")).eval().set_deep_supervision(False)
+    gflop = count_flops(model, (1, 1, *WINDOW)) / 1e9
+    runs = settings(model)
+    times: dict[tuple[str, int], list[float]] = {(name, b): [] for name in runs for b in args.batches}
+    inputs = {b: torch.rand(b, 1, *WINDOW) for b in args.batches}
+
+    def call(name: str, batch: int) -> Callable[[], object]:
+        module, dtype, channels_last, autocast = runs[name]
+        x = inputs[batch].to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+
+        def run() -> object:
+            with ctx:
+                return module(x)
+        return run
+
+    with torch.inference_mode():
+        for key in times:  # warm-up (oneDNN primitive creation)
+            call(*key)()
+        for _ in range(args.repeats):
+            for key in times:
+                fn = call(*key)
+                t = time.perf_counter()
+                fn()
+                times[key].append((time.perf_counter() - t) / key[1])
+    rows = []
+    print(f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}; window {WINDOW}, {gflop:.1f} GFLOP")
+    print(f"{'setting':<16} {'batch':>5} {'s/window':>9} {'GFLOP/s':>8}")
+    for (name, batch), values in times.items():
+        s = statistics.median(values)
+        rows.append({"setting": name, "batch": batch, "s_per_window": s, "gflop_per_s": gflop / s,
+                     "all_s": values})
+        print(f"{name:<16} {batch:>5} {s:>9.4f} {gflop / s:>8.0f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
+                                         "window": list(WINDOW), "gflop_per_window": gflop, "rows": rows,
+                                         "date": time.strftime("%Y-%m-%d")}, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
