@@ -3,7 +3,9 @@
 Part 1 (synthetic batches, no data loading): the report's final model (``unet-fv-paspp-ds``, default width) and
 an nnU-Net-style MONAI DynUNet (32-256 filters, as in METHOD.md §4) each train for ``--steps`` steps at the
 report's settings: patch 128x128x8 (``(D, H, W) = (8, 128, 128)``), batch 5, Adam 1e-4, ``0.5 BCE + Dice`` with
-deep supervision, bf16 autocast and ``channels_last_3d`` on CUDA. Printed: ms/step, patches/s, peak GPU memory.
+deep supervision, bf16 autocast, ``channels_last_3d`` and fused Adam on CUDA. Printed: ms/step, patches/s, peak GPU
+memory. ``--compile none reduce-overhead`` adds the full model under ``torch.compile`` (CUDA graphs against the
+launch overhead of its many small kernels at this batch).
 
 Part 2 (``--real-epochs N``, optional): writes a small phantom cohort, trains the full model with
 ``covidseg.training.train`` for N epochs and reports the held-out infection Dice of ``best.pt`` on the split's
@@ -53,14 +55,20 @@ def dynunet() -> torch.nn.Module:
                    norm_name="instance", deep_supervision=True, deep_supr_num=2, res_block=False)
 
 
-def bench_model(name: str, model: torch.nn.Module, device: torch.device, steps: int, amp: bool) -> dict[str, Any]:
-    """Train ``model`` on random batches; time ``steps`` steps after warm-up."""
+def bench_model(name: str, model: torch.nn.Module, device: torch.device, steps: int, amp: bool,
+                compile_mode: str = "none") -> dict[str, Any]:
+    """Train ``model`` on random batches; time ``steps`` steps after warm-up.
+
+    ``compile_mode``: ``none`` (eager), or a ``torch.compile`` mode (``default``, ``reduce-overhead`` = CUDA
+    graphs, ``max-autotune``); the forward is compiled, the compile time is spent in the warm-up and reported."""
     from covidseg.losses import DeepSupervisionLoss, SegmentationLoss
 
     model = model.to(device).train()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last_3d)
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=LR, fused=device.type == "cuda")
+    forward = model if compile_mode == "none" else torch.compile(model, mode=compile_mode)
     crit = DeepSupervisionLoss(SegmentationLoss())
     g = torch.Generator().manual_seed(0)
     x = torch.rand((BATCH, 1, *PATCH), generator=g).to(device)
@@ -73,7 +81,7 @@ def bench_model(name: str, model: torch.nn.Module, device: torch.device, steps: 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            out = model(x)
+            out = forward(x)
         if isinstance(out, torch.Tensor) and out.ndim == x.ndim + 1:  # DynUNet stacks heads on dim 1
             out = list(torch.unbind(out, dim=1))
         loss = crit(out, y)
@@ -81,18 +89,21 @@ def bench_model(name: str, model: torch.nn.Module, device: torch.device, steps: 
         opt.step()
         return float(loss.detach())
 
+    t_warm = time.perf_counter()
     for _ in range(min(WARMUP_STEPS, steps)):
         step()
     _sync(device)
+    warmup_s = time.perf_counter() - t_warm
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = step()
     _sync(device)
     dt = (time.perf_counter() - t0) / steps
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    params = sum(p.numel() for p in model.parameters())
-    return {"model": name, "params_M": params / 1e6, "ms_per_step": dt * 1e3, "patches_per_s": BATCH / dt,
-            "peak_gpu_mem_GiB": mem, "last_loss": loss}
+    n_params = sum(p.numel() for p in params)
+    return {"model": name if compile_mode == "none" else f"{name}, torch.compile {compile_mode}",
+            "params_M": n_params / 1e6, "ms_per_step": dt * 1e3, "patches_per_s": BATCH / dt,
+            "peak_gpu_mem_GiB": mem, "last_loss": loss, "compile": compile_mode, "warmup_s": warmup_s}
 
 
 def real_run(out: Path, epochs: int, cases: int, scale: float, device: str, width: int) -> dict[str, Any]:
@@ -129,6 +140,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--width", type=int, default=16, help="base width of the full model (16 = default)")
     ap.add_argument("--no-dynunet", action="store_true")
+    ap.add_argument("--compile", nargs="+", default=["none"], metavar="MODE",
+                    help="variants of the full model: none (eager) and/or torch.compile modes (default, "
+                         "reduce-overhead = CUDA graphs, max-autotune); the DynUNet runs eager, as MONAI users run it")
     ap.add_argument("--real-epochs", type=int, default=0, help="also train on phantoms for N epochs (0 = skip)")
     ap.add_argument("--real-cases", type=int, default=10)
     ap.add_argument("--real-scale", type=float, default=0.5)
@@ -142,7 +156,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     results = [bench_model("unet-fv-paspp-ds", create_model(variant_config("unet-fv-paspp-ds", base_width=args.width)),
-                           device, args.steps, amp)]
+                           device, args.steps, amp, mode) for mode in args.compile]
     if not args.no_dynunet:
         results.append(bench_model("MONAI DynUNet (nnU-Net style)", dynunet(), device, args.steps, amp))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -156,9 +170,10 @@ def main() -> None:
              f"patch {PATCH[2]}x{PATCH[1]}x{PATCH[0]} (W x H x D), batch {BATCH}, Adam {LR}, "
              f"{'bf16 autocast + channels_last_3d' if amp else 'float32'}, {args.steps} timed steps, torch "
              f"{torch.__version__}", "",
-             "| model | params (M) | ms/step | patches/s | peak GPU memory (GiB) |", "|---|---|---|---|---|"]
+             "| model | params (M) | ms/step | patches/s | peak GPU memory (GiB) | warm-up (s) |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['params_M']:.2f} | {r['ms_per_step']:.1f} | {r['patches_per_s']:.1f} | "
-              f"{r['peak_gpu_mem_GiB']:.2f} |" for r in results]
+              f"{r['peak_gpu_mem_GiB']:.2f} | {r['warmup_s']:.1f} |" for r in results]
     if "real_run" in log:
         rr = log["real_run"]
         lines += ["", f"Phantom run (pipeline check, not a result on patients): {rr['epochs']} epochs on "
