@@ -11,7 +11,9 @@ machine spreads over all of them; the median over repeats is reported):
 - ``deploy float32``: the folded copy in float32, channels-last: ``segment`` with ``inference.bf16=off`` or on a CPU
   without native bf16;
 
-each with a batch of 1 and of 2 windows (seconds per window). In float32 torch sends a batch of 1 with few channels
+each with a batch of 1 and of 2 windows (seconds per window); with ``--extra`` also the model run by ONNX
+Runtime (float32; ``segment --backend onnxruntime``) and a frozen TorchScript of the inference form (oneDNN
+convolution + ReLU fusion), each with the seconds it takes to prepare. In float32 torch sends a batch of 1 with few channels
 through its im2col path rather than oneDNN (``ConvParams::use_mkldnn`` in ATen's Convolution.cpp: a batch of 1 with
 ``N * C * D * H`` at most 20480 stays native), which is why ``inference.batch_windows`` defaults to 2.
 
@@ -49,17 +51,60 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def settings(model: nn.Module) -> dict[str, tuple[nn.Module, torch.dtype, bool, bool]]:
-    """name -> (module, input dtype, channels-last input, autocast)."""
+class OrtWindow(nn.Module):
+    """The model exported to ONNX (covidseg's exporter) and run by ONNX Runtime on the CPU, float32."""
+
+    def __init__(self, model: nn.Module, threads: int) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        from covidseg.export import INPUT_NAME, onnx_bytes
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(onnx_bytes(model, torch.rand(1, 1, *WINDOW), {}), sess_options=options,
+                                            providers=["CPUExecutionProvider"])
+        self.input_name = INPUT_NAME
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, D, H, W)`` -> logits."""
+        return torch.from_numpy(self.session.run(None, {self.input_name: x.contiguous().numpy()})[0])
+
+
+def frozen_torchscript(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The inference form traced, frozen and optimised by TorchScript (oneDNN fusions of convolution + ReLU)."""
+    deployed = deploy_copy(model, dtype, channels_last=True)
+    x = torch.rand(1, 1, *WINDOW).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        traced = torch.jit.trace(deployed, x, check_trace=False)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+
+
+def settings(model: nn.Module, threads: int, extra: bool) -> tuple[dict[str, tuple[nn.Module, torch.dtype, bool, bool]],
+                                                                   dict[str, float]]:
+    """name -> (module, input dtype, channels-last input, autocast), and name -> seconds spent preparing it."""
     native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    out: dict[str, tuple[nn.Module, torch.dtype, bool, bool]] = {
-        "float32": (model, torch.float32, False, False),
-        "deploy float32": (deploy_copy(model, torch.float32, channels_last=True), torch.float32, True, False),
-    }
+    out: dict[str, tuple[nn.Module, torch.dtype, bool, bool]] = {}
+    prep: dict[str, float] = {}
+
+    def add(name: str, make: Callable[[], nn.Module], dtype: torch.dtype, channels_last: bool, autocast: bool) -> None:
+        t = time.perf_counter()
+        out[name] = (make(), dtype, channels_last, autocast)
+        prep[name] = time.perf_counter() - t
+
+    add("float32", lambda: model, torch.float32, False, False)
+    add("deploy float32", lambda: deploy_copy(model, torch.float32, channels_last=True), torch.float32, True, False)
     if native_bf16:
-        out["autocast"] = (model, torch.float32, True, True)
-        out["deploy bf16"] = (deploy_copy(model, torch.bfloat16, channels_last=True), torch.bfloat16, True, False)
-    return out
+        add("autocast", lambda: model, torch.float32, True, True)
+        add("deploy bf16", lambda: deploy_copy(model, torch.bfloat16, channels_last=True), torch.bfloat16, True, False)
+    if extra:
+        add("onnxruntime fp32", lambda: OrtWindow(model, threads), torch.float32, False, False)
+        dtype = torch.bfloat16 if native_bf16 else torch.float32
+        add("torchscript " + ("bf16" if native_bf16 else "fp32"), lambda: frozen_torchscript(model, dtype), dtype,
+            True, False)
+    return out, prep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats of every setting (median reported)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="windows per call")
     p.add_argument("--json", type=Path, default=None, help="write the table as JSON")
+    p.add_argument("--extra", action="store_true",
+                   help="also ONNX Runtime (float32) and a frozen TorchScript of the inference form (with the time "
+                        "each takes to prepare: they pay only if that is won back over a CT's windows)")
     args = p.parse_args(argv)
 
     from covidseg.models.flops import count_flops
@@ -76,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = create_model(variant_config("unet-fv-paspp-ds")).eval().set_deep_supervision(False)
     gflop = count_flops(model, (1, 1, *WINDOW)) / 1e9
-    runs = settings(model)
+    runs, prep = settings(model, args.threads, args.extra)
     times: dict[tuple[str, int], list[float]] = {(name, b): [] for name in runs for b in args.batches}
     inputs = {b: torch.rand(b, 1, *WINDOW) for b in args.batches}
 
@@ -103,12 +151,12 @@ def main(argv: list[str] | None = None) -> int:
                 times[key].append((time.perf_counter() - t) / key[1])
     rows = []
     print(f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}; window {WINDOW}, {gflop:.1f} GFLOP")
-    print(f"{'setting':<16} {'batch':>5} {'s/window':>9} {'GFLOP/s':>8}")
+    print(f"{'setting':<16} {'batch':>5} {'s/window':>9} {'GFLOP/s':>8} {'prepare s':>9}")
     for (name, batch), values in times.items():
         s = statistics.median(values)
         rows.append({"setting": name, "batch": batch, "s_per_window": s, "gflop_per_s": gflop / s,
-                     "all_s": values})
-        print(f"{name:<16} {batch:>5} {s:>9.4f} {gflop / s:>8.0f}")
+                     "prepare_s": prep[name], "all_s": values})
+        print(f"{name:<16} {batch:>5} {s:>9.4f} {gflop / s:>8.0f} {prep[name]:>9.2f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
