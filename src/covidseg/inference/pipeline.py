@@ -419,6 +419,7 @@ def segment_case(input_path: Path, out_dir: Path, models: LoadedModels, config: 
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+
     def write_masks() -> float:
         t = time.perf_counter()
         write_mask(seg["lungs"], image, tmp / "lungs.nii.gz")
