@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from covidseg.config import LungConfig
-from covidseg.inference.lungs import LEFT, RIGHT, block_mean, classical_lungs, upsample_labels
+from covidseg.inference.lungs import LEFT, RIGHT, binary_opening, block_mean, classical_lungs, upsample_labels
 
 SPACING = (2.5, 1.5, 1.5)
 """Voxel size (mm) of the synthetic chest."""
@@ -87,6 +88,16 @@ def test_block_mean_equals_the_reshape_mean(factors: tuple[int, int, int]) -> No
     out = block_mean(hu, factors)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3])
+def test_slab_opening_equals_the_whole_volume_opening(iterations: int) -> None:
+    rng = np.random.default_rng(iterations)
+    mask = ndimage.binary_dilation(rng.random((70, 40, 30)) > 0.97, iterations=2)  # blobs, bridges across slabs
+    ref = ndimage.binary_opening(mask, structure=ndimage.generate_binary_structure(3, 1), iterations=iterations)
+    assert ref.any() and (ref != mask).any()
+    for workers in (1, 2, 3, 4):
+        np.testing.assert_array_equal(binary_opening(mask, iterations, workers=workers), ref)
 
 
 def test_empty_volume_gives_empty_mask() -> None:

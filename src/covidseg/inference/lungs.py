@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import ndimage
@@ -44,6 +46,14 @@ _SLICE_2D[1] = ndimage.generate_binary_structure(2, 1)
 
 
 # ------------------------------------------------------------------------------------------------ grids
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def work_factors(spacing: Sequence[float], work_spacing_mm: float) -> tuple[int, int, int]:
@@ -79,6 +89,33 @@ def upsample_labels(labels: np.ndarray, factors: Sequence[int], shape: Sequence[
         if f > 1:
             out = np.repeat(out, f, axis=axis)
     return np.ascontiguousarray(out[: shape[0], : shape[1], : shape[2]])
+
+
+def binary_opening(mask: np.ndarray, iterations: int = 1, workers: int | None = None) -> np.ndarray:
+    """``scipy.ndimage.binary_opening`` with the 6-connected structure, in slabs along axis 0 on several threads.
+
+    Each slab is opened with a halo of ``2 * iterations`` slices (how far an erosion then a dilation can carry a
+    change), so the result equals the whole-volume opening voxel for voxel; scipy releases the GIL, so the slabs run
+    in parallel. ``workers`` defaults to the available cores.
+    """
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    n = mask.shape[0]
+    workers = max(1, min(workers or available_cores(), n // 16))  # slabs of at least 16 slices
+    if workers == 1:
+        return ndimage.binary_opening(mask, structure=structure, iterations=iterations)
+    halo = 2 * iterations
+    edges = np.linspace(0, n, workers + 1).astype(int)
+    out = np.empty_like(mask, dtype=bool)
+
+    def slab(k: int) -> None:
+        lo, hi = int(edges[k]), int(edges[k + 1])
+        a, b = max(lo - halo, 0), min(hi + halo, n)
+        opened = ndimage.binary_opening(mask[a:b], structure=structure, iterations=iterations)
+        out[lo:hi] = opened[lo - a : hi - a]
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(slab, range(workers)))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -145,7 +182,7 @@ def basal_gas(hu: np.ndarray, air: np.ndarray, voxel_ml: float, cfg: LungConfig)
     lowest third of the slices holding air inside the body. Partial volume can join such gas to the lung through
     a thin diaphragm; removing it first keeps it out of the lung mask. (Large basal emphysematous bullae would
     be removed too: switch off with ``lungs.remove_basal_gas=false``.)"""
-    dark = ndimage.binary_opening(air & (hu < cfg.gas_hu))
+    dark = binary_opening(air & (hu < cfg.gas_hu))
     z = np.flatnonzero(air.any(axis=(1, 2)))
     if z.size == 0 or not dark.any():
         return np.zeros_like(air)
@@ -425,8 +462,7 @@ def classical_lungs(hu: np.ndarray, spacing: Sequence[float], cfg: LungConfig | 
     midline = 0.5 * (body_cols[0] + body_cols[-1]) if body_cols.size else 0.5 * small.shape[2]
     # an opening breaks the thin bridges partial volume makes through the diaphragm (stomach gas) and the
     # bronchial walls; the bridges' voxels go back to the lung they touch afterwards
-    opened = ndimage.binary_opening(air, structure=ndimage.generate_binary_structure(3, 1),
-                                    iterations=cfg.opening_voxels) if cfg.opening_voxels > 0 else air
+    opened = binary_opening(air, iterations=cfg.opening_voxels) if cfg.opening_voxels > 0 else air
     parts = pick_lungs(opened, min_voxels, midline, cfg)
     if cfg.opening_voxels > 0 and parts:
         parts = _regrow(parts, air, cfg.opening_voxels)
@@ -439,9 +475,15 @@ def classical_lungs(hu: np.ndarray, spacing: Sequence[float], cfg: LungConfig | 
         named = [(parts[0], LEFT), (parts[1], RIGHT)] if left_first else [(parts[0], RIGHT), (parts[1], LEFT)]
     else:  # a single lung found: name it by the side of the body it lies on
         named = [(parts[0], LEFT if centre_cols[0] > midline else RIGHT)]
-    for part, label in named:
-        medial = -1 if label == LEFT else 1
-        filled = fill_lung_slices(part, work_spacing, cfg, medial)
+    # the two lungs are filled side by side: scipy.ndimage releases the GIL, so two cores do it in about half the
+    # time; the labels are then set in the same order as before
+    def fill(item: tuple[np.ndarray, int]) -> np.ndarray:
+        part, label = item
+        return fill_lung_slices(part, work_spacing, cfg, -1 if label == LEFT else 1)
+
+    with ThreadPoolExecutor(max_workers=min(len(named), available_cores())) as pool:
+        filled_parts = list(pool.map(fill, named))
+    for filled, (_, label) in zip(filled_parts, named, strict=True):
         labels[filled & (labels == 0)] = label
 
     if all(f == 1 for f in factors):
