@@ -158,6 +158,21 @@ def test_single_trailing_axis_is_squeezed(tmp_path):
     assert ct.original_shape == SHAPE
 
 
+@pytest.mark.parametrize("slope, inter", [(None, None), (1.0, 0.0), (2.0, -1024.0), (0.5, 3.25)])
+def test_stored_values_read_as_nibabel_scales_them(tmp_path, slope, inter):
+    rng = np.random.default_rng(0)
+    raw = rng.integers(-1024, 2000, size=(9, 8, 7)).astype(np.int16)
+    img = nib.Nifti1Image(raw, np.eye(4))
+    if slope is not None:
+        img.header.set_slope_inter(slope, inter)
+    path = tmp_path / "ct.nii.gz"
+    nib.save(img, str(path))
+    ref = nib.load(str(path)).get_fdata(dtype=np.float32)  # the reference: nibabel's own scaling
+    ct = read_image(path)
+    assert ct.array.dtype == np.float32
+    np.testing.assert_array_equal(ct.to_original(ct.array), ref)
+
+
 # --------------------------------------------------------------------------------------------- bad NIfTI
 
 
