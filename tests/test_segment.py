@@ -239,3 +239,43 @@ def test_torchrun_cohort_segments_each_case_once_and_a_rerun_does_nothing(case: 
         assert read_status(status_path(out, c))["attempt"] == status[c]["attempt"]  # type: ignore[index]
         for name in ("lungs.nii.gz", "infection.nii.gz", "segmentation.seg.nrrd", "report.json"):
             assert (out / c / name).stat().st_mtime_ns == stamps[c, name]
+
+
+@pytest.mark.parametrize("net_input, lung_model", [("lung_only", False), ("original", False), ("lung_only", True)])
+def test_segment_image_feeds_the_network_what_training_feeds_it(case: dict[str, Path], tmp_path: Path,
+                                                               net_input: str, lung_model: bool) -> None:
+    """The probabilities equal ``predict_volume`` on the whole-volume input built as training builds it (the
+    pipeline builds a lung-only input over the lungs' box only, and skips the normalised CT when it needs none)."""
+    from covidseg.inference.pipeline import SegmentOptions, load_models, segment_image
+    from covidseg.inference.sliding_window import mask_box, predict_volume
+    from covidseg.intensity import lung_only, normalize
+    from covidseg.io.image import read_image
+
+    torch.manual_seed(0)
+    cfg = Config(model=ModelConfig(base_width=4))
+    cfg.train.input = net_input  # type: ignore[assignment]
+    model = create_model(cfg.model)
+    with torch.no_grad():
+        model.head.bias.fill_(0.3)
+    ckpt = save_checkpoint(tmp_path / "inf.pt", model, cfg, target="infection")
+    lungs_opt = "classic"
+    if lung_model:  # a random lung model whose head says "left lung" everywhere
+        lcfg = Config(model=ModelConfig(base_width=4, out_channels=2))
+        lmodel = create_model(lcfg.model)
+        with torch.no_grad():
+            lmodel.head.bias.copy_(torch.tensor([8.0, -8.0]))
+        lungs_opt = str(save_checkpoint(tmp_path / "lung.pt", lmodel, lcfg, target="lung"))
+    run_cfg = Config()
+    run_cfg.inference.window = (8, 32, 32)
+    run_cfg.inference.bf16 = "off"
+    models = load_models(SegmentOptions(checkpoint=ckpt, lungs=lungs_opt), "cpu")
+    image = read_image(case["ct"])
+    seg = segment_image(image, models, run_cfg, "cpu")
+
+    lung = seg["lungs"] > 0
+    assert lung.any()
+    normalized = normalize(image.array, models.config.intensity)
+    x = lung_only(normalized, seg["lungs"], models.config.intensity) if net_input == "lung_only" else normalized
+    margin = tuple(int(np.ceil(run_cfg.inference.box_margin_mm / s)) for s in image.spacing)
+    expected = predict_volume(models.model, x, run_cfg.inference, box=mask_box(lung, margin), mask=lung)[0]
+    np.testing.assert_array_equal(seg["probability"], expected)
