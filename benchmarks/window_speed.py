@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from covidseg.inference.sliding_window import native_bf16_cpu
 from covidseg.models.deploy import deploy_copy
 from covidseg.models.registry import create_model, variant_config
 
@@ -85,7 +86,7 @@ def frozen_torchscript(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 def settings(model: nn.Module, threads: int, extra: bool) -> tuple[dict[str, tuple[nn.Module, torch.dtype, bool, bool]],
                                                                    dict[str, float]]:
     """name -> (module, input dtype, channels-last input, autocast), and name -> seconds spent preparing it."""
-    native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    native_bf16 = native_bf16_cpu()
     out: dict[str, tuple[nn.Module, torch.dtype, bool, bool]] = {}
     prep: dict[str, float] = {}
 

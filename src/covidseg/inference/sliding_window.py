@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import platform
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -53,9 +54,24 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     return device
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bfloat16 natively: AVX512-BF16 or AMX on x86, the BF16 extension on Arm.
+
+    oneDNN's own check (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) also says yes for any AVX-512 CPU, where
+    oneDNN emulates bfloat16 with float32 arithmetic: the answer changes (bf16 rounding) without the native speed-up
+    measured in docs/performance.md, so ``auto`` stays in float32 there.
+    """
+    try:
+        if platform.machine().lower() in ("x86_64", "amd64", "x86", "i386", "i686"):
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def bf16_enabled(cfg: InferenceConfig, device: torch.device) -> bool:
-    """Whether bfloat16 autocast is used: ``on``, ``off``, or ``auto`` = where the hardware computes bfloat16
-    natively (CPUs with AVX512-BF16 or AMX as oneDNN reports it; GPUs of compute capability >= 8.0)."""
+    """Whether bfloat16 is used: ``on``, ``off``, or ``auto`` = where the hardware computes bfloat16 natively
+    (:func:`native_bf16_cpu`; GPUs of compute capability >= 8.0)."""
     if cfg.bf16 == "off":
         return False
     if cfg.bf16 == "on":
@@ -63,10 +79,7 @@ def bf16_enabled(cfg: InferenceConfig, device: torch.device) -> bool:
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
+        return native_bf16_cpu()
     return False
 
 
