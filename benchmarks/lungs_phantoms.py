@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 
-from covidseg.inference.lungs import LEFT, RIGHT, classical_lungs
+from covidseg.config import LungConfig
+from covidseg.inference.lungs import LEFT, RIGHT, classical_lungs, work_factors
 from covidseg.phantom import make_phantom
 
 
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(1, 13)))
     args = p.parse_args(argv)
-    print("seed  shape (D, H, W)      Dice left  Dice right  infection kept  infection mL  lungs s")
+    print("seed  shape (D, H, W)      spacing (mm)     work grid  Dice left  Dice right  infection kept  infection mL  "
+          "lungs s")
     for seed in args.seeds:
         ph = make_phantom("coronacases", seed, scale=args.scale)
         t = time.perf_counter()
@@ -37,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         inf = ph.infection > 0
         kept = f"{float((out[inf] > 0).mean()):.2f}" if inf.any() else "-"
         ml = float(inf.sum()) * float(np.prod(ph.spacing)) / 1000.0
-        print(f"{seed:4d}  {str(ph.ct.shape):19s}  {dice(out == LEFT, ph.lungs == LEFT):9.3f}  "
+        factors = "x".join(map(str, work_factors(ph.spacing, LungConfig().work_spacing_mm)))
+        spacing = "x".join(f"{v:.3f}" for v in ph.spacing)
+        print(f"{seed:4d}  {str(ph.ct.shape):19s}  {spacing:15s}  {factors:9s}  {dice(out == LEFT, ph.lungs == LEFT):9.3f}  "
               f"{dice(out == RIGHT, ph.lungs == RIGHT):10.3f}  {kept:>14s}  {ml:12.0f}  {seconds:7.1f}", flush=True)
     return 0
 

@@ -7,7 +7,15 @@ import pytest
 from scipy import ndimage
 
 from covidseg.config import LungConfig
-from covidseg.inference.lungs import LEFT, RIGHT, binary_opening, block_mean, classical_lungs, upsample_labels
+from covidseg.inference.lungs import (
+    LEFT,
+    RIGHT,
+    binary_opening,
+    block_mean,
+    classical_lungs,
+    upsample_labels,
+    work_factors,
+)
 
 SPACING = (2.5, 1.5, 1.5)
 """Voxel size (mm) of the synthetic chest."""
@@ -98,6 +106,18 @@ def test_slab_opening_equals_the_whole_volume_opening(iterations: int) -> None:
     assert ref.any() and (ref != mask).any()
     for workers in (1, 2, 3, 4):
         np.testing.assert_array_equal(binary_opening(mask, iterations, workers=workers), ref)
+
+
+@pytest.mark.parametrize("spacing, factors", [
+    ((0.8, 0.779, 0.779), (1, 2, 2)),  # the most common in-plane pixel: halved in-plane (a floor kept it full)
+    ((1.0, 0.727, 0.727), (1, 2, 2)),
+    ((5.0, 0.6, 0.6), (1, 2, 2)),
+    ((0.5, 0.5, 0.5), (3, 3, 3)),
+    ((2.5, 1.5, 1.5), (1, 1, 1)),
+])
+def test_work_grid_is_near_the_work_spacing(spacing: tuple[float, float, float],
+                                            factors: tuple[int, int, int]) -> None:
+    assert work_factors(spacing, LungConfig().work_spacing_mm) == factors
 
 
 def test_empty_volume_gives_empty_mask() -> None:
