@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from covidseg.models.deploy import deploy_copy, fold_batch_norm
+from covidseg.models.blocks import FVBlock
+from covidseg.models.deploy import GateFoldedFV, deploy_copy, fold_batch_norm, fold_gates
 from covidseg.models.registry import create_model, variant_config
 
 FOLD_TOLERANCE = 1e-4
@@ -61,3 +64,24 @@ def test_fold_refuses_a_training_model() -> None:
     model = _model().train()
     with pytest.raises(ValueError, match="eval mode"):
         fold_batch_norm(model)
+
+
+@pytest.mark.parametrize("name", ["unet-fv-paspp-ds", "unet-fv-ce-paspp-ds", "unet-fv-paspp-ds-2d"])
+def test_gate_folded_fv_is_the_same_map(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(variant_config(name, base_width=4)).eval().set_deep_supervision(False)
+    shape = (2, 1, 32, 32) if name.endswith("-2d") else (2, 1, 8, 32, 32)  # a batch of 2: per-sample weights
+    x = torch.rand(shape)
+    folded = fold_batch_norm(copy.deepcopy(model))
+    gated = fold_gates(copy.deepcopy(folded))
+    assert sum(isinstance(m, GateFoldedFV) for m in gated.modules()) == model.config.depth
+    assert not any(isinstance(m, FVBlock) for m in gated.modules())
+    with torch.inference_mode():
+        ref, out = model(x), gated(x)
+    assert (ref - out).abs().max().item() < FOLD_TOLERANCE
+
+
+def test_bf16_copy_folds_the_gates_and_float32_does_not() -> None:
+    model = _model()
+    assert any(isinstance(m, GateFoldedFV) for m in deploy_copy(model, torch.bfloat16, channels_last=True).modules())
+    assert not any(isinstance(m, GateFoldedFV) for m in deploy_copy(model, torch.float32).modules())

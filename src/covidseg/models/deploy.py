@@ -22,10 +22,11 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from covidseg.models.blocks import ConvBNReLU
+from covidseg.models.blocks import CEChannelAttention, ConvBNReLU, FVBlock, SEChannelAttention
 
 
 def fold_batch_norm(model: nn.Module) -> nn.Module:
@@ -47,6 +48,57 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     return model
 
 
+class GateFoldedFV(nn.Module):
+    """A (batch-norm folded) :class:`~covidseg.models.blocks.FVBlock` whose channel gate is folded into the fusion
+    convolution, the same map with a third fewer FLOPs in that convolution.
+
+    The block's fusion is ``conv_W(concat[F1, F1 * c, F1 * s])`` with ``W = [W1 | W2 | W3]`` split over its input
+    channels, ``c`` the channel gate (one weight per channel or per sample) and ``s`` the spatial map. Since
+    ``conv_W2(F1 * c) = conv_{W2 * c}(F1)``, it equals ``conv_[W1 + W2 * c | W3](concat[F1, F1 * s])``: a 2C -> C
+    instead of a 3C -> C convolution, with weights made per sample (``c`` differs between samples, so a batch runs
+    sample by sample; in bf16 a batch of 1 is as fast per window as a batch of 2, docs/performance.md).
+    """
+
+    def __init__(self, fv: FVBlock) -> None:
+        super().__init__()
+        conv = fv.fuse[0]
+        assert isinstance(conv, (nn.Conv2d, nn.Conv3d)) and conv.bias is not None, "fold batch norm first"
+        self.reduce, self.spatial, self.relu = fv.reduce, fv.spatial, fv.fuse[2]
+        assert isinstance(fv.channel, (SEChannelAttention, CEChannelAttention))
+        self.channel: SEChannelAttention | CEChannelAttention = fv.channel
+        # plain float32 tensors, not buffers: ``Module.to(bfloat16)`` leaves them in float32, so the per-sample
+        # weights are formed in float32 and rounded once (the copy is made on its device and never moved)
+        self.w1, self.w2, self.w3 = (w.clone() for w in conv.weight.detach().float().chunk(3, dim=1))
+        self.bias = conv.bias.detach().float().clone()
+        self.conv_fn = F.conv3d if isinstance(conv, nn.Conv3d) else F.conv2d
+        self.padding, self.dilation = conv.padding, conv.dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *S) -> (B, C, *S)``, as the FV block."""
+        f1 = self.reduce(x)  # (B, C, *S)
+        gate = self.channel.weights(f1).float()  # (B, C or 1, 1, ...)
+        both = torch.cat([f1, self.spatial(f1)], dim=1)  # (B, 2C, *S): F1 and F1 * s
+        ones = (1,) * (self.w1.ndim - 2)
+        channels_last = both.ndim == 5 and both.is_contiguous(memory_format=torch.channels_last_3d)
+        memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        out = []
+        for b in range(both.shape[0]):
+            folded = self.w1 + self.w2 * gate[b].reshape(1, -1, *ones)  # (C, C, *k): W1 + W2 * c, float32
+            weight = torch.cat([folded, self.w3], dim=1).to(both.dtype).contiguous(memory_format=memory_format)
+            out.append(self.conv_fn(both[b : b + 1], weight, self.bias.to(both.dtype), padding=self.padding,
+                                    dilation=self.dilation))
+        return x + self.relu(torch.cat(out) if len(out) > 1 else out[0])
+
+
+def fold_gates(model: nn.Module) -> nn.Module:
+    """Replace every FV block of ``model`` (batch norm already folded) by its :class:`GateFoldedFV` (in place)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, FVBlock):
+                setattr(module, name, GateFoldedFV(child))
+    return model
+
+
 def deploy_copy(model: nn.Module, dtype: torch.dtype = torch.float32, channels_last: bool = False) -> nn.Module:
     """An inference copy of ``model``: ``eval`` mode, batch norm folded, parameters in ``dtype`` and, for a 3D
     network, in ``channels_last_3d`` memory format when ``channels_last``.
@@ -61,6 +113,8 @@ def deploy_copy(model: nn.Module, dtype: torch.dtype = torch.float32, channels_l
     """
     out = copy.deepcopy(model).eval()
     fold_batch_norm(out)
+    if dtype == torch.bfloat16:  # in float32 a batch of 1 would take torch's slow convolution path
+        fold_gates(out)
     out.to(dtype=dtype)
     if channels_last and int(getattr(out, "spatial_dims", 3)) == 3:
         out.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
