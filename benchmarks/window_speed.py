@@ -5,8 +5,9 @@ machine spreads over all of them; the median over repeats is reported):
 
 - ``autocast``: the training module (batch norm separate, float32 weights) under bfloat16 autocast, input in
   ``channels_last_3d``: what ``segment`` did before ``covidseg.models.deploy``;
-- ``deploy bf16``: :func:`covidseg.models.deploy.deploy_copy` in bfloat16 (batch norm folded, weights bf16 and
-  channels-last): what ``segment`` does where the CPU has native bf16;
+- ``deploy bf16``: :func:`covidseg.models.deploy.deploy_copy` in bfloat16 (batch norm folded, FV gates folded,
+  weights bf16 and channels-last): what ``segment`` does where the CPU has native bf16;
+- ``bf16 no gate fold``: the same without folding the FV blocks' channel gates (the float32 copy cast to bf16);
 - ``float32``: the training module in float32, contiguous input;
 - ``deploy float32``: the folded copy in float32, channels-last: ``segment`` with ``inference.bf16=off`` or on a CPU
   without native bf16;
@@ -100,6 +101,8 @@ def settings(model: nn.Module, threads: int, extra: bool) -> tuple[dict[str, tup
     if native_bf16:
         add("autocast", lambda: model, torch.float32, True, True)
         add("deploy bf16", lambda: deploy_copy(model, torch.bfloat16, channels_last=True), torch.bfloat16, True, False)
+        add("bf16 no gate fold", lambda: deploy_copy(model, torch.float32, channels_last=True).to(torch.bfloat16),
+            torch.bfloat16, True, False)
     if extra:
         add("onnxruntime fp32", lambda: OrtWindow(model, threads), torch.float32, False, False)
         dtype = torch.bfloat16 if native_bf16 else torch.float32
