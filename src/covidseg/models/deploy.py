@@ -102,8 +102,9 @@ def fold_gates(model: nn.Module) -> nn.Module:
 
 
 def deploy_copy(model: nn.Module, dtype: torch.dtype = torch.float32, channels_last: bool = False) -> nn.Module:
-    """An inference copy of ``model``: ``eval`` mode, batch norm folded, parameters in ``dtype`` and, for a 3D
-    network, in ``channels_last_3d`` memory format when ``channels_last``.
+    """An inference copy of ``model``: ``eval`` mode, batch norm folded, in bfloat16 the FV blocks' channel gates
+    folded (:func:`fold_gates`), parameters in ``dtype`` and, for a 3D network, in ``channels_last_3d`` memory
+    format when ``channels_last``.
 
     Args:
         model: a covidseg network (its ``ConvBNReLU`` blocks are folded; other modules are copied as they are).
