@@ -19,7 +19,10 @@ through its im2col path rather than oneDNN (``ConvParams::use_mkldnn`` in ATen's
 ``N * C * D * H`` at most 20480 stays native), which is why ``inference.batch_windows`` defaults to 2.
 
 Run: ``python benchmarks/window_speed.py --threads 2 --json out.json``. Random weights (the speed does not depend
-on them); the GFLOP per window are counted by :func:`covidseg.models.flops.count_flops`.
+on them); the GFLOP per window are counted by :func:`covidseg.models.flops.count_flops`; the last column is the
+largest |logit| difference of each setting from the float32 training module on the same random window (its
+batch norm at the initial statistics, so folding it is nearly the identity; tests/test_deploy.py checks folds of
+random statistics).
 """
 
 from __future__ import annotations
@@ -144,9 +147,13 @@ def main(argv: list[str] | None = None) -> int:
                 return module(x)
         return run
 
+    diffs: dict[str, float] = {}
     with torch.inference_mode():
         for key in times:  # warm-up (oneDNN primitive creation)
             call(*key)()
+        reference = model(inputs[args.batches[0]])  # float32, the training module: what each setting approximates
+        for name in runs:
+            diffs[name] = float((torch.as_tensor(call(name, args.batches[0])()).float() - reference).abs().max())
         for _ in range(args.repeats):
             for key in times:
                 fn = call(*key)
@@ -155,12 +162,12 @@ def main(argv: list[str] | None = None) -> int:
                 times[key].append((time.perf_counter() - t) / key[1])
     rows = []
     print(f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}; window {WINDOW}, {gflop:.1f} GFLOP")
-    print(f"{'setting':<16} {'batch':>5} {'s/window':>9} {'GFLOP/s':>8} {'prepare s':>9}")
+    print(f"{'setting':<18} {'batch':>5} {'s/window':>9} {'GFLOP/s':>8} {'prepare s':>9} {'max |logit diff|':>16}")
     for (name, batch), values in times.items():
         s = statistics.median(values)
         rows.append({"setting": name, "batch": batch, "s_per_window": s, "gflop_per_s": gflop / s,
-                     "prepare_s": prep[name], "all_s": values})
-        print(f"{name:<16} {batch:>5} {s:>9.4f} {gflop / s:>8.0f} {prep[name]:>9.2f}")
+                     "prepare_s": prep[name], "max_abs_logit_diff_vs_float32": diffs[name], "all_s": values})
+        print(f"{name:<18} {batch:>5} {s:>9.4f} {gflop / s:>8.0f} {prep[name]:>9.2f} {diffs[name]:>16.2e}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,

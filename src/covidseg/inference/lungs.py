@@ -60,7 +60,7 @@ def work_factors(spacing: Sequence[float], work_spacing_mm: float) -> tuple[int,
     """Integer block sizes ``(D, H, W)`` bringing ``spacing`` (mm) up to about ``work_spacing_mm``.
 
     In-plane the nearest integer factor (0.78 mm pixels, the most common, become 1.56 mm: a floor would keep them at
-    full resolution, 4x the voxels and about 6x the time); through-plane only a whole multiple that stays at most
+    full resolution, 4x the voxels and 3-4x the time); through-plane only a whole multiple that stays at most
     the work spacing (slices are merged only when at least two fit in it), so the per-slice steps see each slice of
     a thin-slice CT."""
     d = max(1, int(math.floor(work_spacing_mm / spacing[0] + 1e-6)))

@@ -6,7 +6,7 @@ instead of the training module; measured on the development CPU (docs/performanc
 8x128x128 window:
 
 - batch norm folded into the preceding convolution (``torch.nn.utils.fusion.fuse_conv_bn_eval``): one pass over
-  the activations less per ``ConvBNReLU``; exact up to float rounding (max |logit diff| ~3e-8 in float32);
+  the activations less per ``ConvBNReLU``; exact up to float rounding (max |logit diff| 7.5e-8 in float32, ``benchmarks/window_speed.py``);
 - weights in ``channels_last_3d`` like the input: oneDNN then runs its blocked channels-last kernels without
   reordering the weights and activations around every convolution (about 20 % of the network time; converting
   only the input, as before, gained nothing);
