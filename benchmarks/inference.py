@@ -59,8 +59,8 @@ def make_ct(folder: Path, slices: int, size: int, direct: bool = False) -> tuple
     """A coronacases-style phantom with ``size`` x ``size`` pixels, cropped to ``slices`` central slices.
 
     By default the seeds are searched for a phantom of at least ``slices`` slices (the CT of docs/performance.md,
-    298 slices at 512 x 512; a few minutes); ``direct`` makes seed 0 with exactly ``slices`` slices at once (about
-    20 s: for a lent GPU's short session)."""
+    298 slices at 512 x 512; a few minutes); ``direct`` makes seed 0 with exactly ``slices`` slices at once (37 s on
+    the development machine: for a lent GPU's short session)."""
     import nibabel as nib
 
     from covidseg.phantom import make_phantom
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                         "and RSS from that run's JSON, its mask from KEEP/reference_infection.nii.gz (the "
                         "reference takes about 20 min on 2 cores; use it to compare several settings of ours)")
     p.add_argument("--direct-phantom", action="store_true",
-                   help="make seed 0 with exactly --slices slices (about 20 s) instead of searching the seeds for the "
+                   help="make seed 0 with exactly --slices slices (37 s here) instead of searching the seeds for the "
                         "documented CT (a few minutes)")
     p.add_argument("--reference-batch", type=int, default=1, metavar="N",
                    help="sw_batch_size of the reference (MONAI's default 1; in float32 on a CPU torch runs batch-1 3D "
