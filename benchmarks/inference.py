@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -42,17 +41,6 @@ TARGET_SHARE = 0.3
 """Share of lung voxels the random model's biased head lets pass the threshold (not trivially empty or full)."""
 PHANTOM_SEEDS = range(40)
 """Seeds tried to find a phantom with at least the asked number of slices."""
-
-
-def cpu_name() -> str:
-    """The CPU model as ``lscpu`` names it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_ct(folder: Path, slices: int, size: int, direct: bool = False) -> tuple[Path, tuple[int, ...]]:
@@ -212,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import nibabel as nib
 
+    from covidseg.training.trainer import cpu_model
+
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     folder = Path(args.keep or tempfile.mkdtemp(prefix="covidseg-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -223,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         ct, shape = make_ct(folder, args.slices, args.size, direct=args.direct_phantom)
     ckpt = args.checkpoint or make_checkpoint(folder, ct)
     print(f"phantom {shape} (D, H, W) made in {time.perf_counter() - t:.1f} s; model {ckpt}; "
-          f"{args.threads} threads; CPU {cpu_name()}", flush=True)
+          f"{args.threads} threads; CPU {cpu_model()}", flush=True)
 
     out = folder / "covidseg_out"
     cmd = [sys.executable, "-m", "covidseg", "segment", str(ct), "-o", str(out), "--checkpoint", str(ckpt),
@@ -238,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "covidseg_s": ours_s, "covidseg_peak_rss_gb": ours_rss, "covidseg_steps_s": report["timings_s"],
         "covidseg_infection_s": report["timings_s"].get("infection_s"), "device": args.device,
         "date": time.strftime("%Y-%m-%d"), "inference": report.get("inference"),
-        "shape": list(shape), "threads": args.threads, "cpu": cpu_name(), "model": str(ckpt),
+        "shape": list(shape), "threads": args.threads, "cpu": cpu_model(), "model": str(ckpt),
         "random_model": args.checkpoint is None, "overrides": args.overrides,
     }
     if not args.skip_reference:

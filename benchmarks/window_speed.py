@@ -28,9 +28,7 @@ random statistics).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -42,18 +40,10 @@ from torch import nn
 from covidseg.inference.sliding_window import native_bf16_cpu
 from covidseg.models.deploy import deploy_copy
 from covidseg.models.registry import create_model, variant_config
+from covidseg.training.trainer import cpu_model
 
 WINDOW = (8, 128, 128)
 """The report's training patch (D, H, W): segment's default window."""
-
-
-def cpu_name() -> str:
-    """The CPU model as /proc/cpuinfo names it."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 class OrtWindow(nn.Module):
@@ -161,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 fn()
                 times[key].append((time.perf_counter() - t) / key[1])
     rows = []
-    print(f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}; window {WINDOW}, {gflop:.1f} GFLOP")
+    print(f"{cpu_model()}, {args.threads} threads, torch {torch.__version__}; window {WINDOW}, {gflop:.1f} GFLOP")
     print(f"{'setting':<18} {'batch':>5} {'s/window':>9} {'GFLOP/s':>8} {'prepare s':>9} {'max |logit diff|':>16}")
     for (name, batch), values in times.items():
         s = statistics.median(values)
@@ -170,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<18} {batch:>5} {s:>9.4f} {gflop / s:>8.0f} {prep[name]:>9.2f} {diffs[name]:>16.2e}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
+        args.json.write_text(json.dumps({"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__,
                                          "window": list(WINDOW), "gflop_per_window": gflop, "rows": rows,
                                          "date": time.strftime("%Y-%m-%d")}, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -2,19 +2,19 @@
 compute dtype and memory format.
 
 Sliding-window inference (:mod:`covidseg.inference.sliding_window`) runs a copy made by :func:`deploy_copy`
-instead of the training module; measured on the development CPU (docs/performance.md), for the full model on an
-8x128x128 window:
+instead of the training module. The first three steps together take an 8x128x128 window of the full model from
+0.111 s (autocast) to 0.083 s on the development CPU; the fourth a further 7-15 % (``benchmarks/window_speed.py``,
+docs/performance.md):
 
 - batch norm folded into the preceding convolution (``torch.nn.utils.fusion.fuse_conv_bn_eval``): one pass over
-  the activations less per ``ConvBNReLU``; exact up to float rounding (max |logit diff| 7.5e-8 in float32, ``benchmarks/window_speed.py``);
+  the activations less per ``ConvBNReLU``; exact up to float rounding (max |logit diff| 7.5e-8 in float32);
 - weights in ``channels_last_3d`` like the input: oneDNN then runs its blocked channels-last kernels without
-  reordering the weights and activations around every convolution (about 20 % of the network time; converting
-  only the input, as before, gained nothing);
+  reordering the weights around every convolution (converting only the input, as before, gained nothing);
 - weights and activations in bfloat16 instead of float32 weights under autocast, where bf16 is used: no cast of
   every weight on every call (autocast computed these convolutions in bf16 already, so the answer is the same to
   bf16 rounding);
 - in bf16, each FV block's channel gate folded into its fusion convolution (:class:`GateFoldedFV`): a 2C -> C
-  instead of a 3C -> C convolution, 7-8 % of a window.
+  instead of a 3C -> C convolution.
 
 The copy is for inference only (``eval`` mode, batch norm statistics frozen); the original is left untouched.
 """

@@ -113,17 +113,20 @@ def code_version() -> dict[str, str | None]:
     return {"covidseg": __version__, "git": commit, "torch": torch.__version__}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s, as ``lscpu`` shows it), else what ``platform`` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def machine_description(device: torch.device | str = "cpu") -> str:
     """One line naming the CPU/GPU, core count and OS."""
     import os
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    text = f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
+    text = f"{cpu_model()}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
     if str(device).startswith("cuda") and torch.cuda.is_available():
         text = f"{torch.cuda.get_device_name(torch.device(device))}; {text}"
     return text
