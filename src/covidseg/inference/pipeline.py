@@ -418,9 +418,8 @@ def segment_case(input_path: Path, out_dir: Path, models: LoadedModels, config: 
     seg["timings"] = {"read_s": read_s, **seg["timings"]}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
 
-    def write_masks() -> float:
+    def write_masks(tmp: Path) -> float:
         t = time.perf_counter()
         write_mask(seg["lungs"], image, tmp / "lungs.nii.gz")
         write_mask(seg["infection"], image, tmp / "infection.nii.gz")
@@ -429,12 +428,14 @@ def segment_case(input_path: Path, out_dir: Path, models: LoadedModels, config: 
             write_volume(seg["probability"].astype(np.float32), image, tmp / "probability.nii.gz", np.float32)
         return time.perf_counter() - t
 
-    try:
+    tmp: Path | None = None
+    try:  # the partial folder is made inside the try, so an interruption right after it still removes it
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
         # the masks are written (mostly gzip, which runs without the GIL) while the picture is drawn; leaving the
         # pool waits for the writer, so on any error the partial folder is removed only after it has stopped
         t_out = time.perf_counter()
         with ThreadPoolExecutor(max_workers=1) as pool:
-            writing = pool.submit(write_masks)
+            writing = pool.submit(write_masks, tmp)
             t = time.perf_counter()
             report = build_report(image, name, seg, models, config, options, device, 0.0)
             render_overview(seg["hu"], seg["lungs"], seg["infection"], image.spacing,
@@ -450,7 +451,8 @@ def segment_case(input_path: Path, out_dir: Path, models: LoadedModels, config: 
         atomic_write_text(tmp / "report.json", json.dumps(report, indent=2) + "\n")  # last: marks completion
         _publish(tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return CaseResult(name, Path(input_path), out_dir, report=report, timings=seg["timings"])
 
