@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,14 +178,28 @@ def test_kill9_of_segment_at_random_moments_never_leaves_a_complete_looking_outp
 def test_ctrl_c_or_sigterm_of_segment_exits_130_and_leaves_nothing(world, tmp_path, sig, phase):
     out = tmp_path / "out"
     log = tmp_path / "log.txt"
-    proc = start(segment_cmd(world, out), log)
     if phase == "writing":
-        ready = wait_for(lambda: bool(partial_folders(out)), proc)
+        def in_phase() -> bool:
+            return bool(partial_folders(out)) and not out.exists()
     else:
         # the sliding-window progress bar; should its text change, the writing phase still tests the handler
-        ready = wait_for(lambda: b"windows" in log.read_bytes() or bool(partial_folders(out)), proc)
+        def in_phase() -> bool:
+            return (b"windows" in log.read_bytes() or bool(partial_folders(out))) and not out.exists()
+    # the process is frozen (SIGSTOP) inside the phase, checked there, and only then sent the signal: on busy cores
+    # the test's own process can otherwise be descheduled long enough for `segment` to finish first
+    for _attempt in range(3):
+        proc = start(segment_cmd(world, out), log)
+        ready = wait_for(in_phase, proc)
+        if ready and proc.poll() is None:
+            proc.send_signal(signal.SIGSTOP)
+            if in_phase():
+                break
+            proc.send_signal(signal.SIGCONT)
+        proc.wait(timeout=PROCESS_TIMEOUT_S)
+        shutil.rmtree(out, ignore_errors=True)
     assert ready and proc.poll() is None, log.read_text(encoding="utf-8")
     proc.send_signal(sig)
+    proc.send_signal(signal.SIGCONT)
     code = proc.wait(timeout=PROCESS_TIMEOUT_S)
     err = log.read_text(encoding="utf-8")
     assert code == EXIT_INTERRUPTED, err
