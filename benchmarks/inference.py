@@ -232,10 +232,16 @@ def main(argv: list[str] | None = None) -> int:
         "random_model": args.checkpoint is None, "overrides": args.overrides,
     }
     if not args.skip_reference:
+        earlier = json.loads(args.reference_from.read_text(encoding="utf-8")) if args.reference_from else {}
+        if earlier:  # the reused run's sw_batch_size names its mask
+            args.reference_batch = int(earlier.get("reference_batch", 1))
         batch_tag = "" if args.reference_batch == 1 else f"_batch{args.reference_batch}"
         ref_mask = folder / f"reference_infection{batch_tag}.nii.gz"
-        if args.reference_from:
-            earlier = json.loads(args.reference_from.read_text(encoding="utf-8"))
+        if earlier:
+            if not ref_mask.is_file():
+                print(f"error: --reference-from {args.reference_from}: its mask {ref_mask} is not there; pass the "
+                      "--keep folder of that run", file=sys.stderr)
+                return 2
             ref_s, ref_rss = float(earlier["reference_s"]), float(earlier["reference_peak_rss_gb"])
             result["reference_reused_from"] = str(args.reference_from)
         else:

@@ -6,11 +6,17 @@ machine spreads over all of them; the median over repeats is reported):
 - ``autocast``: the training module (batch norm separate, float32 weights) under bfloat16 autocast, input in
   ``channels_last_3d``: what ``segment`` did before ``covidseg.models.deploy``;
 - ``deploy bf16``: :func:`covidseg.models.deploy.deploy_copy` in bfloat16 (batch norm folded, FV gates folded,
-  weights bf16 and channels-last): what ``segment`` does where the CPU has native bf16;
-- ``bf16 no gate fold``: the same without folding the FV blocks' channel gates (the float32 copy cast to bf16);
+  weights bf16 and channels-last, oneDNN's fused operators): what ``segment`` does where the CPU has native bf16;
+- ``bf16 plain convs``: the same copy run by plain torch convolutions instead of oneDNN's fused operators
+  (convolution + ReLU, the FV fusion summed in place), as on a GPU;
+- ``bf16 no gate fold``: batch norm folded only, plain convolutions: the inference form before the FV gate folding;
 - ``float32``: the training module in float32, contiguous input;
-- ``deploy float32``: the folded copy in float32, channels-last: ``segment`` with ``inference.bf16=off`` or on a CPU
-  without native bf16;
+- ``deploy float32``: :func:`~covidseg.models.deploy.deploy_copy` in float32, channels-last: ``segment`` with
+  ``inference.bf16=off`` or on a CPU without native bf16;
+- ``fp32 plain convs``: ``deploy float32`` by plain torch convolutions (the per-sample ones take torch's slow
+  path for a float32 batch of one);
+- ``fp32 no gate fold``: batch norm folded only, plain convolutions, float32: the float32 inference form before the
+  gates were folded in float32 too;
 
 each with a batch of 1 and of 2 windows (seconds per window); with ``--extra`` also the model run by ONNX
 Runtime (float32; ``segment --backend onnxruntime``) and a frozen TorchScript of the inference form (oneDNN
@@ -28,16 +34,19 @@ random statistics).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
 
 from covidseg.inference.sliding_window import native_bf16_cpu
+from covidseg.models import deploy
 from covidseg.models.deploy import deploy_copy
 from covidseg.models.registry import create_model, variant_config
 from covidseg.training.trainer import cpu_model
@@ -68,6 +77,25 @@ class OrtWindow(nn.Module):
         return torch.from_numpy(self.session.run(None, {self.input_name: x.contiguous().numpy()})[0])
 
 
+class PlainConvs(nn.Module):
+    """Runs an inference copy with plain torch convolutions instead of oneDNN's fused operators."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The copy's logits."""
+        with mock.patch.object(deploy, "_fused", lambda t: False):
+            return self.module(x)
+
+
+def bn_folded(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The inference form before the FV gate folding: batch norm folded, weights in ``dtype`` and channels-last."""
+    out = deploy.fuse_relu(deploy.fold_batch_norm(copy.deepcopy(model).eval()))
+    return out.to(dtype=dtype).to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload, no-any-return]
+
+
 def frozen_torchscript(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """The inference form traced, frozen and optimised by TorchScript (oneDNN fusions of convolution + ReLU)."""
     deployed = deploy_copy(model, dtype, channels_last=True)
@@ -91,11 +119,15 @@ def settings(model: nn.Module, threads: int, extra: bool) -> tuple[dict[str, tup
 
     add("float32", lambda: model, torch.float32, False, False)
     add("deploy float32", lambda: deploy_copy(model, torch.float32, channels_last=True), torch.float32, True, False)
+    add("fp32 plain convs", lambda: PlainConvs(deploy_copy(model, torch.float32, channels_last=True)),
+        torch.float32, True, False)
+    add("fp32 no gate fold", lambda: PlainConvs(bn_folded(model, torch.float32)), torch.float32, True, False)
     if native_bf16:
         add("autocast", lambda: model, torch.float32, True, True)
         add("deploy bf16", lambda: deploy_copy(model, torch.bfloat16, channels_last=True), torch.bfloat16, True, False)
-        add("bf16 no gate fold", lambda: deploy_copy(model, torch.float32, channels_last=True).to(torch.bfloat16),
+        add("bf16 plain convs", lambda: PlainConvs(deploy_copy(model, torch.bfloat16, channels_last=True)),
             torch.bfloat16, True, False)
+        add("bf16 no gate fold", lambda: PlainConvs(bn_folded(model, torch.bfloat16)), torch.bfloat16, True, False)
     if extra:
         add("onnxruntime fp32", lambda: OrtWindow(model, threads), torch.float32, False, False)
         dtype = torch.bfloat16 if native_bf16 else torch.float32

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from covidseg.models.blocks import FVBlock
+from covidseg.models import deploy
+from covidseg.models.blocks import ConvBNReLU, FVBlock
 from covidseg.models.deploy import GateFoldedFV, deploy_copy, fold_batch_norm, fold_gates
 from covidseg.models.registry import create_model, variant_config
 
@@ -81,7 +82,41 @@ def test_gate_folded_fv_is_the_same_map(name: str) -> None:
     assert (ref - out).abs().max().item() < FOLD_TOLERANCE
 
 
-def test_bf16_copy_folds_the_gates_and_float32_does_not() -> None:
+def test_gates_are_folded_in_bf16_and_in_float32_only_with_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model()
-    assert any(isinstance(m, GateFoldedFV) for m in deploy_copy(model, torch.bfloat16, channels_last=True).modules())
+    for dtype in (torch.bfloat16, torch.float32):
+        deployed = deploy_copy(model, dtype, channels_last=True)
+        assert any(isinstance(m, GateFoldedFV) for m in deployed.modules()) == (dtype == torch.bfloat16
+                                                                                or deploy.onednn_fused_ops())
+        assert not any(isinstance(m, ConvBNReLU) for m in deployed.modules())
+    # a torch without oneDNN's fused operators: float32 keeps the FV blocks (a batch of one would be slow)
+    monkeypatch.setattr(deploy, "onednn_fused_ops", lambda: False)
     assert not any(isinstance(m, GateFoldedFV) for m in deploy_copy(model, torch.float32).modules())
+    assert any(isinstance(m, GateFoldedFV) for m in deploy_copy(model, torch.bfloat16).modules())
+
+
+@pytest.mark.skipif(not deploy.onednn_fused_ops(), reason="this torch has no oneDNN fused operators to compare")
+@pytest.mark.parametrize("name", ["unet-fv-paspp-ds", "unet-fv-ce-paspp-ds", "unet-fv-paspp-ds-2d"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onednn_fused_operators_equal_plain_convolutions(name: str, batch: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU path (convolution + ReLU in one oneDNN call, the FV fusion summed in place per sample) against the
+    same copy run by plain torch convolutions (what a GPU runs), float32 and channels-last as segment feeds it."""
+    torch.manual_seed(1)
+    model = _model(2 if name.endswith("-2d") else 3)
+    if "-ce-" in name:
+        model = create_model(variant_config(name, base_width=4)).eval().set_deep_supervision(False)
+    shape = (batch, 1, 32, 32) if name.endswith("-2d") else (batch, 1, 8, 32, 32)
+    x = torch.rand(shape)
+    deployed = deploy_copy(model, torch.float32, channels_last=True)
+    if x.ndim == 5:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    assert deploy._fused(x)
+    with torch.inference_mode():
+        fused = deployed(x)
+        monkeypatch.setattr(deploy, "_fused", lambda t: False)
+        plain = deployed(x)
+        ref = model(x)
+    assert fused.shape == plain.shape == ref.shape
+    assert (fused - plain).abs().max().item() < FOLD_TOLERANCE
+    assert (fused - ref).abs().max().item() < FOLD_TOLERANCE

@@ -3,8 +3,8 @@ compute dtype and memory format.
 
 Sliding-window inference (:mod:`covidseg.inference.sliding_window`) runs a copy made by :func:`deploy_copy`
 instead of the training module. The first three steps together take an 8x128x128 window of the full model from
-0.111 s (autocast) to 0.083 s on the development CPU; the fourth a further 7-15 % (``benchmarks/window_speed.py``,
-docs/performance.md):
+0.111 s (autocast) to 0.083 s on the development CPU; the fourth a further 7-15 %, the fifth 8 % in bf16 and 18 %
+in float32 (``benchmarks/window_speed.py``, docs/performance.md):
 
 - batch norm folded into the preceding convolution (``torch.nn.utils.fusion.fuse_conv_bn_eval``): one pass over
   the activations less per ``ConvBNReLU``; exact up to float rounding (max |logit diff| 7.5e-8 in float32);
@@ -13,8 +13,14 @@ docs/performance.md):
 - weights and activations in bfloat16 instead of float32 weights under autocast, where bf16 is used: no cast of
   every weight on every call (autocast computed these convolutions in bf16 already, so the answer is the same to
   bf16 rounding);
-- in bf16, each FV block's channel gate folded into its fusion convolution (:class:`GateFoldedFV`): a 2C -> C
-  instead of a 3C -> C convolution.
+- each FV block's channel gate folded into its fusion convolution (:class:`GateFoldedFV`): a 2C -> C instead of a
+  3C -> C convolution (in float32 only where oneDNN's fused operators run, below: torch sends a float32 batch of
+  one through its slow im2col convolution);
+- on the CPU, oneDNN's fused operators (``torch.ops.mkldnn._convolution_pointwise``, those torch.compile's CPU
+  backend emits) where they save a pass over the activations: convolution + ReLU in one call
+  (:class:`ConvReLU`), and the FV fusion as ``relu(conv_a(F1) + conv_b(F1 * s))`` with the sum and ReLU applied
+  in place, without concatenating ``[F1, F1 * s]``. Elsewhere (a GPU, a torch without them) the same maps run as
+  plain convolutions, which the tests compare them against.
 
 The copy is for inference only (``eval`` mode, batch norm statistics frozen); the original is left untouched.
 """
@@ -22,6 +28,8 @@ The copy is for inference only (``eval`` mode, batch norm statistics frozen); th
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +37,43 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from covidseg.models.blocks import CEChannelAttention, ConvBNReLU, FVBlock, SEChannelAttention
+
+
+def onednn_fused_ops() -> bool:
+    """Whether this torch has oneDNN's fused convolution operators (``torch.ops.mkldnn._convolution_pointwise``
+    and its in-place binary form); they run on the CPU only."""
+    try:
+        return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _fused(x: torch.Tensor) -> bool:
+    """Whether ``x`` goes through oneDNN's fused operators (a CPU tensor in float32 or bfloat16)."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and onednn_fused_ops()
+
+
+def _conv_args(conv: nn.Conv2d | nn.Conv3d) -> tuple[list[int], list[int], list[int], int]:
+    """``padding, stride, dilation, groups`` of ``conv`` as oneDNN's operators take them."""
+    assert not isinstance(conv.padding, str), "explicit padding only"
+    return list(conv.padding), list(conv.stride), list(conv.dilation), int(conv.groups)
+
+
+class ConvReLU(nn.Module):
+    """A batch-norm folded :class:`~covidseg.models.blocks.ConvBNReLU`: ``relu(conv(x))``, on the CPU as one oneDNN
+    call (ReLU as the convolution's post-op: no second pass over the output)."""
+
+    def __init__(self, conv: nn.Conv2d | nn.Conv3d) -> None:
+        super().__init__()
+        self.conv = conv
+        self.args = _conv_args(conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C_in, *S) -> (B, C_out, *S)``."""
+        if _fused(x):
+            return torch.ops.mkldnn._convolution_pointwise(x, self.conv.weight, self.conv.bias, *self.args,
+                                                           "relu", [], "")
+        return F.relu(self.conv(x), inplace=True)
 
 
 def fold_batch_norm(model: nn.Module) -> nn.Module:
@@ -50,61 +95,94 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     return model
 
 
+def fuse_relu(model: nn.Module) -> nn.Module:
+    """Replace every batch-norm folded :class:`~covidseg.models.blocks.ConvBNReLU` of ``model`` by a
+    :class:`ConvReLU` (in place)."""
+    _replace(model, lambda m: isinstance(m, ConvBNReLU) and isinstance(m[1], nn.Identity),
+             lambda m: ConvReLU(cast(ConvBNReLU, m)[0]))  # type: ignore[arg-type]
+    return model
+
+
+def _replace(model: nn.Module, match: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module]) -> None:
+    """Replace, in place, every sub-module of ``model`` for which ``match`` holds by ``make(sub-module)``."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if match(child):
+                setattr(module, name, make(child))
+
+
 class GateFoldedFV(nn.Module):
     """A (batch-norm folded) :class:`~covidseg.models.blocks.FVBlock` whose channel gate is folded into the fusion
     convolution, the same map with a third fewer FLOPs in that convolution.
 
-    The block's fusion is ``conv_W(concat[F1, F1 * c, F1 * s])`` with ``W = [W1 | W2 | W3]`` split over its input
-    channels, ``c`` the channel gate (one weight per channel or per sample) and ``s`` the spatial map. Since
-    ``conv_W2(F1 * c) = conv_{W2 * c}(F1)``, it equals ``conv_[W1 + W2 * c | W3](concat[F1, F1 * s])``: a 2C -> C
-    instead of a 3C -> C convolution, with weights made per sample (``c`` differs between samples, so a batch runs
-    sample by sample; in bf16 a batch of 1 is as fast per window as a batch of 2, docs/performance.md).
+    The block's fusion is ``relu(conv_W(concat[F1, F1 * c, F1 * s]) + b)`` with ``W = [W1 | W2 | W3]`` split over
+    its input channels, ``c`` the channel gate (one weight per channel or per sample) and ``s`` the spatial map.
+    Since ``conv_W2(F1 * c) = conv_{W2 * c}(F1)``, it equals ``relu(conv_{W1 + W2 * c}(F1) + conv_W3(F1 * s) + b)``:
+    two C -> C convolutions instead of a 3C -> C one. ``conv_W3`` runs on the whole batch; the first has weights
+    made per sample (``c`` differs between samples), and on the CPU adds ``conv_W3``'s output, the bias and the
+    ReLU in place (one oneDNN call per sample, no concatenation).
     """
 
     def __init__(self, fv: FVBlock) -> None:
         super().__init__()
         conv = fv.fuse[0]
         assert isinstance(conv, (nn.Conv2d, nn.Conv3d)) and conv.bias is not None, "fold batch norm first"
-        self.reduce, self.spatial, self.relu = fv.reduce, fv.spatial, fv.fuse[2]
+        self.reduce, self.spatial = fv.reduce, fv.spatial
         assert isinstance(fv.channel, (SEChannelAttention, CEChannelAttention))
         self.channel: SEChannelAttention | CEChannelAttention = fv.channel
-        # plain float32 tensors, not buffers: ``Module.to(bfloat16)`` leaves them in float32, so the per-sample
+        w1, w2, w3 = conv.weight.detach().float().chunk(3, dim=1)
+        # plain float32 tensors, not parameters: ``Module.to(bfloat16)`` leaves them in float32, so the per-sample
         # weights are formed in float32 and rounded once (the copy is made on its device and never moved)
-        self.w1, self.w2, self.w3 = (w.clone() for w in conv.weight.detach().float().chunk(3, dim=1))
-        self.bias = conv.bias.detach().float().clone()
-        self.conv_fn = F.conv3d if isinstance(conv, nn.Conv3d) else F.conv2d
-        self.padding, self.dilation = conv.padding, conv.dilation
+        self.w1, self.w2 = w1.clone(), w2.clone()
+        # conv_W3 and the bias are ordinary parameters: they follow the copy's dtype and memory format
+        make: Any = type(conv)  # Conv2d or Conv3d, typed by torch with fixed-length tuples
+        self.spatial_conv = make(w3.shape[1], w3.shape[0], conv.kernel_size, padding=conv.padding,
+                                 dilation=conv.dilation, bias=False).to(w3.device)
+        self.spatial_conv.weight.data.copy_(w3)
+        self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.args = _conv_args(conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, *S) -> (B, C, *S)``, as the FV block."""
         f1 = self.reduce(x)  # (B, C, *S)
         gate = self.channel.weights(f1).float()  # (B, C or 1, 1, ...)
-        both = torch.cat([f1, self.spatial(f1)], dim=1)  # (B, 2C, *S): F1 and F1 * s
+        fused = _fused(f1)
+        fs = self.spatial(f1)  # (B, C, *S): F1 * s
+        if fused:
+            out = torch.ops.mkldnn._convolution_pointwise(fs, self.spatial_conv.weight, None, *self.args, "none",
+                                                          [], "")  # conv_W3(F1 * s)
+        else:
+            out = self.spatial_conv(fs)
+        del fs
         ones = (1,) * (self.w1.ndim - 2)
-        channels_last = both.ndim == 5 and both.is_contiguous(memory_format=torch.channels_last_3d)
+        channels_last = f1.ndim == 5 and f1.is_contiguous(memory_format=torch.channels_last_3d)
         memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
-        out = []
-        for b in range(both.shape[0]):
-            folded = self.w1 + self.w2 * gate[b].reshape(1, -1, *ones)  # (C, C, *k): W1 + W2 * c, float32
-            weight = torch.cat([folded, self.w3], dim=1).to(both.dtype).contiguous(memory_format=memory_format)
-            out.append(self.conv_fn(both[b : b + 1], weight, self.bias.to(both.dtype), padding=self.padding,
-                                    dilation=self.dilation))
-        return x + self.relu(torch.cat(out) if len(out) > 1 else out[0])
+        bias = self.bias.to(f1.dtype)
+        for b in range(f1.shape[0]):
+            weight = (self.w1 + self.w2 * gate[b].reshape(1, -1, *ones)).to(f1.dtype).contiguous(
+                memory_format=memory_format)  # (C, C, *k): W1 + W2 * c, rounded once
+            if fused:  # out[b] = relu(conv(F1[b]) + bias + out[b]), in place
+                torch.ops.mkldnn._convolution_pointwise_(out[b : b + 1], f1[b : b + 1], weight, bias, *self.args,
+                                                         "add", 1.0, "relu", [], "")
+            else:
+                conv_fn = F.conv3d if f1.ndim == 5 else F.conv2d
+                padding, _, dilation, _ = self.args
+                out[b : b + 1] = F.relu(conv_fn(f1[b : b + 1], weight, bias, padding=padding, dilation=dilation)
+                                        + out[b : b + 1])
+        return out.add_(x)
 
 
 def fold_gates(model: nn.Module) -> nn.Module:
     """Replace every FV block of ``model`` (batch norm already folded) by its :class:`GateFoldedFV` (in place)."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, FVBlock):
-                setattr(module, name, GateFoldedFV(child))
+    _replace(model, lambda m: isinstance(m, FVBlock), GateFoldedFV)  # type: ignore[arg-type]
     return model
 
 
 def deploy_copy(model: nn.Module, dtype: torch.dtype = torch.float32, channels_last: bool = False) -> nn.Module:
-    """An inference copy of ``model``: ``eval`` mode, batch norm folded, in bfloat16 the FV blocks' channel gates
-    folded (:func:`fold_gates`), parameters in ``dtype`` and, for a 3D network, in ``channels_last_3d`` memory
-    format when ``channels_last``.
+    """An inference copy of ``model``: ``eval`` mode, batch norm folded, the FV blocks' channel gates folded
+    (:func:`fold_gates`; in float32 only on the CPU with oneDNN's fused operators), every ``ConvBNReLU`` a
+    :class:`ConvReLU`, parameters in ``dtype`` and, for a 3D network, in ``channels_last_3d`` memory format when
+    ``channels_last``.
 
     Args:
         model: a covidseg network (its ``ConvBNReLU`` blocks are folded; other modules are copied as they are).
@@ -116,8 +194,12 @@ def deploy_copy(model: nn.Module, dtype: torch.dtype = torch.float32, channels_l
     """
     out = copy.deepcopy(model).eval()
     fold_batch_norm(out)
-    if dtype == torch.bfloat16:  # in float32 a batch of 1 would take torch's slow convolution path
+    on_cpu = all(p.device.type == "cpu" for p in out.parameters())
+    # the folded gates run sample by sample: in float32 only through oneDNN's operators, as torch would send a
+    # float32 batch of one through its slow im2col convolution
+    if dtype == torch.bfloat16 or (on_cpu and onednn_fused_ops()):
         fold_gates(out)
+    fuse_relu(out)
     out.to(dtype=dtype)
     if channels_last and int(getattr(out, "spatial_dims", 3)) == 3:
         out.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
