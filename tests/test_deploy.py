@@ -87,15 +87,15 @@ def test_gates_are_folded_in_bf16_and_in_float32_only_with_onednn(monkeypatch: p
     for dtype in (torch.bfloat16, torch.float32):
         deployed = deploy_copy(model, dtype, channels_last=True)
         assert any(isinstance(m, GateFoldedFV) for m in deployed.modules()) == (dtype == torch.bfloat16
-                                                                                or deploy.onednn_fused_ops())
+                                                                                or deploy.onednn_fused_ops(dtype))
         assert not any(isinstance(m, ConvBNReLU) for m in deployed.modules())
     # a torch without oneDNN's fused operators: float32 keeps the FV blocks (a batch of one would be slow)
-    monkeypatch.setattr(deploy, "onednn_fused_ops", lambda: False)
+    monkeypatch.setattr(deploy, "onednn_fused_ops", lambda *dtype: False)
     assert not any(isinstance(m, GateFoldedFV) for m in deploy_copy(model, torch.float32).modules())
     assert any(isinstance(m, GateFoldedFV) for m in deploy_copy(model, torch.bfloat16).modules())
 
 
-@pytest.mark.skipif(not deploy.onednn_fused_ops(), reason="this torch has no oneDNN fused operators to compare")
+@pytest.mark.skipif(not deploy.onednn_fused_ops(torch.float32), reason="this torch has no oneDNN fused operators to compare")
 @pytest.mark.parametrize("name", ["unet-fv-paspp-ds", "unet-fv-ce-paspp-ds", "unet-fv-paspp-ds-2d"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_onednn_fused_operators_equal_plain_convolutions(name: str, batch: int,
@@ -120,3 +120,24 @@ def test_onednn_fused_operators_equal_plain_convolutions(name: str, batch: int,
     assert fused.shape == plain.shape == ref.shape
     assert (fused - plain).abs().max().item() < FOLD_TOLERANCE
     assert (fused - ref).abs().max().item() < FOLD_TOLERANCE
+
+
+def test_a_torch_whose_fused_operators_fail_falls_back_to_plain_convolutions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe runs the operators once; where they raise (a build or CPU without them), deploy copies use plain
+    convolutions and give the same logits instead of failing in the middle of a CT."""
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("no oneDNN here")
+
+    model = _model()
+    x = torch.rand(2, 1, 8, 32, 32)
+    deploy.onednn_fused_ops.cache_clear()
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", broken)
+    try:
+        assert not deploy.onednn_fused_ops(torch.float32)
+        assert not deploy._fused(x)
+        with torch.inference_mode():
+            out, ref = deploy_copy(model)(x), model(x)
+        assert (out - ref).abs().max().item() < FOLD_TOLERANCE
+    finally:
+        deploy.onednn_fused_ops.cache_clear()

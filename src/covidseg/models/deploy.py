@@ -28,6 +28,7 @@ The copy is for inference only (``eval`` mode, batch norm statistics frozen); th
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -39,18 +40,31 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from covidseg.models.blocks import CEChannelAttention, ConvBNReLU, FVBlock, SEChannelAttention
 
 
-def onednn_fused_ops() -> bool:
+@functools.cache
+def onednn_fused_ops(dtype: torch.dtype = torch.float32) -> bool:
     """Whether this torch has oneDNN's fused convolution operators (``torch.ops.mkldnn._convolution_pointwise``
-    and its in-place binary form); they run on the CPU only."""
+    and its in-place binary form) and they compute ``dtype`` right on this CPU: checked once per dtype on a tiny
+    convolution against ``F.conv3d``, so that a build or CPU where they are missing or fail falls back to plain
+    convolutions instead of failing in the middle of a CT."""
     try:
-        return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
-    except (AttributeError, RuntimeError):
+        if not torch.backends.mkldnn.is_available():
+            return False
+        x = torch.arange(32, dtype=torch.float32).reshape(1, 2, 2, 2, 4).sub(16).div(8).to(dtype)
+        w = torch.linspace(-1, 1, 2 * 2 * 27).reshape(2, 2, 3, 3, 3).to(dtype)
+        args = ([1, 1, 1], [1, 1, 1], [1, 1, 1], 1)
+        expected = F.relu(F.conv3d(x.float(), w.float(), padding=1))
+        y = torch.ops.mkldnn._convolution_pointwise(x, w, None, *args, "relu", [], "")
+        other = torch.zeros_like(y)
+        torch.ops.mkldnn._convolution_pointwise_(other, x, w, None, *args, "add", 1.0, "relu", [], "")
+        tolerance = 1e-4 if dtype == torch.float32 else 0.1
+        return all(bool(torch.allclose(t.float(), expected, atol=tolerance)) for t in (y, other))
+    except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
 
 def _fused(x: torch.Tensor) -> bool:
     """Whether ``x`` goes through oneDNN's fused operators (a CPU tensor in float32 or bfloat16)."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and onednn_fused_ops()
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and onednn_fused_ops(x.dtype)
 
 
 def _conv_args(conv: nn.Conv2d | nn.Conv3d) -> tuple[list[int], list[int], list[int], int]:
@@ -200,7 +214,7 @@ def deploy_copy(model: nn.Module, dtype: torch.dtype = torch.float32, channels_l
     on_cpu = all(p.device.type == "cpu" for p in out.parameters())
     # the folded gates run sample by sample: in float32 only through oneDNN's operators, as torch would send a
     # float32 batch of one through its slow im2col convolution
-    if dtype == torch.bfloat16 or (on_cpu and onednn_fused_ops()):
+    if dtype == torch.bfloat16 or (on_cpu and onednn_fused_ops(dtype)):
         fold_gates(out)
     fuse_relu(out)
     out.to(dtype=dtype)
