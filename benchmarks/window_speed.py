@@ -136,6 +136,26 @@ def settings(model: nn.Module, threads: int, extra: bool) -> tuple[dict[str, tup
     return out, prep
 
 
+def profile(model: nn.Module) -> int:
+    """Print torch.profiler's table of segment's inference form (bf16 where the CPU has it) over 3 calls."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    dtype = torch.bfloat16 if native_bf16_cpu() else torch.float32
+    deployed = deploy_copy(model, dtype, channels_last=True)
+    x = torch.rand(2, 1, *WINDOW).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        for _ in range(2):
+            deployed(x)
+        with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(3):
+                deployed(x)
+    print(f"{cpu_model()}, {torch.get_num_threads()} threads, {dtype}, 3 calls of a batch of 2 windows {WINDOW}")
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=30,
+                                                             max_name_column_width=34, max_shapes_column_width=70))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -145,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", action="store_true",
                    help="also ONNX Runtime (float32) and a frozen TorchScript of the inference form (with the time "
                         "each takes to prepare: they pay only if that is won back over a CT's windows)")
+    p.add_argument("--profile", action="store_true",
+                   help="only profile segment's inference form (torch.profiler, a batch of 2 windows, 3 calls) and "
+                        "print its operators by time, with their input shapes")
     args = p.parse_args(argv)
 
     from covidseg.models.flops import count_flops
@@ -152,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = create_model(variant_config("unet-fv-paspp-ds")).eval().set_deep_supervision(False)
+    if args.profile:
+        return profile(model)
     gflop = count_flops(model, (1, 1, *WINDOW)) / 1e9
     runs, prep = settings(model, args.threads, args.extra)
     times: dict[tuple[str, int], list[float]] = {(name, b): [] for name in runs for b in args.batches}

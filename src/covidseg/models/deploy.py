@@ -3,8 +3,8 @@ compute dtype and memory format.
 
 Sliding-window inference (:mod:`covidseg.inference.sliding_window`) runs a copy made by :func:`deploy_copy`
 instead of the training module. The first three steps together take an 8x128x128 window of the full model from
-0.111 s (autocast) to 0.083 s on the development CPU; the fourth a further 7-15 %, the fifth 8 % in bf16 and 18 %
-in float32 (``benchmarks/window_speed.py``, docs/performance.md):
+0.111 s (autocast) to 0.083 s on the development CPU; the fourth a further 7-15 %, the fifth and sixth 4-9 % in bf16
+and 13-21 % in float32 (``benchmarks/window_speed.py``, docs/performance.md):
 
 - batch norm folded into the preceding convolution (``torch.nn.utils.fusion.fuse_conv_bn_eval``): one pass over
   the activations less per ``ConvBNReLU``; exact up to float rounding (max |logit diff| 7.5e-8 in float32);
@@ -13,8 +13,8 @@ in float32 (``benchmarks/window_speed.py``, docs/performance.md):
 - weights and activations in bfloat16 instead of float32 weights under autocast, where bf16 is used: no cast of
   every weight on every call (autocast computed these convolutions in bf16 already, so the answer is the same to
   bf16 rounding);
-- each FV block's channel gate folded into its fusion convolution (:class:`GateFoldedFV`): a 2C -> C instead of a
-  3C -> C convolution (in float32 only where oneDNN's fused operators run, below: torch sends a float32 batch of
+- each FV block's channel gate folded into its fusion convolution (:class:`GateFoldedFV`): two C -> C convolutions
+  instead of a 3C -> C one (in float32 only where oneDNN's fused operators run, below: torch sends a float32 batch of
   one through its slow im2col convolution);
 - on the CPU, oneDNN's fused operators (``torch.ops.mkldnn._convolution_pointwise``, those torch.compile's CPU
   backend emits) where they save a pass over the activations: convolution + ReLU in one call
