@@ -148,11 +148,12 @@ class GateFoldedFV(nn.Module):
         # plain float32 tensors, not parameters: ``Module.to(bfloat16)`` leaves them in float32, so the per-sample
         # weights are formed in float32 and rounded once (the copy is made on its device and never moved)
         self.w1, self.w2 = w1.clone(), w2.clone()
-        # conv_W3 and the bias are ordinary parameters: they follow the copy's dtype and memory format
+        # conv_W3 (the fusion convolution's part over F1 * s) and the bias are ordinary parameters: they follow the
+        # copy's dtype and memory format
         make: Any = type(conv)  # Conv2d or Conv3d, typed by torch with fixed-length tuples
-        self.spatial_conv = make(w3.shape[1], w3.shape[0], conv.kernel_size, padding=conv.padding,
+        self.conv_w3 = make(w3.shape[1], w3.shape[0], conv.kernel_size, padding=conv.padding,
                                  dilation=conv.dilation, bias=False).to(w3.device)
-        self.spatial_conv.weight.data.copy_(w3)
+        self.conv_w3.weight.data.copy_(w3)
         self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         self.args = _conv_args(conv)
 
@@ -162,14 +163,14 @@ class GateFoldedFV(nn.Module):
         gate = self.channel.weights(f1).float()  # (B, C or 1, 1, ...)
         fused = _fused(f1)
         s = self.spatial.weights(f1)  # (B, 1, *S)
-        # F1 * s, (B, C, *S); on the CPU a bf16 * bf16 product broadcast over the channels is 3x slower than
+        # F1 * s, (B, C, *S); on the CPU a bf16 * bf16 product broadcast over the channels is slower than
         # bf16 * float32 rounded to bf16, the same values (both are the float32 product rounded once)
         fs = (f1 * s.float()).to(f1.dtype) if fused and f1.dtype == torch.bfloat16 else f1 * s
         if fused:
-            out = torch.ops.mkldnn._convolution_pointwise(fs, self.spatial_conv.weight, None, *self.args, "none",
+            out = torch.ops.mkldnn._convolution_pointwise(fs, self.conv_w3.weight, None, *self.args, "none",
                                                           [], "")  # conv_W3(F1 * s)
         else:
-            out = self.spatial_conv(fs)
+            out = self.conv_w3(fs)
         del s, fs
         ones = (1,) * (self.w1.ndim - 2)
         channels_last = f1.ndim == 5 and f1.is_contiguous(memory_format=torch.channels_last_3d)
