@@ -152,7 +152,7 @@ class GateFoldedFV(nn.Module):
         # copy's dtype and memory format
         make: Any = type(conv)  # Conv2d or Conv3d, typed by torch with fixed-length tuples
         self.conv_w3 = make(w3.shape[1], w3.shape[0], conv.kernel_size, padding=conv.padding,
-                                 dilation=conv.dilation, bias=False).to(w3.device)
+                           dilation=conv.dilation, bias=False).to(w3.device)
         self.conv_w3.weight.data.copy_(w3)
         self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         self.args = _conv_args(conv)
