@@ -101,6 +101,22 @@ def test_box_and_mask_restrict_and_stay_exact_inside() -> None:
     np.testing.assert_allclose(restricted[0][mask], full[0][mask], atol=1e-6)  # same windows: same answer
 
 
+def test_voxels_under_skipped_windows_are_zero_and_the_rest_exact() -> None:
+    """Two lungs far apart: the windows between them hold no mask voxel and are skipped, so the region between gets
+    no prediction (0), while every mask voxel keeps the whole-volume answer."""
+    vol = np.random.default_rng(7).uniform(0.05, 0.95, (16, 40, 160)).astype(np.float32)
+    mask = np.zeros(vol.shape, dtype=bool)
+    mask[4:12, 8:30, 4:20] = True
+    mask[4:12, 8:30, 140:156] = True
+    model = _tiny_model(8)
+    cfg = InferenceConfig(window=(8, 32, 32), bf16="off")
+    full = predict_volume(model, vol, cfg)
+    out = predict_volume(model, vol, cfg, box=mask_box(mask), mask=mask)
+    np.testing.assert_allclose(out[0][mask], full[0][mask], atol=1e-6)
+    assert not out[0][:, :, 60:100].any()  # under skipped windows only
+    assert (out[0][mask] > 0).all()
+
+
 def test_box_grid_fitted_windows_cover_the_box() -> None:
     """The fast settings of ``segment`` (grid on the box, window fitted to it, per-axis overlap): an identity-like
     model gives its input back on the whole box; windows of a real model see more context, so the answer stays

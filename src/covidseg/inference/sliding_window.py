@@ -432,8 +432,9 @@ def _run_windows(
         if acc is None:  # no window at all (empty mask): nothing predicted
             k = int(getattr(getattr(model, "config", None), "out_channels", 1))
             return np.zeros((k, *sub.shape[1:]), dtype=np.float32)
-        covered = weight_sum > 0
-        acc[:, covered] /= weight_sum[covered]
+        # dense operations over the region (boolean indexing of a CT-sized region took 1.2 s of a full CT)
+        uncovered = weight_sum == 0  # only under skipped (mask-free) windows: nothing predicted there
+        acc.div_(weight_sum.masked_fill_(uncovered, 1.0))
         torch.sigmoid_(acc)
-        acc[:, ~covered] = 0.0  # only under skipped (mask-free) windows: nothing predicted there
+        acc.masked_fill_(uncovered, 0.0)
     return acc.cpu().numpy()
