@@ -16,11 +16,11 @@ and 13-21 % in float32 (``benchmarks/window_speed.py``, docs/performance.md):
 - each FV block's channel gate folded into its fusion convolution (:class:`GateFoldedFV`): two C -> C convolutions
   instead of a 3C -> C one (in float32 only where oneDNN's fused operators run, below: torch sends a float32 batch of
   one through its slow im2col convolution);
-- on the CPU, oneDNN's fused operators (``torch.ops.mkldnn._convolution_pointwise``, those torch.compile's CPU
-  backend emits) where they save a pass over the activations: convolution + ReLU in one call
-  (:class:`ConvReLU`), and the FV fusion as ``relu(conv_a(F1) + conv_b(F1 * s))`` with the sum and ReLU applied
-  in place, without concatenating ``[F1, F1 * s]``. Elsewhere (a GPU, a torch without them) the same maps run as
-  plain convolutions, which the tests compare them against.
+- the FV fusion as ``relu(conv_a(F1) + conv_b(F1 * s))``, without concatenating ``[F1, F1 * s]``;
+- in float32 on the CPU, oneDNN's fused operators (``torch.ops.mkldnn._convolution_pointwise``, those
+  torch.compile's CPU backend emits): convolution + ReLU in one call (:class:`ConvReLU`), the FV fusion's sum and
+  ReLU applied in place, and the per-sample convolutions kept on oneDNN. Elsewhere (bf16, a GPU, a torch without
+  them) the same maps run as plain convolutions, which the tests compare them against.
 
 The copy is for inference only (``eval`` mode, batch norm statistics frozen); the original is left untouched.
 """
@@ -41,30 +41,31 @@ from covidseg.models.blocks import CEChannelAttention, ConvBNReLU, FVBlock, SECh
 
 
 @functools.cache
-def onednn_fused_ops(dtype: torch.dtype = torch.float32) -> bool:
+def onednn_fused_ops() -> bool:
     """Whether this torch has oneDNN's fused convolution operators (``torch.ops.mkldnn._convolution_pointwise``
-    and its in-place binary form) and they compute ``dtype`` right on this CPU: checked once per dtype on a tiny
-    convolution against ``F.conv3d``, so that a build or CPU where they are missing or fail falls back to plain
-    convolutions instead of failing in the middle of a CT."""
+    and its in-place binary form) and they compute float32 right on this CPU: checked once on a tiny convolution
+    against ``F.conv3d``, so that a build or CPU where they are missing or fail falls back to plain convolutions
+    instead of failing in the middle of a CT."""
     try:
         if not torch.backends.mkldnn.is_available():
             return False
-        x = torch.arange(32, dtype=torch.float32).reshape(1, 2, 2, 2, 4).sub(16).div(8).to(dtype)
-        w = torch.linspace(-1, 1, 2 * 2 * 27).reshape(2, 2, 3, 3, 3).to(dtype)
+        x = torch.arange(32, dtype=torch.float32).reshape(1, 2, 2, 2, 4).sub(16).div(8)
+        w = torch.linspace(-1, 1, 2 * 2 * 27).reshape(2, 2, 3, 3, 3)
         args = ([1, 1, 1], [1, 1, 1], [1, 1, 1], 1)
-        expected = F.relu(F.conv3d(x.float(), w.float(), padding=1))
+        expected = F.relu(F.conv3d(x, w, padding=1))
         y = torch.ops.mkldnn._convolution_pointwise(x, w, None, *args, "relu", [], "")
         other = torch.zeros_like(y)
         torch.ops.mkldnn._convolution_pointwise_(other, x, w, None, *args, "add", 1.0, "relu", [], "")
-        tolerance = 1e-4 if dtype == torch.float32 else 0.1
-        return all(bool(torch.allclose(t.float(), expected, atol=tolerance)) for t in (y, other))
+        return all(bool(torch.allclose(t, expected, atol=1e-5)) for t in (y, other))
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
 
 def _fused(x: torch.Tensor) -> bool:
-    """Whether ``x`` goes through oneDNN's fused operators (a CPU tensor in float32 or bfloat16)."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and onednn_fused_ops(x.dtype)
+    """Whether ``x`` goes through oneDNN's fused operators: a float32 CPU tensor. (In bfloat16 they measured no
+    faster than plain convolutions, which oneDNN runs anyway, and torch's fallback for small shapes has no bf16
+    add + ReLU.)"""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and onednn_fused_ops()
 
 
 def _conv_args(conv: nn.Conv2d | nn.Conv3d) -> tuple[list[int], list[int], list[int], int]:
@@ -165,7 +166,8 @@ class GateFoldedFV(nn.Module):
         s = self.spatial.weights(f1)  # (B, 1, *S)
         # F1 * s, (B, C, *S); on the CPU a bf16 * bf16 product broadcast over the channels is slower than
         # bf16 * float32 rounded to bf16, the same values (both are the float32 product rounded once)
-        fs = (f1 * s.float()).to(f1.dtype) if fused and f1.dtype == torch.bfloat16 else f1 * s
+        cpu_bf16 = f1.device.type == "cpu" and f1.dtype == torch.bfloat16
+        fs = (f1 * s.float()).to(f1.dtype) if cpu_bf16 else f1 * s
         if fused:
             out = torch.ops.mkldnn._convolution_pointwise(fs, self.conv_w3.weight, None, *self.args, "none",
                                                           [], "")  # conv_W3(F1 * s)
@@ -215,7 +217,7 @@ def deploy_copy(model: nn.Module, dtype: torch.dtype = torch.float32, channels_l
     on_cpu = all(p.device.type == "cpu" for p in out.parameters())
     # the folded gates run sample by sample: in float32 only through oneDNN's operators, as torch would send a
     # float32 batch of one through its slow im2col convolution
-    if dtype == torch.bfloat16 or (on_cpu and onednn_fused_ops(dtype)):
+    if dtype == torch.bfloat16 or (on_cpu and onednn_fused_ops()):
         fold_gates(out)
     fuse_relu(out)
     out.to(dtype=dtype)
