@@ -432,7 +432,7 @@ def _run_windows(
         if acc is None:  # no window at all (empty mask): nothing predicted
             k = int(getattr(getattr(model, "config", None), "out_channels", 1))
             return np.zeros((k, *sub.shape[1:]), dtype=np.float32)
-        # dense operations over the region (boolean indexing of a CT-sized region took 1.2 s of a full CT)
+        # dense operations over the region: boolean indexing of a CT-sized region is several times slower
         uncovered = weight_sum == 0  # only under skipped (mask-free) windows: nothing predicted there
         acc.div_(weight_sum.masked_fill_(uncovered, 1.0))
         torch.sigmoid_(acc)

@@ -3,8 +3,8 @@ compute dtype and memory format.
 
 Sliding-window inference (:mod:`covidseg.inference.sliding_window`) runs a copy made by :func:`deploy_copy`
 instead of the training module. The first three steps together take an 8x128x128 window of the full model from
-0.111 s (autocast) to 0.083 s on the development CPU; the fourth a further 7-15 %, the fifth and sixth 4-9 % in bf16
-and 13-21 % in float32 (``benchmarks/window_speed.py``, docs/performance.md):
+0.111 s (autocast) to 0.083 s on the development CPU; the fourth a further 7-15 %, the fifth and sixth 0-14 % in bf16
+(within the shared cores' noise) and 15-19 % in float32 (``benchmarks/window_speed.py``, docs/performance.md):
 
 - batch norm folded into the preceding convolution (``torch.nn.utils.fusion.fuse_conv_bn_eval``): one pass over
   the activations less per ``ConvBNReLU``; exact up to float rounding (max |logit diff| 7.5e-8 in float32);
