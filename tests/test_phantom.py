@@ -212,3 +212,11 @@ def test_fast_upsampling_matches_scipy_zoom() -> None:
     ref = ndimage.zoom(coarse, [s / 5 for s in shape], order=1, mode="nearest", grid_mode=True)
     assert ref.shape == shape
     assert np.allclose(upsample_linear(coarse, shape), ref, atol=1e-4)
+
+
+def test_too_few_slices_for_the_lungs_is_a_clear_error() -> None:
+    """``slices`` sets a thin-slice phantom's extent: 16 slices of at most 1.25 mm cannot hold a chest."""
+    from covidseg.errors import UserError
+
+    with pytest.raises(UserError, match="too short for the lungs; ask for at least"):
+        make_phantom("coronacases", 0, scale=0.25, slices=16)

@@ -39,6 +39,8 @@ SUBSLICE_MM = 2.0
 MAX_SUBSLICES = 6
 MIN_SLICES = 16
 """Fewest slices of a phantom at any scale (a small radiopaedia-style case would otherwise be a few slabs)."""
+MIN_LUNG_HEIGHT_MM = 100.0
+"""Shortest lung height a phantom's slices must cover (``slices`` of a thin-slice style sets its extent)."""
 TREE_GENERATIONS = 9
 AIRWAY_WALL_HU = 20.0
 
@@ -176,6 +178,12 @@ def make_phantom(style: str, seed: int, scale: float = 1.0, case_id: str | None 
     if spec.thin:
         thick0 = float(np.clip(extent / n_slices0, 0.8, 1.25))
         extent = n_slices0 * thick0
+        if extent - margin_bottom - margin_top < MIN_LUNG_HEIGHT_MM:
+            from covidseg.errors import UserError
+
+            need = math.ceil((MIN_LUNG_HEIGHT_MM + margin_bottom + margin_top) / 1.25)
+            raise UserError(f"a {style} phantom of {n_slices0} slices covers {extent:.0f} mm, too short for the lungs; "
+                            f"ask for at least {need} slices (or crop the central slices of a longer phantom)")
     else:
         thick0 = extent / n_slices0
     pixel0 = u(*spec.pixel_mm)
