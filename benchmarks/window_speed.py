@@ -7,7 +7,7 @@ machine spreads over all of them; the median over repeats is reported):
   ``channels_last_3d``: what ``segment`` did before ``covidseg.models.deploy``;
 - ``deploy bf16``: :func:`covidseg.models.deploy.deploy_copy` in bfloat16 (batch norm folded, FV gates folded,
   weights bf16 and channels-last): what ``segment`` does where the CPU has native bf16;
-- ``bf16 no gate fold``: batch norm folded only, plain convolutions: the inference form before the FV gate folding;
+- ``bf16 no gate fold``: batch norm folded only: the inference form before the FV gate folding;
 - ``float32``: the training module in float32, contiguous input;
 - ``deploy float32``: :func:`~covidseg.models.deploy.deploy_copy` in float32, channels-last: ``segment`` with
   ``inference.bf16=off`` or on a CPU without native bf16;
@@ -123,7 +123,7 @@ def settings(model: nn.Module, threads: int, extra: bool) -> tuple[dict[str, tup
     if native_bf16:
         add("autocast", lambda: model, torch.float32, True, True)
         add("deploy bf16", lambda: deploy_copy(model, torch.bfloat16, channels_last=True), torch.bfloat16, True, False)
-        add("bf16 no gate fold", lambda: PlainConvs(bn_folded(model, torch.bfloat16)), torch.bfloat16, True, False)
+        add("bf16 no gate fold", lambda: bn_folded(model, torch.bfloat16), torch.bfloat16, True, False)
     if extra:
         add("onnxruntime fp32", lambda: OrtWindow(model, threads), torch.float32, False, False)
         dtype = torch.bfloat16 if native_bf16 else torch.float32

@@ -178,6 +178,8 @@ class GateFoldedFV(nn.Module):
         channels_last = f1.ndim == 5 and f1.is_contiguous(memory_format=torch.channels_last_3d)
         memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         bias = self.bias.to(f1.dtype)
+        conv_fn = F.conv3d if f1.ndim == 5 else F.conv2d
+        padding, _, dilation, _ = self.args
         for b in range(f1.shape[0]):
             weight = (self.w1 + self.w2 * gate[b].reshape(1, -1, *ones)).to(f1.dtype).contiguous(
                 memory_format=memory_format)  # (C, C, *k): W1 + W2 * c, rounded once
@@ -185,8 +187,6 @@ class GateFoldedFV(nn.Module):
                 torch.ops.mkldnn._convolution_pointwise_(out[b : b + 1], f1[b : b + 1], weight, bias, *self.args,
                                                          "add", 1.0, "relu", [], "")
             else:
-                conv_fn = F.conv3d if f1.ndim == 5 else F.conv2d
-                padding, _, dilation, _ = self.args
                 out[b : b + 1] = F.relu(conv_fn(f1[b : b + 1], weight, bias, padding=padding, dilation=dilation)
                                         + out[b : b + 1])
         return out.add_(x)
