@@ -68,7 +68,8 @@ def _blob_labels(shape: tuple[int, int, int], seed: int) -> np.ndarray:
     return out
 
 
-def _dicom_series(folder: Path, direction: tuple[float, ...] = FLIPPED, series_uid: str = "1.2.826.0.1.3680043.2.1125.77",
+def _dicom_series(folder: Path, direction: tuple[float, ...] = FLIPPED,
+                  series_uid: str = "1.2.826.0.1.3680043.2.1125.77",
                   frame_uid: str = "1.2.826.0.1.3680043.2.1125.9") -> list[Path]:
     """A 6-slice series (12 x 10 pixels of 0.8 x 0.6 mm, 2.5 mm slices) with a 1000 HU box at :data:`BOX`.
 
@@ -319,11 +320,21 @@ def test_reference_in_another_axis_order_or_cropped_scores_the_same(tmp_path):
     ("spacing", "voxel size or axis directions differ"),
     ("half_voxel", "fraction of a voxel"),
     ("outside", "lie outside the grid"),
+    ("sheared_crop", "cannot be put onto the grid"),
 ])
 def test_reference_on_another_grid_is_refused(tmp_path, change, needle):
     affine = np.diag([0.7, 0.8, 2.5, 1.0])
     labels = _blob_labels((30, 30, 10), 1)
     other = affine.copy()
+    if change == "sheared_crop":  # both sheared (a tilted gantry stored as shear): only the very same grid works
+        affine[0, 2] = 0.4
+        shift = np.eye(4)
+        shift[0, 3] = 1.0
+        other = affine @ shift
+        pred = _nifti(tmp_path / "pred.nii.gz", labels, affine)
+        with pytest.raises(InputError, match=needle):
+            evaluate(pred, _nifti(tmp_path / "ref.nii.gz", labels[1:], other))
+        return
     if change == "spacing":
         other[0, 0] = 0.75
     elif change == "half_voxel":
@@ -399,7 +410,7 @@ def _at(grid: Grid, d: float, hw: list[tuple[float, float]]) -> np.ndarray:
 
 def test_rasteriser_fills_pixel_centres_inside_a_known_polygon():
     grid = _index_grid()
-    assert np.allclose(grid.lps_affine, [[1, 0, 0, 0] if False else r for r in grid.lps_affine])
+    assert np.allclose(grid.lps_affine, [[0, 0, 1, 0], [0, 0.5, 0, 0], [2, 0, 0, 0], [0, 0, 0, 1]])
     # a rectangle through half-pixel corners: rows 3..8, columns 5..14 exactly
     rect = _at(grid, 1, [(2.5, 4.5), (2.5, 14.5), (8.5, 14.5), (8.5, 4.5)])
     # a triangle with vertices on pixel centres' diagonals: inside = h > 10.2 and w > 2.2 and h + w < 20.3
@@ -460,7 +471,7 @@ def test_rtstruct_lands_on_the_ct_voxels_and_write_mask_keeps_them_in_lps(tmp_pa
     assert np.allclose(got, want[np.lexsort(want.T)], atol=1e-3)
 
 
-def test_rtstruct_scores_against_the_nifti_covidseg_wrote_with_or_without_ct(series, capsys):
+def test_rtstruct_scores_against_the_nifti_covidseg_wrote_with_or_without_ct(series):
     for ct in (None, series["root"] / "dicom"):
         result = evaluate(series["root"] / "out", series["rtstruct"], ct=ct)
         assert list(result.scores) == ["left_lung"] and result.scores["left_lung"].dice == 1.0

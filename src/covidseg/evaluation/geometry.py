@@ -152,9 +152,13 @@ def onto_grid(array: np.ndarray, lps_affine: np.ndarray, grid: Grid, path: Path,
         )
     if np.array_equal(np.rint(transform), np.eye(4)) and tuple(array.shape[:3]) == grid.shape:
         return np.asarray(array)
-    source = hd.Volume(np.asarray(array), np.asarray(lps_affine, dtype=np.float64), coordinate_system="PATIENT")
-    target = hd.VolumeGeometry(grid.lps_affine, grid.shape, coordinate_system="PATIENT")
-    matched = np.asarray(source.match_geometry(target, tol=AXIS_TOL).array)
+    try:
+        source = hd.Volume(np.asarray(array), np.asarray(lps_affine, dtype=np.float64), coordinate_system="PATIENT")
+        target = hd.VolumeGeometry(grid.lps_affine, grid.shape, coordinate_system="PATIENT")
+        matched = np.asarray(source.match_geometry(target, tol=AXIS_TOL).array)
+    except (ValueError, RuntimeError) as exc:  # a sheared (non-orthogonal) affine on both sides
+        raise InputError(f"{path}: {what} cannot be put onto the grid of {grid.image.path} ({exc}); give masks "
+                         f"on the CT's own grid (same shape and affine)") from None
     kept, held = int(np.count_nonzero(matched)), int(np.count_nonzero(array))
     if kept != held:
         raise InputError(
