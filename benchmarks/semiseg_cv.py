@@ -201,31 +201,12 @@ def log_line(stage: str, t_start: float) -> Any:
     return log
 
 
-def main(argv: list[str] | None = None) -> int:
-    from covidseg.errors import ConfigError
-    from covidseg.semiseg.data import load_pseudo_folder
-    from covidseg.semiseg.train import pretrain, summarize_cv
+def new_report(args: argparse.Namespace, argv: list[str] | None, slices: list, pseudo_slices: list,
+               device: torch.device) -> dict[str, Any]:
+    """The report's header: data, machine, code version, date, command, folds, published numbers."""
     from covidseg.training.trainer import code_version, machine_description
 
-    args = parse_args(argv)
-    t_start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    progress = not args.no_progress
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    slices = load_folder(args.data)
     n = len(slices)
-    pseudo_slices = load_pseudo_folder(args.pseudo) if args.pseudo else []
-    if args.pseudo and args.epochs == "auto":
-        raise ConfigError("--pseudo needs --epochs N (the timing of --epochs auto covers labelled slices only)")
-    base = SemisegConfig(size=(args.size, args.size), base_width=args.base_width, batch_size=args.batch_size,
-                         learning_rate=args.lr, folds=args.folds, seed=args.seed, amp=args.amp,
-                         device=str(device), flip_tta=args.flip_tta,
-                         pretrain_epochs=args.pretrain_epochs if args.pseudo else 0,
-                         pretrain_lr=args.pretrain_lr, pseudo_per_batch=args.pseudo_per_batch if args.pseudo else 0)
     report: dict[str, Any] = {
         "benchmark": "semiseg_cv", "data": str(Path(args.data).resolve()), "n_images": n,
         "pseudo": str(Path(args.pseudo).resolve()) if args.pseudo else None, "n_pseudo": len(pseudo_slices),
@@ -244,7 +225,33 @@ def main(argv: list[str] | None = None) -> int:
         report["notes"] += (" Pseudo-labelled slices are in the training folds only, never held out or scored; "
                             "their labels were made by Semi-Inf-Net, a model trained on these 50 expert slices, "
                             "so the held-out slices are not fully unseen.")
+    return report
 
+
+def main(argv: list[str] | None = None) -> int:
+    from covidseg.errors import ConfigError
+    from covidseg.semiseg.data import load_pseudo_folder
+    from covidseg.semiseg.train import pretrain, summarize_cv
+
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    progress = not args.no_progress
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    slices = load_folder(args.data)
+    pseudo_slices = load_pseudo_folder(args.pseudo) if args.pseudo else []
+    if args.pseudo and args.epochs == "auto":
+        raise ConfigError("--pseudo needs --epochs N (the timing of --epochs auto covers labelled slices only)")
+    base = SemisegConfig(size=(args.size, args.size), base_width=args.base_width, batch_size=args.batch_size,
+                         learning_rate=args.lr, folds=args.folds, seed=args.seed, amp=args.amp,
+                         device=str(device), flip_tta=args.flip_tta,
+                         pretrain_epochs=args.pretrain_epochs if args.pseudo else 0,
+                         pretrain_lr=args.pretrain_lr, pseudo_per_batch=args.pseudo_per_batch if args.pseudo else 0)
+    report = new_report(args, argv, slices, pseudo_slices, device)
     def write() -> None:
         report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
         atomic_write_text(out / "semiseg_cv.json", json.dumps(report, indent=2) + "\n")
@@ -352,4 +359,10 @@ def train_and_save_final(args: argparse.Namespace, report: dict[str, Any], slice
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from covidseg.errors import UserError
+
+    try:
+        raise SystemExit(main())
+    except UserError as exc:  # bad data or settings: one line naming the file or option, exit code 2
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

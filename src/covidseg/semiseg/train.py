@@ -259,6 +259,21 @@ def _batch(
     return run.augment(x, y)  # (B, 1, H, W) each
 
 
+def _start_run(cfg: SemisegConfig, device: torch.device, seed: int, init: dict[str, torch.Tensor] | None) -> _Run:
+    """A fresh run: the model seeded by ``seed`` (or ``init``'s weights) on ``device``, Adam, seeded generators."""
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    if init is not None:
+        model.load_state_dict(init)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return _Run(model=model,
+                opt=torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
+                augment=SliceAugment(cfg.augment, seed=seed + 1), order_gen=torch.Generator().manual_seed(seed + 2),
+                pseudo_gen=torch.Generator().manual_seed(seed + 3))
+
+
 def train_model(
     images: torch.Tensor,
     masks: torch.Tensor,
@@ -299,13 +314,8 @@ def train_model(
     from covidseg.losses import DeepSupervisionLoss, SegmentationLoss
 
     seed = cfg.seed if seed is None else seed
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    if init is not None:
-        model.load_state_dict(init)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    run = _start_run(cfg, device, seed, init)
+    model = run.model
     n = int(images.shape[0])
     n_pseudo = min(cfg.pseudo_per_batch, cfg.batch_size - 1) if pseudo is not None else 0
     n_labelled = min(cfg.batch_size - n_pseudo, n)
@@ -315,10 +325,6 @@ def train_model(
     if pseudo is not None:
         pseudo = (pseudo[0].to(device), pseudo[1].to(device))
     loss_fn = DeepSupervisionLoss(SegmentationLoss(cfg.bce_weight, cfg.dice_weight))
-    run = _Run(model=model,
-               opt=torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
-               augment=SliceAugment(cfg.augment, seed=seed + 1), order_gen=torch.Generator().manual_seed(seed + 2),
-               pseudo_gen=torch.Generator().manual_seed(seed + 3))
     if state_path is not None and Path(state_path).is_file():
         _load_run(Path(state_path), run, cfg)
     dtype = amp_dtype(cfg.amp, device)
