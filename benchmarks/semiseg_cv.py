@@ -15,11 +15,23 @@ On the 50 expert-labelled training slices of COVID-SemiSeg (Fan et al., Inf-Net,
 count that fits the whole protocol into ``--budget-s`` seconds of training (the same count for every variant).
 A hard ``--deadline-s`` skips the folds not yet started once passed, and the final model is still trained.
 
+With ``--pseudo DIR`` (Inf-Net's 1,600 pseudo-labelled slices, ``Imgs/Data-1_<case>_<k>.jpg`` + ``GT/``) the
+protocol is semi-supervised, as Semi-Inf-Net's: each variant is first trained on the pseudo-labelled slices alone
+(``--pretrain-epochs``; they are never held out nor scored, so one pretrained model starts every fold), then each
+fold fine-tunes it on its 40 expert slices with ``--pseudo-per-batch`` pseudo-labelled slices mixed into every
+batch, and the final model does the same on all 50. ``--epochs`` must then be a number. Every stage keeps its
+state under ``OUT/state/<variant>/`` (saved every ``--save-every-s`` seconds; finished folds as JSON): the same
+command, rerun after a kill, continues where it stopped.
+
 Needs torch, numpy, pillow, scipy and covidseg (MONAI, tqdm optional)::
 
     python benchmarks/semiseg_cv.py --data ../shared/data/covid-semiseg/train --out out/semiseg --device cuda
     python benchmarks/semiseg_cv.py --data ../shared/data/covid-semiseg/train --out /tmp/s \\
         --device cpu --epochs 1 --folds 2 --variants unet-2d --size 64 --base-width 4     # CPU smoke test
+    OMP_NUM_THREADS=1 python benchmarks/semiseg_cv.py --data ../shared/data/covid-semiseg/train \
+        --pseudo ../shared/data/covid-semiseg/pseudo --out out/semiseg-pseudo --device cpu \
+        --variants unet-fv-paspp-ds-2d --size 192 --base-width 8 --epochs 15 --lr 5e-4 --pretrain-epochs 9 \
+        --pseudo-per-batch 4 --flip-tta --deadline-s 100000 --no-progress     # the shipped model (CPU, ~1.5 h)
 """
 
 from __future__ import annotations
@@ -134,7 +146,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"{s['epochs']} epochs, batch {s['batch_size']}, {s['size'][0]}x{s['size'][1]} px, Adam {s['lr']:g} "
         f"(poly decay), base width {s['base_width']}, seed {s['seed']}, device {report['device']}"
-        f" ({report.get('device_name', '')}). Mean ± sd over folds.",
+        + (f" ({report['device_name']})" if report.get("device_name") else "") + ". Mean ± sd over folds.",
         *([f"Pseudo-labelled slices: {report['n_pseudo']} (`{report['pseudo']}`), pretraining "
            f"{s['config']['pretrain_epochs']} epochs at lr {s['config']['pretrain_lr']:g}, then "
            f"{s['config']['pseudo_per_batch']} of every {s['batch_size']} slices per batch; flip TTA "

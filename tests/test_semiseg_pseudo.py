@@ -181,3 +181,22 @@ def test_pseudo_slices_never_enter_a_held_out_fold(tmp_path: Path, monkeypatch: 
     trained_on.clear()
     again = cross_validate(slices, cfg, CPU, progress=False, pseudo=pseudo, work_dir=tmp_path / "work")
     assert trained_on == [] and again["mean"] == cv["mean"]
+
+
+def test_shipped_model_records_what_inference_needs() -> None:
+    """The default checkpoint says how to feed it: variant, width, depth, input size, input convention, threshold."""
+    from covidseg.checkpoint import read_checkpoint
+    from covidseg.semiseg.evaluate import default_checkpoint
+
+    path = default_checkpoint()
+    assert path.stat().st_size <= 20e6
+    ckpt = read_checkpoint(path)
+    meta = ckpt["meta"]
+    assert meta["task"] == "semiseg-infection-2d" and meta["weights_dtype"] == "float16"
+    assert all(v.dtype == torch.float16 for v in ckpt["state_dict"].values() if v.is_floating_point())
+    cfg = meta["semiseg"]
+    assert cfg["variant"] == "unet-fv-paspp-ds-2d" and ckpt["config"]["model"]["name"] == cfg["variant"]
+    assert {"base_width", "depth", "size"} <= set(cfg) and meta["input_size"] == cfg["size"]
+    assert 0.0 < meta["threshold"] < 1.0 and isinstance(meta["flip_tta"], bool)
+    assert "/ 255" in meta["input"] and "COVID-SemiSeg" in meta["input"]
+    assert meta["n_pseudo"] == 1600 and cfg["pretrain_epochs"] > 0 and cfg["pseudo_per_batch"] > 0
