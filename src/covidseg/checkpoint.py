@@ -49,13 +49,13 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if isinstance(value, Path):
+    if isinstance(value, (Path, str)):  # str subclasses too (torch.__version__ is a TorchVersion)
         return str(value)
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     if hasattr(value, "item") and hasattr(value, "dtype"):  # numpy scalar or 0-d array
         return value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None or isinstance(value, (bool, int, float)):
         return value
     raise TypeError(f"checkpoint meta value {value!r} of type {type(value).__name__} cannot be stored")
 

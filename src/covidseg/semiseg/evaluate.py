@@ -77,7 +77,8 @@ def evaluate_folder(
     model, meta = load_semiseg_model(checkpoint, dev)
     size = tuple(int(s) for s in meta.get("input_size", TRAIN_SIZE))
     t0 = time.perf_counter()
-    probs = predict_slices(model, slices, (size[0], size[1]), dev, amp=amp)
+    flip_tta = bool(meta.get("flip_tta", False))
+    probs = predict_slices(model, slices, (size[0], size[1]), dev, amp=amp, flip_tta=flip_tta)
     rows = score_slices(probs, slices)
     result: dict[str, Any] = {"n_images": len(rows), **summarize(rows)}
     result.update({
@@ -85,6 +86,7 @@ def evaluate_folder(
         "checkpoint": meta["checkpoint"],
         "variant": meta["variant"],
         "input_size": list(size),
+        "flip_tta": flip_tta,
         "data": str(Path(data)),
         "device": str(dev),
         "seconds": round(time.perf_counter() - t0, 3),
