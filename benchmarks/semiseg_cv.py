@@ -152,7 +152,8 @@ def markdown(report: dict[str, Any]) -> str:
            f"{s['config']['pseudo_per_batch']} of every {s['batch_size']} slices per batch; flip TTA "
            f"{'on' if s['config']['flip_tta'] else 'off'}. Held-out folds hold expert slices only."]
           if report.get("pseudo") else []),
-        f"Commit {report.get('code', {}).get('git')}, {report.get('machine')}, {report.get('date')}.",
+        f"Measured at the code of `{str(report.get('commit'))[:7]}` ({report.get('commit')}), "
+        f"{report.get('machine')}, {report.get('date')}.",
         "",
         "| model | mean Dice (Inf-Net) | Dice@0.5 | IoU | sensitivity | specificity | precision | folds |",
         "|---|---|---|---|---|---|---|---|",
@@ -213,6 +214,15 @@ def log_line(stage: str, t_start: float) -> Any:
     return log
 
 
+def full_commit() -> str:
+    """The full hash of the checkout's HEAD (``unknown`` outside a git checkout)."""
+    import subprocess
+
+    res = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                         capture_output=True, text=True, timeout=10, check=False)
+    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else "unknown"
+
+
 def new_report(args: argparse.Namespace, argv: list[str] | None, slices: list, pseudo_slices: list,
                device: torch.device) -> dict[str, Any]:
     """The report's header: data, machine, code version, date, command, folds, published numbers."""
@@ -225,7 +235,7 @@ def new_report(args: argparse.Namespace, argv: list[str] | None, slices: list, p
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "machine": machine_description(device), "threads": torch.get_num_threads(), "code": code_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "commit": full_commit(),
         "command": "python benchmarks/semiseg_cv.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "torch": torch.__version__, "python": platform.python_version(),
         "folds_test": [[slices[i].name for i in f] for f in make_folds(n, args.folds, args.seed)],
@@ -233,6 +243,7 @@ def new_report(args: argparse.Namespace, argv: list[str] | None, slices: list, p
         "notes": "CV on the 50 expert-labelled training slices; Inf-Net's numbers are on their 48-slice test split "
                  "(a different protocol). Slices of one patient may fall in different folds (no patient ids).",
     }
+    report["config"] = {"command": report["command"], **{k: v for k, v in vars(args).items() if k != "out"}}
     if args.pseudo:
         report["notes"] += (" Pseudo-labelled slices are in the training folds only, never held out or scored; "
                             "their labels were made by Semi-Inf-Net, a model trained on these 50 expert slices, "
