@@ -34,7 +34,8 @@ from covidseg.cli.main import run as cli
 from covidseg.config import Config
 from covidseg.errors import EXIT_INTERRUPTED, EXIT_USER, InputError
 from covidseg.io.atomic import atomic_write_bytes
-from covidseg.io.image import MAX_VOXELS_ENV, read_image, read_mask
+from covidseg.io.image import read_image, read_mask
+from covidseg.io.volume import MAX_VOXELS_ENV
 from covidseg.metrics import binary_metrics
 from covidseg.models import create_model, variant_config
 from covidseg.phantom import make_phantom
@@ -100,7 +101,7 @@ def assert_complete(folder: Path) -> None:
     """Every output file present and loadable in full, and nothing else (no temporaries)."""
     from PIL import Image
 
-    from covidseg.inference.pipeline import OUTPUT_FILES
+    from covidseg.inference.outputs import OUTPUT_FILES
 
     names = sorted(p.name for p in folder.iterdir())
     assert set(OUTPUT_FILES) <= set(names), f"{folder}: missing {set(OUTPUT_FILES) - set(names)}"
