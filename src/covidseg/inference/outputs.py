@@ -22,8 +22,8 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,8 @@ OUTPUT_FILES = ("lungs.nii.gz", "infection.nii.gz", SLICER_FILE, "report.json", 
 """Files every case folder holds (``probability.nii.gz`` and ``report.html`` when asked for)."""
 REPORT_FILE = "report.json"
 """The report; written last, so its presence marks a complete case folder."""
+PARTIAL_MODE = 0o700
+"""Permissions of the hidden work folder (those of ``tempfile.mkdtemp``), kept by the published case folder."""
 
 
 # --------------------------------------------------------------------------------------------- the report
@@ -207,9 +209,10 @@ def write_case_folder(out_dir: Path, image: CTImage, name: str, seg: CaseSegment
     from covidseg.report.overview import render_overview
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp: Path | None = None
-    try:  # the partial folder is made inside the try, so an interruption right after it still removes it
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    # named before it is made, so that an interruption at any moment after the mkdir (even inside it) removes it
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex}"
+    try:
+        tmp.mkdir(mode=PARTIAL_MODE)
         # the masks are written (mostly gzip, which runs without the GIL) while the picture is drawn; leaving the
         # pool waits for the writer, so on any error the partial folder is removed only after it has stopped
         t_out = time.perf_counter()
@@ -230,7 +233,6 @@ def write_case_folder(out_dir: Path, image: CTImage, name: str, seg: CaseSegment
         atomic_write_text(tmp / REPORT_FILE, json.dumps(report, indent=2) + "\n")  # last: marks completion
         publish(tmp, out_dir)
     except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
