@@ -54,13 +54,13 @@ except ImportError:  # a plain checkout: use its src/ folder
 import torch
 
 from covidseg.io.atomic import atomic_write_text
+from covidseg.runtime import resolve_device
 from covidseg.semiseg.data import load_folder, resize_stack
 from covidseg.semiseg.train import (
     VARIANTS_2D,
     SemisegConfig,
     cross_validate,
     make_folds,
-    resolve_device,
     save_semiseg_checkpoint,
     train_model,
 )

@@ -43,10 +43,10 @@ from unittest import mock
 import torch
 from torch import nn
 
-from covidseg.inference.sliding_window import native_bf16_cpu
 from covidseg.models import deploy
 from covidseg.models.deploy import deploy_copy
 from covidseg.models.registry import create_model, variant_config
+from covidseg.runtime import native_bf16_cpu
 from covidseg.training.trainer import cpu_model
 
 WINDOW = (8, 128, 128)
@@ -60,7 +60,7 @@ class OrtWindow(nn.Module):
         super().__init__()
         import onnxruntime as ort
 
-        from covidseg.export import INPUT_NAME, onnx_bytes
+        from covidseg.exchange import INPUT_NAME, onnx_bytes
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads

@@ -21,7 +21,7 @@ from covidseg.checkpoint import FORMAT_VERSION, save_checkpoint
 from covidseg.cli.main import run as cli
 from covidseg.config import Config, load_config
 from covidseg.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER
-from covidseg.io.image import MAX_VOXELS_ENV
+from covidseg.io.volume import MAX_VOXELS_ENV
 from covidseg.models import create_model, variant_config
 from covidseg.phantom import make_phantom
 from dicom_series import write_dicom_series

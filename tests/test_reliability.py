@@ -34,7 +34,8 @@ from covidseg.cli.main import run as cli
 from covidseg.config import Config
 from covidseg.errors import EXIT_INTERRUPTED, EXIT_USER, InputError
 from covidseg.io.atomic import atomic_write_bytes
-from covidseg.io.image import MAX_VOXELS_ENV, read_image, read_mask
+from covidseg.io.image import read_image, read_mask
+from covidseg.io.volume import MAX_VOXELS_ENV
 from covidseg.metrics import binary_metrics
 from covidseg.models import create_model, variant_config
 from covidseg.phantom import make_phantom
@@ -100,7 +101,7 @@ def assert_complete(folder: Path) -> None:
     """Every output file present and loadable in full, and nothing else (no temporaries)."""
     from PIL import Image
 
-    from covidseg.inference.pipeline import OUTPUT_FILES
+    from covidseg.inference.outputs import OUTPUT_FILES
 
     names = sorted(p.name for p in folder.iterdir())
     assert set(OUTPUT_FILES) <= set(names), f"{folder}: missing {set(OUTPUT_FILES) - set(names)}"
@@ -171,6 +172,41 @@ def test_kill9_of_segment_at_random_moments_never_leaves_a_complete_looking_outp
         else:
             assert k % 2 == 0, "an earlier complete result vanished"
     assert killed_while_writing >= 1, "no kill landed in the writing phase; the test proved nothing about it"
+
+
+@pytest.mark.parametrize("when", ["in mkdir", "after mkdir", "while writing"])
+def test_an_interrupt_as_the_work_folder_is_made_leaves_nothing(tmp_path, monkeypatch, when):
+    """Deterministic twin of the signal tests: Ctrl-C right as the hidden folder appears (the moment a busy machine
+    is most likely to deschedule the process) or while a mask is written, and no folder is left behind."""
+    from covidseg.inference import outputs
+    from covidseg.inference.case import CaseSegmentation
+    from covidseg.io.volume import make_ct_image
+
+    image = make_ct_image(np.full((6, 5, 4), -1000.0, np.float32), np.eye(4), tmp_path / "ct.nii.gz")
+    zeros = np.zeros(image.shape, np.uint8)
+    seg = CaseSegmentation(hu=image.array, lungs=zeros, infection=zeros, probability=zeros.astype(np.float32),
+                           outside_ml=0.0, convention="hu", box=None, lung_method="classical")
+    real_mkdir, real_write = Path.mkdir, outputs.write_mask
+
+    def mkdir(self: Path, *args, **kwargs) -> None:
+        if ".partial-" in self.name and when == "in mkdir":
+            real_mkdir(self, *args, **kwargs)
+            raise KeyboardInterrupt  # the folder exists, the call has not returned
+        real_mkdir(self, *args, **kwargs)
+
+    def write_mask(*args, **kwargs):
+        if when == "while writing":
+            raise KeyboardInterrupt
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    monkeypatch.setattr(outputs, "write_mask", write_mask)
+    if when == "after mkdir":
+        monkeypatch.setattr(outputs, "ThreadPoolExecutor", lambda **_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        outputs.write_case_folder(out, image, "case", seg, {"model": {"name": "m"}, "inference": {}}, 0.0)
+    assert not out.exists() and not partial_folders(out)
 
 
 @pytest.mark.parametrize("sig, phase", [(signal.SIGINT, "writing"), (signal.SIGTERM, "inference")],

@@ -13,10 +13,10 @@ from covidseg.inference.sliding_window import (
     gaussian_importance,
     mask_box,
     predict_volume,
-    resolve_device,
     scan_starts,
 )
 from covidseg.models import create_model
+from covidseg.runtime import resolve_device
 
 MONAI_TOLERANCE = 1e-5
 """Largest difference of probabilities allowed against MONAI in float32 (same windows, weights and order)."""
@@ -164,20 +164,3 @@ def test_state_restored_and_errors() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="--device"):
             resolve_device("cuda")
-
-
-@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, True), (False, True, True), (False, False, False)])
-def test_auto_bf16_only_where_the_cpu_has_it_natively(monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool,
-                                                       expected: bool) -> None:
-    import platform
-
-    from covidseg.inference.sliding_window import bf16_enabled
-
-    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # any AVX-512 says yes here
-    cpu = torch.device("cpu")
-    assert bf16_enabled(InferenceConfig(bf16="auto"), cpu) is expected
-    assert bf16_enabled(InferenceConfig(bf16="on"), cpu) is True
-    assert bf16_enabled(InferenceConfig(bf16="off"), cpu) is False

@@ -67,9 +67,12 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise UserError(f"--threads {args.threads}: expected a positive number of threads")
         config.inference.threads = args.threads
-    options = SegmentOptions(checkpoint=Path(args.checkpoint), lungs=args.lungs, device=args.device,
-                             tta=args.tta, probability=args.probability, html=args.html, force=args.force,
-                             backend=args.backend)
+    if args.device:
+        config.inference.device = args.device
+    if args.tta:
+        config.inference.tta = True
+    options = SegmentOptions(checkpoint=Path(args.checkpoint), lungs=args.lungs, probability=args.probability,
+                             html=args.html, force=args.force, backend=args.backend)
 
     def log(message: str) -> None:
         sys.stderr.write(message + "\n")

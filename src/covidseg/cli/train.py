@@ -76,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(Path(args.config) if args.config else None, overrides)
         result = train(args.out, config=config, data=args.data, split=args.split, progress=not args.quiet,
                        command=command)
-    from covidseg.training.distributed import env_info
+    from covidseg.runtime import process_rank
 
-    if env_info().is_main:
+    if process_rank().is_main:
         print(f"{result.run_dir}: step {result.step}/{result.total_steps}, best validation Dice "
               f"{result.best_dice:.4f} (epoch {result.best_epoch}); weights in {result.run_dir / 'best.pt'}")
     return 0

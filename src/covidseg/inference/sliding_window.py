@@ -10,7 +10,8 @@ whole volume the result equals MONAI's (``tests/test_sliding_window.py`` compare
 - a covidseg network runs as its inference form (:func:`covidseg.models.deploy.deploy_copy`: batch norm folded,
   weights in ``channels_last_3d`` and, where bfloat16 is used, in bfloat16), windows batched and fed in the same
   dtype and memory format under :func:`torch.inference_mode`; other modules (TorchScript) run under autocast;
-- bfloat16 on CPUs with native bfloat16 (AVX512-BF16 / AMX) and on GPUs that have it;
+- bfloat16 on CPUs with native bfloat16 (AVX512-BF16 / AMX) and on GPUs that have it
+  (:func:`covidseg.runtime.bf16_enabled`);
 - accumulators allocated once, over the box only.
 
 Optional flip test-time augmentation averages the sigmoid outputs over every combination of flips of
@@ -22,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import platform
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -30,9 +30,11 @@ import torch
 from torch import nn
 
 from covidseg.config import InferenceConfig
-from covidseg.errors import ConfigError, UserError
+from covidseg.errors import ConfigError
 from covidseg.models.deploy import deploy_copy
+from covidseg.models.sizes import fit_divisor, fits_divisor, format_size
 from covidseg.models.unet import UNet
+from covidseg.runtime import bf16_enabled, resolve_device, torch_threads
 
 Box = tuple[slice, slice, slice]
 
@@ -41,46 +43,6 @@ MIN_IMPORTANCE = 1e-3
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N`` as a device; a missing GPU is a :class:`UserError`."""
-    device = torch.device(name or "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            f"--device {name}: no CUDA GPU is available to this torch ({torch.__version__}); "
-            "use --device cpu (or install a CUDA build of torch on a machine with a GPU)"
-        )
-    return device
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bfloat16 natively: AVX512-BF16 or AMX on x86, the BF16 extension on Arm.
-
-    oneDNN's own check (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) also says yes for any AVX-512 CPU, where
-    oneDNN emulates bfloat16 with float32 arithmetic: the answer changes (bf16 rounding) without the native speed-up
-    measured in docs/performance.md, so ``auto`` stays in float32 there.
-    """
-    try:
-        if platform.machine().lower() in ("x86_64", "amd64", "x86", "i386", "i686"):
-            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def bf16_enabled(cfg: InferenceConfig, device: torch.device) -> bool:
-    """Whether bfloat16 is used: ``on``, ``off``, or ``auto`` = where the hardware computes bfloat16 natively
-    (:func:`native_bf16_cpu`; GPUs of compute capability >= 8.0)."""
-    if cfg.bf16 == "off":
-        return False
-    if cfg.bf16 == "on":
-        return True
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type == "cpu":
-        return native_bf16_cpu()
-    return False
 
 
 def scan_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -207,13 +169,8 @@ def predict_volume(
         UserError: a CUDA device that is not there.
     """
     dev = resolve_device(device if device is not None else cfg.device)
-    threads = torch.get_num_threads()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)  # restored on return: a library call leaves the process as it was
-    try:
+    with torch_threads(cfg.threads):
         return _predict_volume(model, volume, cfg, box, dev, mask, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _predict_volume(model: nn.Module, volume: np.ndarray, cfg: InferenceConfig, box: Box | None,
@@ -322,7 +279,7 @@ def _fit_to_mask(model: nn.Module, sized: list[tuple[tuple[int, int, int], tuple
             lo_ = max(int(hit[0]) - int(margin[axis]), 0)
             hi_ = min(int(hit[-1]) + 1 + int(margin[axis]), extent)
             div = int(divisor[axis])
-            n = min(extent, max(div, -(-(hi_ - lo_) // div) * div))
+            n = min(extent, fit_divisor((hi_ - lo_,), (div,))[0])
             first = min(lo_, extent - n)
             start[axis], size[axis] = origin + first, n
         out.append(((start[0], start[1], start[2]), (size[0], size[1], size[2])))
@@ -333,7 +290,8 @@ def _fit_window(model: nn.Module, window: Sequence[int], box: Sequence[slice], s
     """``window`` shrunk per axis to the box's extent rounded up to the model's size divisor."""
     divisor = getattr(_unwrap(model), "size_divisor", None)
     div = (1, 1, 1) if divisor is None else ((1, *divisor) if spatial_dims == 2 else tuple(divisor))
-    return [min(int(w), max(d, -(-(b.stop - b.start) // d) * d)) for w, b, d in zip(window, box, div, strict=True)]
+    extent = fit_divisor([b.stop - b.start for b in box], div)
+    return [min(int(w), e) for w, e in zip(window, extent, strict=True)]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -347,11 +305,10 @@ def _check_window(model: nn.Module, window: Sequence[int], spatial_dims: int) ->
     if divisor is None:
         return
     div = (1, *divisor) if spatial_dims == 2 else tuple(divisor)
-    if any(w % d for w, d in zip(window, div, strict=True)):
-        fit = tuple(max(d, -(-w // d) * d) for w, d in zip(window, div, strict=True))
+    if not fits_divisor(window, div):
         raise ConfigError(
-            f"inference.window {'x'.join(map(str, window))} does not fit the model's poolings (each axis a "
-            f"multiple of {'x'.join(map(str, div))}); use --set inference.window={'x'.join(map(str, fit))}"
+            f"inference.window {format_size(window)} does not fit the model's poolings (each axis a "
+            f"multiple of {format_size(div)}); use --set inference.window={format_size(fit_divisor(window, div))}"
         )
 
 
@@ -371,7 +328,7 @@ def _run_windows(
     acc: torch.Tensor | None = None
     source = torch.from_numpy(np.ascontiguousarray(sub))
     native = not hasattr(model, "session")  # an ONNX Runtime model computes float32 in its own layout
-    use_bf16 = native and bf16_enabled(cfg, dev)
+    use_bf16 = native and bf16_enabled(cfg.bf16, dev)
     memory_format = (torch.channels_last_3d if (native and cfg.channels_last and spatial_dims == 3)
                      else torch.contiguous_format)
     input_dtype = torch.float32

@@ -27,6 +27,7 @@ from covidseg.models.blocks import (
     conv_nd,
     conv_transpose_nd,
 )
+from covidseg.models.sizes import fit_divisor, fits_divisor, format_size
 
 POOL = 2
 """Pooling (and upsampling) factor of every pooled axis."""
@@ -159,12 +160,12 @@ class UNet(nn.Module):
             raise InputError(
                 f"model input of shape {tuple(shape)}: expected {self.config.in_channels} channel(s), got {shape[1]}"
             )
-        if any(s % d or s < d for s, d in zip(spatial, div, strict=True)):
-            fit = tuple(max(d, -(-s // d) * d) for s, d in zip(spatial, div, strict=True))
+        if not fits_divisor(spatial, div):
             raise InputError(
-                f"model input size {'x'.join(map(str, spatial))} does not fit the poolings of model "
-                f"'{self.config.name}' (each axis must be a multiple of {'x'.join(map(str, div))}); "
-                f"use {'x'.join(map(str, fit))} (pad or crop), or lower model.depth / model.slice_poolings"
+                f"model input size {format_size(spatial)} does not fit the poolings of model "
+                f"'{self.config.name}' (each axis must be a multiple of {format_size(div)}); "
+                f"use {format_size(fit_divisor(spatial, div))} (pad or crop), or lower model.depth / "
+                "model.slice_poolings"
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:

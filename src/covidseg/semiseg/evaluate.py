@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from covidseg.errors import InputError
+from covidseg.runtime import resolve_device
 from covidseg.semiseg.data import load_folder
 from covidseg.semiseg.metric import METRIC_KEYS, summarize
-from covidseg.semiseg.train import TRAIN_SIZE, heads_off, predict_slices, resolve_device, score_slices
+from covidseg.semiseg.train import TRAIN_SIZE, heads_off, predict_slices, score_slices
 
 DEFAULT_WEIGHTS = "semiseg-2d.pt"
 """File name of the shipped model inside ``covidseg/weights/``."""

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from covidseg.errors import ConfigError, UserError
+from covidseg.runtime import autocast_dtype
 from covidseg.semiseg.augment import AugmentConfig, SliceAugment
 from covidseg.semiseg.data import Slice, resize_image, resize_stack
 from covidseg.semiseg.metric import slice_metrics, summarize
@@ -71,7 +72,8 @@ class SemisegConfig:
     folds: int = 5
     seed: int = 0
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    """``auto``: bf16 on CUDA GPUs that have it, fp16 on older ones, off on the CPU."""
+    """Mixed precision, :func:`covidseg.runtime.autocast_dtype`: ``auto`` = bf16 on CUDA GPUs that have it, fp16 on
+    older ones, off on the CPU."""
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -96,33 +98,6 @@ class SemisegConfig:
                 return {k: plain(x) for k, x in v.items()}
             return v
         return plain(dataclasses.asdict(self))
-
-
-# --------------------------------------------------------------------------------------------- devices
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; raise a UserError for a CUDA request without a GPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is visible to torch; use --device cpu")
-    return device
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` on ``device`` (``None`` = float32)."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -327,7 +302,7 @@ def train_model(
     loss_fn = DeepSupervisionLoss(SegmentationLoss(cfg.bce_weight, cfg.dice_weight))
     if state_path is not None and Path(state_path).is_file():
         _load_run(Path(state_path), run, cfg)
-    dtype = amp_dtype(cfg.amp, device)
+    dtype = autocast_dtype(cfg.amp, device, setting="--amp")
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16 and device.type == "cuda")
     bar = _progress(total, desc, progress)
     bar.update(run.step)
@@ -390,7 +365,7 @@ def predict_slices(
 
     model.eval()
     heads_off(model)
-    dtype = amp_dtype(amp, device)
+    dtype = autocast_dtype(amp, device, setting="--amp")
     out: list[np.ndarray] = []
     for start in range(0, len(slices), batch):
         chunk = slices[start:start + batch]

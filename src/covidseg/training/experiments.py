@@ -159,10 +159,10 @@ def evaluate_run(
     Returns:
         ``case_id -> {dice, iou, sensitivity, precision, nsd, hd95, resolution}`` (fractions; hd95 in mm).
     """
-    import torch
     from tqdm import tqdm
 
     from covidseg.checkpoint import load_checkpoint
+    from covidseg.runtime import resolve_device
 
     best = run_dir / "best.pt"
     if not best.is_file():
@@ -174,7 +174,7 @@ def evaluate_run(
         saved = json.loads(cache_file.read_text(encoding="utf-8"))
         if saved.get("best_mtime_ns") == stamp and list(saved.get("cases", {})) == ids:
             return saved["cases"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     model, config, _ = load_checkpoint(best, device=device)
     tol = NSD_TOLERANCE_MM["infection"]
     out: dict[str, dict[str, Any]] = {}

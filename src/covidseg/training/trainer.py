@@ -42,14 +42,14 @@ from covidseg import __version__
 from covidseg.config import Config, load_config, save_config
 from covidseg.errors import ConfigError, InputError, OutputExistsError
 from covidseg.io.atomic import atomic_write_text
+from covidseg.runtime import autocast_dtype, process_rank, resolve_device
+from covidseg.targets import TARGET_CHANNELS, make_target
 from covidseg.training import distributed as ddp
 from covidseg.training.cache import CachedCase, default_cache_root, prepare_cases
 from covidseg.training.sampler import (
-    TARGET_CHANNELS,
     PatchDataset,
     StepBatchSampler,
     make_loader,
-    make_target,
     measure_loader,
     model_input,
 )
@@ -180,23 +180,6 @@ def cache_cases(
     return out
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp`` on ``device`` (``None`` = full float32)."""
-    if amp == "off":
-        return None
-    if device.type == "cuda":
-        if amp == "fp16":
-            return torch.float16
-        if amp == "bf16" or torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        raise ConfigError("train.amp=fp16 needs a CUDA GPU; on CPUs use train.amp=bf16 or off")
-    return None  # auto on CPU: float32
-
-
 def _set_heads(model: nn.Module, enabled: bool) -> None:
     heads = getattr(model, "ds_heads", None)
     if isinstance(heads, nn.ModuleList) and len(heads):
@@ -324,8 +307,8 @@ def train(
     if tcfg.batch_size < 1 or tcfg.epochs < 1 or tcfg.patches_per_epoch < 1:
         raise ConfigError("train.batch_size, train.epochs and train.patches_per_epoch must be positive integers")
 
-    info = ddp.env_info()
-    device = ddp.resolve_device(tcfg.device, info)
+    info = process_rank()
+    device = resolve_device(tcfg.device, info.local_rank, setting="train.device", bind=True)
     ddp.init_distributed(device, info)
     try:
         return _train(out, config, Path(data), split, resume, progress and info.is_main, command, info, device)
