@@ -251,7 +251,7 @@ def _fill_lungs(named: list[tuple[np.ndarray, int]], shape: tuple[int, ...], spa
 def _no_lung_reason(regions: list[AirRegion], cfg: LungConfig) -> str:
     if not regions:
         return (f"no lung in the field of view: no air region of at least {cfg.min_lung_volume_ml:g} mL inside the "
-                "body")
+                "body (a scan of another body region, or only a sliver of lung)")
     sizes = ", ".join(f"{r.volume_ml:.0f} mL at {r.median_hu:.0f} HU" for r in regions[:3])
     return (f"no lung in the field of view: the air regions of a lung's size inside the body ({sizes}) are pure gas "
             f"(median below {cfg.gas_median_hu:g} HU; lung is about -850 HU): bowel or stomach gas, not lung")
