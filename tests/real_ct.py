@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from covidseg.inference.lungs import LEFT, RIGHT
+from covidseg.io.image import CTImage
 from covidseg.metrics import binary_metrics
 
 REAL_CT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real-ct"
@@ -38,24 +39,28 @@ def missing_reason() -> str | None:
 
 
 @functools.lru_cache(maxsize=3)
-def load_case(name: str) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """``(hu, spacing)`` of a case: canonical ``(D, H, W)`` float32 HU (read-only) and mm."""
+def load_image(name: str) -> CTImage:
+    """A case's CT as ``covidseg.io.image.read_image`` reads it (cached; its array read-only)."""
     from covidseg.io.image import read_image
 
     image = read_image(REAL_CT / name / CASES[name])
-    hu = image.array
-    hu.setflags(write=False)
-    return hu, tuple(float(s) for s in image.spacing)  # type: ignore[return-value]
+    image.array.setflags(write=False)
+    return image
+
+
+def load_case(name: str) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """``(hu, spacing)`` of a case: canonical ``(D, H, W)`` float32 HU (read-only) and mm."""
+    image = load_image(name)
+    return image.array, (float(image.spacing[0]), float(image.spacing[1]), float(image.spacing[2]))
 
 
 @functools.lru_cache(maxsize=1)
 def pancreas_reference() -> np.ndarray:
     """The expert lungs of pancreas-ct-cb-001 as covidseg labels (1 left, 2 right), canonical ``(D, H, W)``."""
-    from covidseg.io.image import read_image, read_mask
+    from covidseg.io.image import read_mask
 
     name = "pancreas-ct-cb-001"
-    image = read_image(REAL_CT / name / CASES[name])
-    ref = read_mask(REAL_CT / name / "reference_labels.nii.gz", like=image)
+    ref = read_mask(REAL_CT / name / "reference_labels.nii.gz", like=load_image(name))
     out = np.zeros(ref.shape, dtype=np.uint8)
     for label, theirs in REFERENCE_LUNG_LABELS.items():
         out[ref == theirs] = label
@@ -66,10 +71,9 @@ def pancreas_reference() -> np.ndarray:
 @functools.lru_cache(maxsize=1)
 def lidc_nodule() -> np.ndarray:
     """The consensus nodule of lidc-idri-0314, canonical ``(D, H, W)`` bool."""
-    from covidseg.io.image import read_image, read_mask
+    from covidseg.io.image import read_mask
 
-    image = read_image(REAL_CT / "lidc-idri-0314" / CASES["lidc-idri-0314"])
-    nodule = read_mask(REAL_CT / NODULE, like=image) > 0
+    nodule = read_mask(REAL_CT / NODULE, like=load_image("lidc-idri-0314")) > 0
     nodule.setflags(write=False)
     return nodule
 

@@ -157,6 +157,8 @@ class LungConfig:
     """Per-slice closing radius that keeps dense sub-pleural consolidation inside the lung."""
     min_lung_volume_ml: float = 100.0
     """Smallest air region (mL) taken for a lung."""
+    min_lung_part_ml: float = 5.0
+    """Smallest piece of lung (mL) that the scan's first or last slice cuts off a lung and that is joined to it."""
     work_spacing_mm: float = 1.5
     """Extraction runs on block means of about this voxel size (mm) and is refined at full resolution."""
     padding_floor_hu: float = -1024.0

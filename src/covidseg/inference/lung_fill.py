@@ -23,14 +23,22 @@ MIN_COVER = 0.5
 """Share of a hole's or bite's pixels that must have lung above (below) it for it to count as covered."""
 
 
-def lung_cover(lung: np.ndarray, slices: int) -> tuple[np.ndarray, np.ndarray]:
+def lung_cover(lung: np.ndarray, slices: int, cut: tuple[bool, bool] = (False, False)) -> tuple[np.ndarray, np.ndarray]:
     """Where ``lung`` lies above and below each voxel: ``(above, below)``, ``(D, H, W)`` bool, ``above[z, y, x]``
-    when one of the ``slices`` slices above ``z`` holds lung at ``(y, x)`` (``below``: the slices under it)."""
+    when one of the ``slices`` slices above ``z`` holds lung at ``(y, x)`` (``below``: the slices under it).
+
+    ``cut = (low, high)`` says the scan stops inside the lung at its first (last) slice: beyond it, the lung is
+    taken to go on as the outline (holes filled) of that slice."""
     d = lung.shape[0]
-    count = np.zeros((d + 1,) + lung.shape[1:], dtype=np.int32)
-    np.cumsum(lung, axis=0, dtype=np.int32, out=count[1:])  # count[k] = lung slices among 0..k-1
-    z = np.arange(d)
-    hi, lo = np.minimum(z + 1 + slices, d), np.maximum(z - slices, 0)
+    low = np.repeat(fill_holes_2d(lung[:1]), slices, axis=0) if cut[0] else lung[:0]
+    high = np.repeat(fill_holes_2d(lung[-1:]), slices, axis=0) if cut[1] else lung[:0]
+    stack = np.concatenate([low, lung, high]) if cut[0] or cut[1] else lung
+    off = low.shape[0]
+    n = stack.shape[0]
+    count = np.zeros((n + 1,) + lung.shape[1:], dtype=np.int32)
+    np.cumsum(stack, axis=0, dtype=np.int32, out=count[1:])  # count[k] = lung slices among 0..k-1
+    z = np.arange(d) + off
+    hi, lo = np.minimum(z + 1 + slices, n), np.maximum(z - slices, 0)
     above = (count[hi] - count[z + 1]) > 0
     below = (count[z] - count[lo]) > 0
     return above, below
@@ -57,7 +65,7 @@ def fill_lung_slices(lung: np.ndarray, spacing: Sequence[float], cfg: LungConfig
         return lung
     sub = lung[box]
     reach = max(1, int(round(cfg.enclosure_mm / float(spacing[0]))))
-    above, below = lung_cover(sub, reach)
+    above, below = lung_cover(sub, reach, (box[0].start == 0, box[0].stop == lung.shape[0]))
     radius = 0.5 * (cfg.closing_radius_mm / spacing[1] + cfg.closing_radius_mm / spacing[2])
     # holes and the closing on the whole stack at once (in-plane structures: the same as slice by slice)
     filled = sub | fillable_holes(sub, above, below, cfg.max_hole_fraction)

@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from covidseg.config import LungConfig
-from covidseg.inference.lung_grid import SLICE_2D, bbox, components
+from covidseg.inference.lung_grid import SLICE_2D, Box, bbox, components
 
 LEFT = 1
 """Label of the patient's left lung (higher column index in canonical arrays)."""
@@ -26,30 +26,64 @@ RIGHT = 2
 
 @dataclass(frozen=True)
 class AirRegion:
-    """An air region of a lung's size inside the body.
+    """An air region inside the body (a 3D component of the opened air).
 
     Attributes:
-        mask: ``(D, H, W)`` bool on the work grid.
+        labels: ``(D, H, W)`` label image of all regions (shared).
+        index: this region's label in it.
+        box: its bounding box.
         volume_ml: its volume (mL).
         median_hu: median of the work-grid CT over it (HU).
         lung_like: whether it holds lung parenchyma (``median_hu`` above ``LungConfig.gas_median_hu``).
     """
 
-    mask: np.ndarray
+    labels: np.ndarray
+    index: int
+    box: Box
     volume_ml: float
     median_hu: float
     lung_like: bool
 
+    @property
+    def mask(self) -> np.ndarray:
+        """``(D, H, W)`` bool, the region."""
+        out = np.zeros(self.labels.shape, dtype=bool)
+        out[self.box] = self.labels[self.box] == self.index
+        return out
+
+    def touches(self, z: int) -> bool:
+        """Whether the region has voxels in slice ``z``."""
+        return bool(self.box[0].start <= z < self.box[0].stop and (self.labels[z][self.box[1:]] == self.index).any())
+
 
 def air_regions(air: np.ndarray, small: np.ndarray, voxel_ml: float, cfg: LungConfig) -> list[AirRegion]:
-    """The 3D components of ``air`` of at least ``cfg.min_lung_volume_ml``, largest first, each classified as
+    """The 3D components of ``air`` of at least ``cfg.min_lung_part_ml``, largest first, each classified as
     lung parenchyma or gas by its median HU (on ``small``, the work-grid CT)."""
-    min_voxels = max(int(cfg.min_lung_volume_ml / voxel_ml), 1)
+    labels, n = ndimage.label(air)
+    if n == 0:
+        return []
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    min_voxels = max(int(cfg.min_lung_part_ml / voxel_ml), 1)
+    objects = ndimage.find_objects(labels)
     out = []
-    for part in components(air, min_voxels):
-        median = float(np.median(small[part]))
-        out.append(AirRegion(part, float(part.sum()) * voxel_ml, median, median > cfg.gas_median_hu))
+    for i in np.argsort(sizes[1:])[::-1] + 1:
+        if sizes[i] < min_voxels:
+            break
+        box = objects[i - 1]
+        assert box is not None
+        median = float(np.median(small[box][labels[box] == i]))
+        out.append(AirRegion(labels, int(i), (box[0], box[1], box[2]), float(sizes[i]) * voxel_ml, median,
+                             median > cfg.gas_median_hu))
     return out
+
+
+def cut_parts(regions: list[AirRegion], lungs: list[np.ndarray], depth: int) -> list[AirRegion]:
+    """Lung-like regions, other than the lungs, that the scan's first or last slice cuts where it cuts a lung too:
+    pieces of a lung that join it only beyond the field of view (an anterior segment, a lingula), not gas (which
+    fails the median test or lies below the lungs). ``depth`` is the number of slices."""
+    ends = [z for z in (0, depth - 1) if any(lung[z].any() for lung in lungs)]
+    return [r for r in regions if r.lung_like and any(r.touches(z) for z in ends)
+            and not any(lung[r.box].any() and (lung[r.box] & (r.labels[r.box] == r.index)).any() for lung in lungs)]
 
 
 def side_fraction(mask: np.ndarray, midline: float) -> float:

@@ -51,7 +51,16 @@ from covidseg.inference.lung_grid import (
     upsample_labels,
     work_factors,
 )
-from covidseg.inference.lung_parts import LEFT, RIGHT, AirRegion, air_regions, name_sides, pick_lungs, regrow
+from covidseg.inference.lung_parts import (
+    LEFT,
+    RIGHT,
+    AirRegion,
+    air_regions,
+    cut_parts,
+    name_sides,
+    pick_lungs,
+    regrow,
+)
 
 __all__ = [
     "LEFT",
@@ -180,14 +189,17 @@ def find_lungs(hu: np.ndarray, spacing: Sequence[float], cfg: LungConfig | None 
     # bronchial walls; the bridges' voxels go back to the lung they touch afterwards
     opened = binary_opening(air, iterations=cfg.opening_voxels) if cfg.opening_voxels > 0 else air
     regions = air_regions(opened, small, voxel_ml, cfg)
-    gas = tuple(r.volume_ml for r in regions if not r.lung_like)
-    lung_like = [r.mask for r in regions if r.lung_like]
+    large = [r for r in regions if r.volume_ml >= cfg.min_lung_volume_ml]
+    gas = tuple(r.volume_ml for r in large if not r.lung_like)
+    lung_like = [r.mask for r in large if r.lung_like]
     if not lung_like:
-        return _no_lungs(hu.shape, _no_lung_reason(regions, cfg), gas)
+        return _no_lungs(hu.shape, _no_lung_reason(large, cfg), gas)
     parts = pick_lungs(lung_like, max(int(cfg.min_lung_volume_ml / voxel_ml), 1), midline, cfg)
+    named = _with_cut_parts(name_sides(parts, midline), cut_parts(regions, parts, small.shape[0]))
     if cfg.opening_voxels > 0:
-        parts = regrow(parts, air, cfg.opening_voxels)
-    labels = _fill_lungs(name_sides(parts, midline), small.shape, work_spacing, cfg)
+        grown = regrow([m for m, _ in named], air, cfg.opening_voxels)
+        named = [(g, label) for g, (_, label) in zip(grown, named, strict=True)]
+    labels = _fill_lungs(named, small.shape, work_spacing, cfg)
     out = np.zeros(hu.shape, dtype=np.uint8)
     out[work.box] = _refine_border(labels, air, hu[work.box], work.factors, cfg)
     return describe_lungs(out, spacing, cfg, gas)
@@ -228,6 +240,20 @@ def _work_grid(hu: np.ndarray, spacing: Sequence[float], cfg: LungConfig) -> _Wo
     body = coarse[z[:, None, None], idx[0][None, :, None], idx[1][None, None, :]]
     work_spacing = (float(spacing[0]) * factors[0], float(spacing[1]) * factors[1], float(spacing[2]) * factors[2])
     return _WorkGrid(small, body, work_spacing, factors, (box[0], box[1], box[2]))
+
+
+def _with_cut_parts(named: list[tuple[np.ndarray, int]], parts: list[AirRegion]) -> list[tuple[np.ndarray, int]]:
+    """Each piece of lung cut off by the field of view (:func:`~covidseg.inference.lung_parts.cut_parts`) joined to
+    the lung whose centre column is nearest to its own."""
+    if not parts:
+        return named
+    centres = [float(np.flatnonzero(m.any(axis=(0, 1))).mean()) for m, _ in named]
+    out = [m.copy() for m, _ in named]
+    for part in parts:
+        mask = part.mask
+        col = float(np.flatnonzero(mask.any(axis=(0, 1))).mean())
+        out[int(np.argmin([abs(col - c) for c in centres]))] |= mask
+    return [(m, label) for m, (_, label) in zip(out, named, strict=True)]
 
 
 def _fill_lungs(named: list[tuple[np.ndarray, int]], shape: tuple[int, ...], spacing: Sequence[float],
