@@ -175,6 +175,8 @@ class LungConfig:
     """Largest distance (mm) of the trachea's centre from the midline of the air inside the body."""
     airway_hu: float = -900.0
     """The airway tree is grown from the trachea through air darker than this (HU; lung is about -850 HU)."""
+    airway_depth_mm: float = 120.0
+    """How far below the tracked trachea (mm) the airway tree is grown (the main and lobar bronchi lie within)."""
     airway_max_ml: float = 200.0
     """A grown airway tree larger than this (mL) has leaked into the lung and is grown again, darker."""
     max_split_erosions: int = 10

@@ -92,14 +92,18 @@ def remove_airways(air: np.ndarray, small: np.ndarray, spacing: Sequence[float],
         return seeds
     voxel_ml = float(np.prod(spacing)) / 1000.0
     structure = ndimage.generate_binary_structure(3, 1)
+    # the large airways lie within cfg.airway_depth_mm below the trachea's lowest tracked slice
+    lo = max(int(np.flatnonzero(seeds.any(axis=(1, 2)))[0] - cfg.airway_depth_mm / float(spacing[0])), 0)
     threshold = cfg.airway_hu
     while threshold >= -1000.0:
-        lumen = air & (small < threshold)
+        lumen = air[lo:] & (small[lo:] < threshold)
         labels, _ = ndimage.label(lumen, structure=structure)
-        ids = np.unique(labels[seeds & lumen])
+        ids = np.unique(labels[seeds[lo:] & lumen])
         tree = np.isin(labels, ids[ids > 0])
         if tree.sum() * voxel_ml <= cfg.airway_max_ml:
-            return seeds | tree | (ndimage.binary_dilation(tree, structure=structure) & air)
+            out = seeds.copy()
+            out[lo:] |= tree | (ndimage.binary_dilation(tree, structure=structure) & air[lo:])
+            return out
         threshold -= 50.0
     return seeds
 
@@ -153,12 +157,18 @@ def basal_gas(small: np.ndarray, air: np.ndarray, voxel_ml: float, cfg: LungConf
     lowest third of the slices holding air inside the body. Partial volume can join such gas to the lung through
     a thin diaphragm; removing it first keeps it out of the lung mask. (Large basal emphysematous bullae would
     be removed too: switch off with ``lungs.remove_basal_gas=false``.)"""
-    dark = binary_opening(air & (small < cfg.gas_hu))
+    out = np.zeros_like(air)
     z = np.flatnonzero(air.any(axis=(1, 2)))
-    if z.size == 0 or not dark.any():
-        return np.zeros_like(air)
+    if z.size == 0:
+        return out
     low = z[0] + (z[-1] - z[0]) / 3.0
+    # only the lower two thirds are looked at (a region centred in the lowest third and reaching above them spans a
+    # third of the chest: a lung's size, not bowel gas)
+    top = min(air.shape[0], int(z[0] + 2.0 * (z[-1] - z[0]) / 3.0) + 3)
+    dark = binary_opening(air[:top] & (small[:top] < cfg.gas_hu))
     labels, n = ndimage.label(dark)
+    if n == 0:
+        return out
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     min_voxels = max(int(cfg.min_gas_ml / voxel_ml), 1)
     keep = np.zeros(n + 1, dtype=bool)
@@ -166,4 +176,5 @@ def basal_gas(small: np.ndarray, air: np.ndarray, voxel_ml: float, cfg: LungConf
         if obj is not None and sizes[i] >= min_voxels:
             slices = np.flatnonzero((labels[obj] == i).any(axis=(1, 2))) + obj[0].start
             keep[i] = slices.mean() < low
-    return keep[labels]
+    out[:top] = keep[labels]
+    return out

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from covidseg.config import LungConfig
-from covidseg.inference.lung_grid import SLICE_2D, bbox, convex_hull_2d, fill_holes_2d, octagon_closing
+from covidseg.inference.lung_grid import SLICE_2D, bbox, convex_hulls, fill_holes_2d, octagon_closing
 
 MIN_COVER = 0.5
 """Share of a hole's or bite's pixels that must have lung above (below) it for it to count as covered."""
@@ -28,10 +28,10 @@ def lung_cover(lung: np.ndarray, slices: int, cut: tuple[bool, bool] = (False, F
     when one of the ``slices`` slices above ``z`` holds lung at ``(y, x)`` (``below``: the slices under it).
 
     ``cut = (low, high)`` says the scan stops inside the lung at its first (last) slice: beyond it, the lung is
-    taken to go on as the outline (holes filled) of that slice."""
+    taken to go on as that slice (its holes stay holes: the dome seen at a cut base stays out)."""
     d = lung.shape[0]
-    low = np.repeat(fill_holes_2d(lung[:1]), slices, axis=0) if cut[0] else lung[:0]
-    high = np.repeat(fill_holes_2d(lung[-1:]), slices, axis=0) if cut[1] else lung[:0]
+    low = np.repeat(lung[:1], slices, axis=0) if cut[0] else lung[:0]
+    high = np.repeat(lung[-1:], slices, axis=0) if cut[1] else lung[:0]
     stack = np.concatenate([low, lung, high]) if cut[0] or cut[1] else lung
     off = low.shape[0]
     n = stack.shape[0]
@@ -73,10 +73,7 @@ def fill_lung_slices(lung: np.ndarray, spacing: Sequence[float], cfg: LungConfig
     closed = filled | (closed & ~(fill_holes_2d(filled) & ~filled))  # not into the holes left open (the dome)
     closed |= fillable_holes(closed, above, below, cfg.max_hole_fraction)
     if cfg.fill_concavities:
-        hull = np.zeros_like(closed)
-        for z in np.flatnonzero(closed.sum(axis=(1, 2)) > 3):
-            hull[z] = convex_hull_2d(closed[z])
-        closed |= lateral_concavities(closed, hull, medial_side, cfg, above, below)
+        closed |= lateral_concavities(closed, convex_hulls(closed), medial_side, cfg, above, below)
     result = np.zeros_like(lung)
     result[box] = closed
     return result

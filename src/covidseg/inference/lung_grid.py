@@ -167,37 +167,76 @@ def octagon_closing(mask: np.ndarray, radius_px: float) -> np.ndarray:
 
 
 def convex_hull_2d(mask: np.ndarray) -> np.ndarray:
-    """Convex hull of a 2D mask, the pixels whose centres lie in the hull of the pixels' edge midpoints: the
-    definition of ``skimage.morphology.convex_hull_image`` (its reference in the tests), rasterised row by row
-    (a convex polygon covers one run of each row), several times faster."""
+    """Convex hull of a 2D mask: :func:`convex_hulls` of one slice."""
+    return convex_hulls(mask[None])[0]
+
+
+def convex_hulls(stack: np.ndarray) -> np.ndarray:
+    """Convex hull of each axial slice of ``stack``: the pixels whose centres lie in the hull of the pixels' edge
+    midpoints, the definition of ``skimage.morphology.convex_hull_image`` (its reference in the tests). The
+    candidate points (first and last pixel of each row and column) and the rasterisation (a convex polygon covers
+    one run of each row) are done for all slices at once, qhull once per slice: several times faster.
+
+    Args:
+        stack: ``(D, H, W)`` bool.
+
+    Returns:
+        ``(D, H, W)`` bool; an empty slice stays empty.
+    """
     from scipy.spatial import ConvexHull, QhullError
 
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return np.zeros_like(mask, dtype=bool)
-    cols = np.flatnonzero(mask.any(axis=0))
-    first_c, last_c = mask[rows].argmax(axis=1), mask.shape[1] - 1 - mask[rows, ::-1].argmax(axis=1)
-    first_r, last_r = mask[:, cols].argmax(axis=0), mask.shape[0] - 1 - mask[::-1, cols].argmax(axis=0)
-    pts = np.concatenate([np.stack([rows, first_c], 1), np.stack([rows, last_c], 1),
-                          np.stack([first_r, cols], 1), np.stack([last_r, cols], 1)]).astype(np.float64)
-    # the edge midpoints of each candidate pixel, without repeats (repeated points can upset qhull): on the
-    # half-pixel grid every point is one integer key
-    twice = (2 * pts[:, None, :] + np.array([[-1, 0], [1, 0], [0, -1], [0, 1]])).reshape(-1, 2).astype(np.int64)
-    width = 2 * mask.shape[1] + 3
-    keys = np.unique((twice[:, 0] + 1) * width + twice[:, 1] + 1)
-    pts = np.stack([keys // width - 1, keys % width - 1], axis=1) / 2.0
-    try:
-        v = pts[ConvexHull(pts).vertices]
-    except QhullError:  # a line of pixels: its own hull
-        return mask.astype(bool, copy=True)
-    y0, x0 = v[:, 0], v[:, 1]
-    y1, x1 = np.roll(y0, -1), np.roll(x0, -1)
-    y = np.arange(mask.shape[0], dtype=np.float64)[:, None]
-    dy = np.where(y1 == y0, np.nan, y1 - y0)
-    t = (y - y0) / dy
+    d, h, w = stack.shape
+    out = np.zeros(stack.shape, dtype=bool)
+    row_any, col_any = np.asarray(stack.any(axis=2)), np.asarray(stack.any(axis=1))  # (D, H), (D, W)
+    first_c, last_c = stack.argmax(axis=2), w - 1 - stack[:, :, ::-1].argmax(axis=2)
+    first_r, last_r = stack.argmax(axis=1), h - 1 - stack[:, ::-1, :].argmax(axis=1)
+    offsets = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]])
+    width = 2 * w + 3
+    hulls: list[np.ndarray | None] = []
+    for z in range(d):
+        rows, cols = np.flatnonzero(row_any[z]), np.flatnonzero(col_any[z])
+        if rows.size == 0:
+            hulls.append(None)
+            continue
+        pts = np.concatenate([np.stack([rows, first_c[z, rows]], 1), np.stack([rows, last_c[z, rows]], 1),
+                              np.stack([first_r[z, cols], cols], 1), np.stack([last_r[z, cols], cols], 1)])
+        # the edge midpoints of each candidate pixel, without repeats (repeated points can upset qhull): on the
+        # half-pixel grid every point is one integer key
+        twice = (2 * pts[:, None, :] + offsets).reshape(-1, 2)
+        keys = np.unique((twice[:, 0] + 1) * width + twice[:, 1] + 1)
+        half = np.stack([keys // width - 1, keys % width - 1], axis=1) / 2.0
+        try:
+            hulls.append(half[ConvexHull(half).vertices])
+        except QhullError:  # a line of pixels: its own hull
+            hulls.append(None)
+            out[z] = stack[z]
+    _rasterise_hulls(hulls, out)
+    return out
+
+
+def _rasterise_hulls(hulls: list[np.ndarray | None], out: np.ndarray) -> None:
+    """Fill ``out[z]`` with the convex polygon ``hulls[z]`` (``(V, 2)`` row, column vertices in order; ``None``:
+    leave the slice): each row's run between its crossings of the polygon's edges, for all slices at once."""
+    zs = [z for z, v in enumerate(hulls) if v is not None]
+    if not zs:
+        return
+    n = max(len(hulls[z]) for z in zs)  # type: ignore[arg-type]
+    verts = np.full((len(zs), n + 1, 2), np.nan)
+    for k, z in enumerate(zs):
+        v = hulls[z]
+        assert v is not None
+        verts[k, : len(v)] = v
+        verts[k, len(v) :] = v[0]  # closed: the padding repeats the first vertex (zero-length edges)
+    y0, x0 = verts[:, :-1, 0][:, None, :], verts[:, :-1, 1][:, None, :]  # (K, 1, V)
+    y1, x1 = verts[:, 1:, 0][:, None, :], verts[:, 1:, 1][:, None, :]
+    y = np.arange(out.shape[1], dtype=np.float64)[None, :, None]  # (1, H, 1)
+    dy = y1 - y0
     eps = 1e-9
-    x = np.where((t >= -eps) & (t <= 1 + eps), x0 + t * (x1 - x0), np.nan)
-    with np.errstate(invalid="ignore"):
-        lo, hi = np.nanmin(np.where(np.isnan(x), np.inf, x), axis=1), np.nanmax(np.where(np.isnan(x), -np.inf, x), axis=1)
-    c = np.arange(mask.shape[1], dtype=np.float64)[None, :]
-    return (c >= lo[:, None] - eps) & (c <= hi[:, None] + eps)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (y - y0) / np.where(dy == 0, np.nan, dy)
+        x = x0 + t * (x1 - x0)
+    ok = (t >= -eps) & (t <= 1 + eps)
+    lo = np.where(ok, x, np.inf).min(axis=2)  # (K, H)
+    hi = np.where(ok, x, -np.inf).max(axis=2)
+    c = np.arange(out.shape[2], dtype=np.float64)
+    out[zs] = (c[None, None, :] >= lo[:, :, None] - eps) & (c[None, None, :] <= hi[:, :, None] + eps)

@@ -195,14 +195,14 @@ def find_lungs(hu: np.ndarray, spacing: Sequence[float], cfg: LungConfig | None 
     if not lung_like:
         return _no_lungs(hu.shape, _no_lung_reason(large, cfg), gas)
     parts = pick_lungs(lung_like, max(int(cfg.min_lung_volume_ml / voxel_ml), 1), midline, cfg)
-    named = _with_cut_parts(name_sides(parts, midline), cut_parts(regions, parts, small.shape[0]))
+    named = _with_cut_parts(name_sides(parts, midline), cut_parts(regions, parts, small.shape[0]), midline)
     if cfg.opening_voxels > 0:
         grown = regrow([m for m, _ in named], air, cfg.opening_voxels)
         named = [(g, label) for g, (_, label) in zip(grown, named, strict=True)]
     labels = _fill_lungs(named, small.shape, work_spacing, cfg)
     out = np.zeros(hu.shape, dtype=np.uint8)
     out[work.box] = _refine_border(labels, air, hu[work.box], work.factors, cfg)
-    return describe_lungs(out, spacing, cfg, gas)
+    return describe_lungs(out, spacing, cfg, gas, work.box)
 
 
 @dataclass(frozen=True)
@@ -242,18 +242,20 @@ def _work_grid(hu: np.ndarray, spacing: Sequence[float], cfg: LungConfig) -> _Wo
     return _WorkGrid(small, body, work_spacing, factors, (box[0], box[1], box[2]))
 
 
-def _with_cut_parts(named: list[tuple[np.ndarray, int]], parts: list[AirRegion]) -> list[tuple[np.ndarray, int]]:
+def _with_cut_parts(named: list[tuple[np.ndarray, int]], parts: list[AirRegion], midline: float
+                    ) -> list[tuple[np.ndarray, int]]:
     """Each piece of lung cut off by the field of view (:func:`~covidseg.inference.lung_parts.cut_parts`) joined to
-    the lung whose centre column is nearest to its own."""
-    if not parts:
-        return named
-    centres = [float(np.flatnonzero(m.any(axis=(0, 1))).mean()) for m, _ in named]
-    out = [m.copy() for m, _ in named]
+    the lung on its side of the body's midline, or that side's lung when none was found there (a crop through the
+    apex of a lung smaller than ``min_lung_volume_ml``)."""
+    out = {label: mask.copy() for mask, label in named}
     for part in parts:
         mask = part.mask
-        col = float(np.flatnonzero(mask.any(axis=(0, 1))).mean())
-        out[int(np.argmin([abs(col - c) for c in centres]))] |= mask
-    return [(m, label) for m, (_, label) in zip(out, named, strict=True)]
+        side = LEFT if float(np.flatnonzero(mask.any(axis=(0, 1))).mean()) > midline else RIGHT
+        if side in out:
+            out[side] |= mask
+        else:
+            out[side] = mask
+    return [(mask, label) for label, mask in out.items()]
 
 
 def _fill_lungs(named: list[tuple[np.ndarray, int]], shape: tuple[int, ...], spacing: Sequence[float],
@@ -288,8 +290,8 @@ def _no_lungs(shape: tuple[int, ...], reason: str, gas: tuple[float, ...] = ()) 
     return LungResult(np.zeros(shape, dtype=np.uint8), none, none, reason=reason, gas_ml=gas)
 
 
-def describe_lungs(labels: np.ndarray, spacing: Sequence[float], cfg: LungConfig,
-                   gas: tuple[float, ...] = ()) -> LungResult:
+def describe_lungs(labels: np.ndarray, spacing: Sequence[float], cfg: LungConfig, gas: tuple[float, ...] = (),
+                   box: Box | None = None) -> LungResult:
     """:class:`LungResult` of a lung label volume: volumes, slices, whether the chest is cut, warnings.
 
     Args:
@@ -297,10 +299,13 @@ def describe_lungs(labels: np.ndarray, spacing: Sequence[float], cfg: LungConfig
         spacing: ``(D, H, W)`` mm.
         cfg: ``cut_min_area_mm2`` and ``min_full_lungs_ml``.
         gas: volumes (mL) of the air regions of a lung's size found to be gas.
+        box: a box spanning all slices outside which ``labels`` is 0 (counts only there: faster).
     """
     voxel_ml = float(np.prod(spacing)) / 1000.0
     pixel_mm2 = float(spacing[1]) * float(spacing[2])
-    counts = np.stack([(labels == k).sum(axis=(1, 2)) for k in range(3)], axis=1)  # (D, 3) voxels per slice
+    inside = labels if box is None else labels[:, box[1], box[2]]
+    counts = np.stack([np.zeros(labels.shape[0], dtype=np.int64)]
+                      + [np.count_nonzero(inside == k, axis=(1, 2)) for k in (LEFT, RIGHT)], axis=1)  # (D, 3)
     sides = {}
     for label in (LEFT, RIGHT):
         z = np.flatnonzero(counts[:, label])
