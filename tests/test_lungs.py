@@ -226,10 +226,10 @@ def test_octagon_closing_is_close_to_the_disk_closing() -> None:
 def _dome_and_nodule() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A lung block (30 slices) with the diaphragm's dome rising into it from below (a half ellipsoid) and a
     nodule in its middle. Returns ``(lung, dome, nodule)``."""
-    d, h, w = 30, 60, 60
+    d, h, w = 34, 60, 60
     z, y, x = np.ogrid[:d, :h, :w]
-    lung = ((y - 30) ** 2 + (x - 30) ** 2 <= 27 ** 2) & np.ones((d, 1, 1), dtype=bool)
-    dome = ((z + 2) / 14.0) ** 2 + ((y - 30) / 14.0) ** 2 + ((x - 30) / 14.0) ** 2 <= 1.0
+    lung = ((y - 30) ** 2 + (x - 30) ** 2 <= 27 ** 2) & (z >= 2) & (z < d - 2)  # not cut by the volume's ends
+    dome = (z / 14.0) ** 2 + ((y - 30) / 14.0) ** 2 + ((x - 30) / 14.0) ** 2 <= 1.0
     nodule = ((z - 20) / 3.0) ** 2 + ((y - 30) / 4.0) ** 2 + ((x - 40) / 4.0) ** 2 <= 1.0
     return lung & ~dome & ~nodule, dome & lung, nodule
 
@@ -244,6 +244,19 @@ def test_dome_stays_out_and_a_nodule_is_filled() -> None:
     assert not filled[dome].any()
 
 
+def test_a_lesion_at_a_cut_base_stays_in_the_lung() -> None:
+    """Where the scan cuts the lung's base, a hole in the lowest slices gets the benefit of the doubt: beyond the
+    field of view the lung goes on (here a consolidation in the cut base of the lung block)."""
+    from covidseg.inference.lung_fill import fill_lung_slices
+
+    lung, _, _ = _dome_and_nodule()
+    lung = lung | np.roll(lung, -2, axis=0)  # the block down to slice 0: cut at the base
+    z, y, x = np.ogrid[: lung.shape[0], :60, :60]
+    lesion = (z <= 4) & ((y - 30) ** 2 + (x - 25) ** 2 <= 36)
+    filled = fill_lung_slices(lung & ~lesion, (2.5, 1.5, 1.5), LungConfig(), medial_side=-1)
+    assert filled[lesion].all()
+
+
 def test_lung_cover_looks_the_given_slices_up_and_down() -> None:
     from covidseg.inference.lung_fill import lung_cover
 
@@ -252,6 +265,9 @@ def test_lung_cover_looks_the_given_slices_up_and_down() -> None:
     above, below = lung_cover(lung, 2)
     assert above[:, 0, 0].tolist() == [False] * 4 + [True, True] + [False] * 4
     assert below[:, 0, 0].tolist() == [False] * 7 + [True, True] + [False]
+    lung[9] = True  # cut at the top: beyond it the lung goes on
+    above, _ = lung_cover(lung, 2, cut=(False, True))
+    assert above[:, 0, 0].tolist() == [False] * 4 + [True, True, False, True, True, True]
 
 
 def _on_a_curved_couch(hu: np.ndarray, gap_rows: int = 1) -> np.ndarray:

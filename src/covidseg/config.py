@@ -159,6 +159,9 @@ class LungConfig:
     """Smallest air region (mL) taken for a lung."""
     min_lung_part_ml: float = 5.0
     """Smallest piece of lung (mL) that the scan's first or last slice cuts off a lung and that is joined to it."""
+    lung_gap_mm: float = 20.0
+    """A lung-like region of a lung's size this close (mm) to a lung is a piece of it (a base cut off by a band of
+    consolidation)."""
     work_spacing_mm: float = 1.5
     """Extraction runs on block means of about this voxel size (mm) and is refined at full resolution."""
     padding_floor_hu: float = -1024.0

@@ -27,11 +27,12 @@ def lung_cover(lung: np.ndarray, slices: int, cut: tuple[bool, bool] = (False, F
     """Where ``lung`` lies above and below each voxel: ``(above, below)``, ``(D, H, W)`` bool, ``above[z, y, x]``
     when one of the ``slices`` slices above ``z`` holds lung at ``(y, x)`` (``below``: the slices under it).
 
-    ``cut = (low, high)`` says the scan stops inside the lung at its first (last) slice: beyond it, the lung is
-    taken to go on as that slice (its holes stay holes: the dome seen at a cut base stays out)."""
+    ``cut = (low, high)`` says the scan stops inside the lung at its first (last) slice: what lies beyond is not
+    known, and a hole or a lesion there gets the benefit of the doubt: the lung is taken to go on as the outline of
+    that slice, its holes filled (a consolidation in a base that the scan cuts stays in the lung)."""
     d = lung.shape[0]
-    low = np.repeat(lung[:1], slices, axis=0) if cut[0] else lung[:0]
-    high = np.repeat(lung[-1:], slices, axis=0) if cut[1] else lung[:0]
+    low = np.repeat(fill_holes_2d(lung[:1]), slices, axis=0) if cut[0] else lung[:0]
+    high = np.repeat(fill_holes_2d(lung[-1:]), slices, axis=0) if cut[1] else lung[:0]
     stack = np.concatenate([low, lung, high]) if cut[0] or cut[1] else lung
     off = low.shape[0]
     n = stack.shape[0]

@@ -77,13 +77,38 @@ def air_regions(air: np.ndarray, small: np.ndarray, voxel_ml: float, cfg: LungCo
     return out
 
 
-def cut_parts(regions: list[AirRegion], lungs: list[np.ndarray], depth: int) -> list[AirRegion]:
-    """Lung-like regions, other than the lungs, that the scan's first or last slice cuts where it cuts a lung too:
-    pieces of a lung that join it only beyond the field of view (an anterior segment, a lingula), not gas (which
-    fails the median test or lies below the lungs). ``depth`` is the number of slices."""
+def extra_parts(regions: list[AirRegion], lungs: list[np.ndarray], spacing: Sequence[float], cfg: LungConfig
+                ) -> list[AirRegion]:
+    """Lung-like regions, other than the lungs, that are pieces of them.
+
+    Two kinds: a region that the scan's first or last slice cuts where it cuts a lung too (a piece that joins the
+    lung only beyond the field of view: an anterior segment, a lingula; at least ``cfg.min_lung_part_ml``), and a
+    region of a lung's size (``cfg.min_lung_volume_ml``) within ``cfg.lung_gap_mm`` of a lung (a base or a lobe
+    cut off by a band of consolidation or by partial volume in thick slices). Gas fails the median test.
+    """
+    depth = lungs[0].shape[0]
     ends = [z for z in (0, depth - 1) if any(lung[z].any() for lung in lungs)]
-    return [r for r in regions if r.lung_like and any(r.touches(z) for z in ends)
-            and not any(lung[r.box].any() and (lung[r.box] & (r.labels[r.box] == r.index)).any() for lung in lungs)]
+    out = []
+    for r in regions:
+        own = r.labels[r.box] == r.index
+        if not r.lung_like or any((lung[r.box] & own).any() for lung in lungs):
+            continue
+        if any(r.touches(z) for z in ends) or (r.volume_ml >= cfg.min_lung_volume_ml
+                                                and any(_near(lung, r, spacing, cfg.lung_gap_mm) for lung in lungs)):
+            out.append(r)
+    return out
+
+
+def _near(lung: np.ndarray, region: AirRegion, spacing: Sequence[float], mm: float) -> bool:
+    """Whether ``region`` comes within ``mm`` of ``lung`` (Euclidean, in mm)."""
+    margin = [int(np.ceil(mm / float(s))) + 1 for s in spacing]
+    box = tuple(slice(max(b.start - m, 0), min(b.stop + m, n))
+                for b, m, n in zip(region.box, margin, lung.shape, strict=True))
+    sub = lung[box]
+    if not sub.any():
+        return False
+    dist = ndimage.distance_transform_edt(~sub, sampling=[float(s) for s in spacing])
+    return bool(dist[region.labels[box] == region.index].min() <= mm)
 
 
 def side_fraction(mask: np.ndarray, midline: float) -> float:

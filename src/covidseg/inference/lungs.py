@@ -56,7 +56,7 @@ from covidseg.inference.lung_parts import (
     RIGHT,
     AirRegion,
     air_regions,
-    cut_parts,
+    extra_parts,
     name_sides,
     pick_lungs,
     regrow,
@@ -195,7 +195,7 @@ def find_lungs(hu: np.ndarray, spacing: Sequence[float], cfg: LungConfig | None 
     if not lung_like:
         return _no_lungs(hu.shape, _no_lung_reason(large, cfg), gas)
     parts = pick_lungs(lung_like, max(int(cfg.min_lung_volume_ml / voxel_ml), 1), midline, cfg)
-    named = _with_cut_parts(name_sides(parts, midline), cut_parts(regions, parts, small.shape[0]), midline)
+    named = _with_parts(name_sides(parts, midline), extra_parts(regions, parts, work_spacing, cfg), midline)
     if cfg.opening_voxels > 0:
         grown = regrow([m for m, _ in named], air, cfg.opening_voxels)
         named = [(g, label) for g, (_, label) in zip(grown, named, strict=True)]
@@ -242,11 +242,11 @@ def _work_grid(hu: np.ndarray, spacing: Sequence[float], cfg: LungConfig) -> _Wo
     return _WorkGrid(small, body, work_spacing, factors, (box[0], box[1], box[2]))
 
 
-def _with_cut_parts(named: list[tuple[np.ndarray, int]], parts: list[AirRegion], midline: float
+def _with_parts(named: list[tuple[np.ndarray, int]], parts: list[AirRegion], midline: float
                     ) -> list[tuple[np.ndarray, int]]:
-    """Each piece of lung cut off by the field of view (:func:`~covidseg.inference.lung_parts.cut_parts`) joined to
-    the lung on its side of the body's midline, or that side's lung when none was found there (a crop through the
-    apex of a lung smaller than ``min_lung_volume_ml``)."""
+    """Each piece of lung (:func:`~covidseg.inference.lung_parts.extra_parts`) joined to the lung on its side of the
+    body's midline, or that side's lung when none was found there (a crop through the apex of a lung smaller than
+    ``min_lung_volume_ml``)."""
     out = {label: mask.copy() for mask, label in named}
     for part in parts:
         mask = part.mask
