@@ -147,32 +147,58 @@ class InferenceConfig:
 
 @dataclass
 class LungConfig:
-    """Classical (weight-free) lung extraction, stage 1 of ``segment``."""
+    """Classical (weight-free) lung extraction, stage 1 of ``segment`` (``covidseg.inference.lungs``)."""
 
     air_threshold_hu: float = -320.0
+    """Air (lung, gas) is below this (HU)."""
+    border_threshold_hu: float = -200.0
+    """The lungs' outer border at full resolution: voxels of the border band below this (HU) are lung."""
     closing_radius_mm: float = 10.0
     """Per-slice closing radius that keeps dense sub-pleural consolidation inside the lung."""
     min_lung_volume_ml: float = 100.0
+    """Smallest air region (mL) taken for a lung."""
+    min_lung_part_ml: float = 5.0
+    """Smallest piece of lung (mL) that the scan's first or last slice cuts off a lung and that is joined to it."""
+    lung_gap_mm: float = 20.0
+    """A lung-like region of a lung's size this close (mm) to a lung is a piece of it (a base cut off by a band of
+    consolidation)."""
     work_spacing_mm: float = 1.5
     """Extraction runs on block means of about this voxel size (mm) and is refined at full resolution."""
+    padding_floor_hu: float = -1024.0
+    """Values below this (HU) count as air: the padding outside the scanner's field of view (-2048, -3024 HU)."""
+    body_threshold_hu: float = -500.0
+    """The body is tissue denser than this (HU); foam mattresses and vacuum bags are lighter."""
+    body_spacing_mm: float = 3.0
+    """In-plane pixel (mm) of the grid the body mask is found on."""
+    body_opening_mm: float = 6.0
+    """In-plane opening (mm) that takes the couch's shells, covers and blankets off the body."""
     airway_max_area_mm2: float = 600.0
     """Largest axial cross-section (mm^2) of the trachea / a main bronchus followed from the top slice."""
     airway_max_offset_mm: float = 30.0
     """Largest distance (mm) of the trachea's centre from the midline of the air inside the body."""
+    airway_hu: float = -900.0
+    """The airway tree is grown from the trachea through air darker than this (HU; lung is about -850 HU)."""
+    airway_depth_mm: float = 120.0
+    """How far below the tracked trachea (mm) the airway tree is grown (the main and lobar bronchi lie within)."""
+    airway_max_ml: float = 200.0
+    """A grown airway tree larger than this (mL) has leaked into the lung and is grown again, darker."""
     max_split_erosions: int = 10
+    """Erosions tried to separate two touching lungs."""
     remove_basal_gas: bool = True
     """Remove pure-air regions at the lung bases (stomach and bowel gas) before picking the lungs."""
     gas_hu: float = -950.0
     """Below this (HU) a region is pure air rather than lung parenchyma (about -850 HU)."""
     min_gas_ml: float = 5.0
     """Smallest gas region removed (mL)."""
+    gas_median_hu: float = -960.0
+    """An air region whose median (HU, on the work grid) is below this is gas (bowel, stomach, a couch's air), not
+    lung: aerated lung is about -850 HU, -900 to -930 HU in severe emphysema."""
     opening_voxels: int = 1
     """3D opening (in work voxels) that breaks thin partial-volume bridges (diaphragm, bronchial walls)."""
     bilateral_share: float = 0.2
     """A component with more than this share of its voxels on each side of the midline holds both lungs."""
     min_z_overlap: float = 0.5
     """Share of slices a second component must share with the first to count as the other lung."""
-    """Erosions tried to separate two touching lungs."""
     fill_concavities: bool = True
     """Fill convex-hull concavities of each lung slice, except the one facing the heart (sub-pleural lesions)."""
     max_concavity_fraction: float = 0.25
@@ -182,6 +208,13 @@ class LungConfig:
     open in 3D is the diaphragm's dome inside the basal crescent)."""
     max_medial_cosine: float = 0.7
     """A concavity opening towards the mediastinum (cosine with the medial direction above this) is not filled."""
+    enclosure_mm: float = 60.0
+    """How far above and below (mm) a hole or bite of the lung is looked at: with lung on both sides it is a lesion
+    inside the lung (filled at any size), with lung above only it is the diaphragm's dome."""
+    cut_min_area_mm2: float = 200.0
+    """Lung cross-section (mm^2) in the first or last slice from which the chest counts as cut at the base or apex."""
+    min_full_lungs_ml: float = 1000.0
+    """Below this total (mL) the lungs found are reported as a part of the chest or a sliver."""
 
 
 @dataclass
