@@ -7,21 +7,23 @@ Hounsfield units, every axial slice goes through the same steps as the training 
 below were measured on the training slices (``benchmarks/semiseg_convention.py``, written down in
 ``docs/slices.md``):
 
-- **window** (:data:`WINDOW_HU`): HU -> 8-bit is linear with clipping. Fitting the 8-bit levels of air
-  (-1000 HU), fat (-100 HU) and muscle / blood (+40 HU) of every slice gives [-1100, 235] HU for the MedSeg
-  slices, [-1275, 150] for the radiopaedia cases (stored pre-windowed) and about [-1045, 1705] for the
-  coronacases (each slice min-max scaled from HU, so the top varies with the slice's brightest bone). The expert
-  (MedSeg) window is used: it is the window of the labelled slices and of their test split.
-- **orientation** (:data:`ORIENTATION`): the slices are the NIfTI arrays' ``[:, :, k]`` written as images, so
-  their rows run along the volume's first voxel axis (patient right -> left) and their columns along the second.
-  MedSeg and radiopaedia volumes are stored LPS (columns anterior -> posterior: the spine on the image's right),
-  the coronacases LAS (spine on the left); on a canonical ``(H, W)`` slice (rows anterior -> posterior, columns
-  right -> left) "lps" is the transpose.
+- **window** (:data:`WINDOW_HU`): HU -> 8-bit is linear with clipping. A least-squares line through the 8-bit
+  levels of air (-1000 HU), fat (-100 HU) and muscle / blood (+40 HU) of every slice gives [-1120, 236] HU for
+  the 50 MedSeg slices (95 % interval of the ends: [-1146, -1100] and [217, 259]), [-1248, 155] for the
+  radiopaedia cases (stored pre-windowed) and [-1047, 1768] for the coronacases (each slice min-max scaled from
+  HU, so its top follows the slice's brightest voxel). The MedSeg window is used: it is the window of the
+  expert-labelled slices and of their test split, and the radiopaedia slices are close to it.
+- **orientation** (:data:`ORIENTATION`): the slices are NIfTI arrays' ``[:, :, k]`` written as images, so their
+  rows run along the volume's first voxel axis (patient right -> left: the lungs lie top and bottom) and their
+  columns along the second. MedSeg and radiopaedia volumes are stored L, P, S (the spine on the image's right),
+  the coronacases L, A, S (spine on the left). On a canonical ``(H, W)`` slice (rows anterior -> posterior,
+  columns right -> left) "lps" is the transpose.
 - **crop** (:data:`CROP_MARGIN_FRACTION`, :data:`MIN_BOX_FRACTION`): each slice is cut to its own lungs'
-  bounding box; the lung edge lies about 3 % of the box's extent inside each side of the Zenodo slices (0 % on
-  MedSeg's). No training slice holds a small lung tip: within a case the box never shrinks below about 70 % of
-  the case's largest box, so smaller boxes are grown to that size around their centre (the model then sees
-  a lung tip at the scale it was trained on).
+  bounding box; on the Zenodo slices the aerated lung ends about 3 % of its extent inside the image edges
+  (mean of the four sides; 0 on MedSeg's). No training slice holds a small lung tip: the smallest box of a
+  Zenodo case is 0.68-0.88 (right-left) and 0.55-0.74 (anterior-posterior) of its largest, so smaller boxes
+  are grown to 0.7 of the volume's largest around their centre (the model sees a lung tip at a scale it was
+  trained on).
 - **stride** (:data:`MIN_SLICE_SPACING_MM`): thin-slice CTs are processed every ``k``-th slice, so that the
   processed slices are at least that far apart; the probabilities of the slices in between are interpolated
   linearly (:func:`restore_volume`).
@@ -48,17 +50,19 @@ Orientation = Literal["lps", "las"]
 """How a canonical slice is laid out as a training image: the voxel order of the NIfTI it was written from."""
 ORIENTATIONS: tuple[str, ...] = ("lps", "las")
 
-WINDOW_HU: tuple[float, float] = (-1100.0, 235.0)
+WINDOW_HU: tuple[float, float] = (-1120.0, 235.0)
 """HU mapped onto 8-bit 0 and 255 (clipped outside): the least-squares fit of the MedSeg slices' air, fat and
-soft-tissue levels (``docs/results/semiseg_convention.json``, ``sources.medseg.fit``)."""
+soft-tissue levels, [-1120, 236] HU (``docs/results/semiseg_convention.json``, ``sources.medseg.fit``)."""
 ORIENTATION: Orientation = "lps"
 """Rows patient right -> left, columns anterior -> posterior (MedSeg and radiopaedia; coronacases are "las")."""
 CROP_MARGIN_FRACTION = 0.03
-"""Margin added on each side of a slice's lung box, as a fraction of the box's extent along that axis."""
+"""Margin added on each side of a slice's lung box, as a fraction of the box's extent along that axis (the
+Zenodo slices' gap between the aerated lung and the image edge: 2.7 % coronacases, 3.4 % radiopaedia)."""
 MIN_BOX_FRACTION = 0.7
 """A slice's box is grown (about its centre) to at least this fraction of the volume's largest lung box."""
 MIN_SLICE_SPACING_MM = 2.5
-"""Processed slices are at least this far apart (mm); those in between are interpolated."""
+"""Processed slices are at least this far apart (mm); those in between are interpolated. 1 mm slices -> every
+3rd (a third of the model's time); 2-3 mm slices -> every one or every 2nd."""
 TRAIN_SIZE = 192
 """Default side (px) of the square network input."""
 INTENSITY_LEVELS = 255.0
