@@ -578,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update({"convention": dataclasses.asdict(cfg), "reference_hu": REFERENCE_HU,
                    "measure_window_hu": MEASURE_WINDOW_HU})
     stamps = result.setdefault("stamps", {})
+    stamp = {**_stamp(), "command": command}  # taken before the run: the code that produced the numbers
     if "sources" in parts:
         result["sources"] = run_sources(args.data, args.pseudo_every, args.bootstrap, args.seed)
     if parts & {"real_ct", "model_check"}:
@@ -595,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         result["stride"] = stride_study(args.stride_seeds)
         print(f"stride: {result['stride']['rows']}", flush=True)
     for part in parts:
-        stamps[part] = {**_stamp(), "command": command}
+        stamps[part] = stamp
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(_rounded(result), indent=1) + "\n")
     print(f"wrote {args.out}" + (f" and {args.figure}" if "real_ct" in parts else ""))
