@@ -421,7 +421,7 @@ def stride_study(seeds: list[int]) -> dict[str, Any]:
             interpolate_gaps(vol, [SliceBox(k, (0, h), (0, w)) for k in keep])
             pred, ref = vol >= 0.5, inf > 0
             rows.append({"seed": seed, "slice_mm": dz, "min_spacing_mm": mm, "stride": stride,
-                         "processed_spacing_mm": stride * dz, "processed_share": len(keep) / len(ks),
+                         "processed_spacing_mm": stride * dz, "processed_share": len(keep) / (int(ks[-1]) - int(ks[0]) + 1),
                          "infection_ml": float(ref.sum()) * float(np.prod(ph.spacing)) / 1000.0,
                          "dice": 2.0 * float((pred & ref).sum()) / float(pred.sum() + ref.sum())})
         del ph
