@@ -58,7 +58,7 @@ class SegmentOptions:
     Attributes:
         checkpoint: the infection model (``covidseg train`` / ``covidseg demo`` write one).
         lungs: ``"classic"`` or the path of a lung-model checkpoint (target ``lung``).
-        device: ``cpu``, ``cuda`` or ``cuda:N`` (overrides ``inference.device``).
+        device: ``cpu``, ``cuda`` or ``cuda:N`` (overrides ``runtime.device``).
         tta: flip test-time augmentation (overrides ``inference.tta`` when True).
         probability: also write ``probability.nii.gz``.
         html: also write ``report.html``.
@@ -200,13 +200,13 @@ def load_models(options: SegmentOptions, device: str, threads: int = 0) -> Loade
 
 
 def run_device(options: SegmentOptions, config: Config, local_rank: int = 0) -> str:
-    """Where the networks run: ``cpu`` for ONNX Runtime; else ``--device`` (or ``inference.device``), where a
+    """Where the networks run: ``cpu`` for ONNX Runtime; else ``--device`` (or ``runtime.device``), where a
     bare ``cuda`` becomes ``cuda:LOCAL_RANK`` so that each process of a node takes its own GPU."""
     from covidseg.inference.sliding_window import resolve_device
 
     if options.backend == "onnxruntime":
         return "cpu"
-    device = resolve_device(options.device or config.inference.device)
+    device = resolve_device(options.device or config.runtime.device)
     if device.type == "cuda" and device.index is None:
         device = resolve_device(f"cuda:{local_rank}")
     return str(device)
@@ -254,7 +254,7 @@ def segment_image(image: Any, models: LoadedModels, config: Config, device: str,
     t = time.perf_counter()
     if models.lung_model is not None:
         assert normalized is not None
-        lungs = model_lungs(models.lung_model, normalized, config.inference, device=device)
+        lungs = model_lungs(models.lung_model, normalized, config.inference, device=device, runtime=config.runtime)
     else:
         lungs = classical_lungs(hu, image.spacing, config.lungs)
     timings["lungs_s"] = time.perf_counter() - t
@@ -276,7 +276,7 @@ def segment_image(image: Any, models: LoadedModels, config: Config, device: str,
     else:
         net_input = lung_only(normalized, lungs, intensity) if lung_only_input else normalized
     prob_all = predict_volume(models.model, net_input, config.inference, box=box, device=device, mask=lung,
-                              progress=progress)
+                              progress=progress, runtime=config.runtime)
     prob = prob_all[infection_channel(models.config)]
     del prob_all
     timings["infection_s"] = time.perf_counter() - t
@@ -341,7 +341,7 @@ def build_report(image: Any, name: str, seg: dict[str, Any], models: LoadedModel
                   "meta": {k: v for k, v in models.meta.items() if isinstance(v, (int, float, str, bool))}},
         "inference": {"window": list(inf.window), "overlap": inf.overlap, "threshold": inf.threshold,
                       "tta": inf.tta, "device": device, "backend": options.backend,
-                      "bf16": options.backend == "torch" and bf16_enabled(inf, resolve_device(device)),
+                      "bf16": options.backend == "torch" and bf16_enabled(config.runtime, resolve_device(device)),
                       "box": seg["box"]},
         "versions": versions(),
         "timings_s": {k: round(v, 3) for k, v in seg["timings"].items()},
@@ -484,7 +484,7 @@ def segment(input_path: Path, out: Path, options: SegmentOptions, config: Config
         return segment_cohort(cases, out, options, config, log=log)
     device = run_device(options, config)
     check_output(out, options.force, tuple(cases))
-    models = load_models(options, device, threads=config.inference.threads)
+    models = load_models(options, device, threads=config.runtime.threads)
     return [segment_case(cases[0], out, models, config, options, device, progress=True)]
 
 
@@ -513,7 +513,7 @@ def segment_cohort(cases: list[Path], out: Path, options: SegmentOptions, config
 
     def process_case(src: Path, dst: Path) -> dict[str, Any]:
         if not loaded:
-            loaded.append(load_models(options, device, threads=config.inference.threads))
+            loaded.append(load_models(options, device, threads=config.runtime.threads))
         result = segment_case(src, dst, loaded[0], config, case_options, device)
         assert result.report is not None
         return case_scalars(result.report)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from covidseg.config import InferenceConfig
+from covidseg.config import InferenceConfig, RuntimeConfig
 from covidseg.errors import ConfigError, UserError
 from covidseg.models.deploy import deploy_copy
 from covidseg.models.unet import UNet
@@ -44,7 +44,10 @@ MIN_IMPORTANCE = 1e-3
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N`` as a device; a missing GPU is a :class:`UserError`."""
+    """``auto`` (a GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N`` as a device; a missing
+    GPU is a :class:`UserError`."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name or "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(
@@ -69,7 +72,7 @@ def native_bf16_cpu() -> bool:
         return False
 
 
-def bf16_enabled(cfg: InferenceConfig, device: torch.device) -> bool:
+def bf16_enabled(cfg: RuntimeConfig, device: torch.device) -> bool:
     """Whether bfloat16 is used: ``on``, ``off``, or ``auto`` = where the hardware computes bfloat16 natively
     (:func:`native_bf16_cpu`; GPUs of compute capability >= 8.0)."""
     if cfg.bf16 == "off":
@@ -181,6 +184,7 @@ def predict_volume(
     device: str | torch.device | None = None,
     mask: np.ndarray | None = None,
     progress: bool = False,
+    runtime: RuntimeConfig | None = None,
 ) -> np.ndarray:
     """Sigmoid probabilities of ``model`` over ``volume`` by Gaussian-blended sliding windows.
 
@@ -189,14 +193,15 @@ def predict_volume(
             logits; deep supervision is switched off for the call and the model's train/eval state and heads are
             restored afterwards.
         volume: ``(D, H, W)`` or ``(C, D, H, W)`` network input (normalised to [0, 1]).
-        cfg: window ``(D, H, W)``, overlap, batch, Gaussian sigma scale, TTA, bfloat16, threads.
+        cfg: window ``(D, H, W)``, overlap, Gaussian sigma scale, TTA.
         box: three slices ``(D, H, W)``; windows cover only this box and the result is 0 outside it.
             ``None`` = the whole volume.
-        device: overrides ``cfg.device``.
+        device: overrides ``runtime.device``.
         mask: optional ``(D, H, W)`` boolean mask (the lungs); windows without any mask voxel are skipped, so
             the result is only meaningful on the mask (it is exact there: every window covering a mask voxel
             contains it). Voxels covered by no computed window get probability 0.
         progress: show a tqdm bar over the batches (stderr).
+        runtime: device, bfloat16, threads, memory layout, windows per call (default :class:`RuntimeConfig`).
 
     Returns:
         ``(K, D, H, W)`` float32 probabilities in [0, 1]: the sigmoid of the Gaussian-blended logits (logits are
@@ -206,18 +211,19 @@ def predict_volume(
         ConfigError: a window that does not fit the model's poolings, a bad box.
         UserError: a CUDA device that is not there.
     """
-    dev = resolve_device(device if device is not None else cfg.device)
+    rt = runtime if runtime is not None else RuntimeConfig()
+    dev = resolve_device(device if device is not None else rt.device)
     threads = torch.get_num_threads()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)  # restored on return: a library call leaves the process as it was
+    if rt.threads > 0:
+        torch.set_num_threads(rt.threads)  # restored on return: a library call leaves the process as it was
     try:
-        return _predict_volume(model, volume, cfg, box, dev, mask, progress)
+        return _predict_volume(model, volume, cfg, box, dev, mask, progress, rt)
     finally:
         torch.set_num_threads(threads)
 
 
 def _predict_volume(model: nn.Module, volume: np.ndarray, cfg: InferenceConfig, box: Box | None,
-                    dev: torch.device, mask: np.ndarray | None, progress: bool) -> np.ndarray:
+                    dev: torch.device, mask: np.ndarray | None, progress: bool, rt: RuntimeConfig) -> np.ndarray:
     vol = np.asarray(volume, dtype=np.float32)
     if vol.ndim == 3:
         vol = vol[None]
@@ -281,7 +287,7 @@ def _predict_volume(model: nn.Module, volume: np.ndarray, cfg: InferenceConfig, 
         set_ds(False)
     inner.eval()
     try:
-        probs = _run_windows(inner, sub, sized, cfg, dev, spatial_dims, progress)
+        probs = _run_windows(inner, sub, sized, cfg, dev, spatial_dims, progress, rt)
     finally:
         if ds_before is not None and callable(set_ds):
             set_ds(bool(ds_before))
@@ -363,16 +369,17 @@ def _run_windows(
     dev: torch.device,
     spatial_dims: int,
     progress: bool,
+    rt: RuntimeConfig,
 ) -> np.ndarray:
     """Blend the windows ``sized`` (``(start, size)`` each, ``(D, H, W)``) over ``sub`` (``(C, D, H, W)``);
-    returns ``(K, D, H, W)``. Consecutive windows of one size are batched (up to ``cfg.batch_windows``)."""
+    returns ``(K, D, H, W)``. Consecutive windows of one size are batched (up to ``rt.batch_windows``)."""
     importance_of: dict[tuple[int, ...], torch.Tensor] = {}
     weight_sum = torch.zeros(sub.shape[1:], dtype=torch.float32, device=dev)
     acc: torch.Tensor | None = None
     source = torch.from_numpy(np.ascontiguousarray(sub))
     native = not hasattr(model, "session")  # an ONNX Runtime model computes float32 in its own layout
-    use_bf16 = native and bf16_enabled(cfg, dev)
-    memory_format = (torch.channels_last_3d if (native and cfg.channels_last and spatial_dims == 3)
+    use_bf16 = native and bf16_enabled(rt, dev)
+    memory_format = (torch.channels_last_3d if (native and rt.channels_last and spatial_dims == 3)
                      else torch.contiguous_format)
     input_dtype = torch.float32
     autocast: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
@@ -385,7 +392,7 @@ def _run_windows(
         else [()]
     batches: list[list[tuple[tuple[int, int, int], tuple[int, ...]]]] = []
     for item in sized:
-        if batches and batches[-1][0][1] == item[1] and len(batches[-1]) < max(int(cfg.batch_windows), 1):
+        if batches and batches[-1][0][1] == item[1] and len(batches[-1]) < max(int(rt.batch_windows), 1):
             batches[-1].append(item)
         else:
             batches.append([item])

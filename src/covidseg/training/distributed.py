@@ -58,14 +58,14 @@ def resolve_device(requested: str, info: DistInfo) -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={requested!r} but no CUDA GPU is visible; use --device cpu")
+            raise ConfigError(f"runtime.device={requested!r} but no CUDA GPU is visible; use --device cpu")
         if requested == "cuda":
             requested = f"cuda:{info.local_rank}"
         device = torch.device(requested)
         torch.cuda.set_device(device)
         return device
     if requested != "cpu":
-        raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {requested!r}")
+        raise ConfigError(f"runtime.device: expected auto, cpu, cuda or cuda:N, got {requested!r}")
     return torch.device("cpu")
 
 
