@@ -10,7 +10,7 @@ machine spreads over all of them; the median over repeats is reported):
 - ``bf16 no gate fold``: batch norm folded only: the inference form before the FV gate folding;
 - ``float32``: the training module in float32, contiguous input;
 - ``deploy float32``: :func:`~covidseg.models.deploy.deploy_copy` in float32, channels-last: ``segment`` with
-  ``inference.bf16=off`` or on a CPU without native bf16;
+  ``runtime.bf16=off`` or on a CPU without native bf16;
 - ``fp32 plain convs``: ``deploy float32`` by plain torch convolutions instead of oneDNN's fused operators (the
   per-sample ones take torch's slow path for a float32 batch of one);
 - ``fp32 no gate fold``: batch norm folded only, plain convolutions, float32: the float32 inference form before the
@@ -20,7 +20,7 @@ each with a batch of 1 and of 2 windows (seconds per window); with ``--extra`` a
 Runtime (float32; ``segment --backend onnxruntime``) and a frozen TorchScript of the inference form (oneDNN
 convolution + ReLU fusion), each with the seconds it takes to prepare. In float32 torch sends a batch of 1 with few channels
 through its im2col path rather than oneDNN (``ConvParams::use_mkldnn`` in ATen's Convolution.cpp: a batch of 1 with
-``N * C * D * H`` at most 20480 stays native), which is why ``inference.batch_windows`` defaults to 2.
+``N * C * D * H`` at most 20480 stays native), which is why ``runtime.batch_windows`` defaults to 2.
 
 Run: ``python benchmarks/window_speed.py --threads 2 --json out.json``. Random weights (the speed does not depend
 on them); the GFLOP per window are counted by :func:`covidseg.models.flops.count_flops`; the last column is the

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 from scipy.ndimage import gaussian_filter
 
 from covidseg.checkpoint import save_checkpoint
-from covidseg.config import Config, InferenceConfig, config_to_dict
+from covidseg.config import Config, InferenceConfig, RuntimeConfig, config_to_dict
 from covidseg.errors import ConfigError, InputError, OutputExistsError
 from covidseg.exchange import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME
 from covidseg.export import export_model
@@ -113,11 +113,12 @@ def test_onnxruntime_and_torch_backends_agree_through_predict_volume(tmp_path, j
     rng = np.random.default_rng(0)
     volume = gaussian_filter(rng.random((16, 64, 64)), 2.0).astype(np.float32)
     volume = (volume - volume.min()) / (volume.max() - volume.min())
-    cfg = InferenceConfig(window=(8, 32, 32), overlap=0.25, batch_windows=2, bf16="off")
+    cfg = InferenceConfig(window=(8, 32, 32), overlap=0.25)
+    f32 = RuntimeConfig(batch_windows=2, bf16="off")
     torch_model = load_model(joint_ckpt, "torch").module
     ort_model = load_model(onnx_path, "onnxruntime", threads=1).module
-    p_torch = predict_volume(torch_model, volume, cfg)
-    p_ort = predict_volume(ort_model, volume, cfg)
+    p_torch = predict_volume(torch_model, volume, cfg, runtime=f32)
+    p_ort = predict_volume(ort_model, volume, cfg, runtime=f32)
     assert p_torch.shape == p_ort.shape == (3, 16, 64, 64)
     max_diff = float(np.abs(p_torch - p_ort).max())
     a, b = p_torch >= cfg.threshold, p_ort >= cfg.threshold

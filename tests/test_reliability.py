@@ -246,27 +246,23 @@ def test_ctrl_c_or_sigterm_of_segment_exits_130_and_leaves_nothing(world, tmp_pa
 # ------------------------------------------------------------------------------------------ train
 
 
-TINY = [
-    "model.name=unet", "model.base_width=4", "model.depth=2", "train.patch_size=[4,32,32]", "train.batch_size=2",
-    "train.patches_per_epoch=4", "train.epochs=2", "train.num_workers=0", "train.loader_benchmark_batches=0",
-    "inference.window=[4,32,32]", "inference.batch_windows=8",
-]
-"""A run of 2 epochs x 2 steps that takes a few seconds."""
+TRAIN_EXTRA = ("model.name=unet", "model.depth=2", "runtime.loader_benchmark_batches=0")
+"""On top of the shared tiny run (conftest): a run of 2 epochs x 2 steps that takes a few seconds."""
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from covidseg.phantom import write_cohort
-
-    root = tmp_path_factory.mktemp("train_cohort") / "data"
-    write_cohort(root, 4, seed=0, style="mixed", scale=SCALE, progress=False)
-    return root
+def cohort(make_cohort) -> Path:
+    return make_cohort(4, SCALE)
 
 
-def train_argv(data: Path, out: Path, cache: Path) -> list[str]:
-    argv = ["train", "--data", str(data), "--out", str(out), "--quiet"]
-    for item in [*TINY, f"train.cache_dir={cache}"]:
-        argv += ["--set", item]
+@pytest.fixture(scope="module")
+def train_argv(tiny_overrides):
+    def argv(data: Path, out: Path, cache: Path) -> list[str]:
+        items = ["train", "--data", str(data), "--out", str(out), "--quiet"]
+        for item in [*tiny_overrides, *TRAIN_EXTRA, f"runtime.cache_dir={cache}"]:
+            items += ["--set", item]
+        return items
+
     return argv
 
 
@@ -277,7 +273,7 @@ def cli_code(argv: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def reference_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory, train_argv) -> tuple[Path, Path]:
     """An uninterrupted run (and its cache folder, shared by the interrupted runs)."""
     root = tmp_path_factory.mktemp("train_ref")
     assert cli_code(train_argv(cohort, root / "ref", root / "cache")) == 0
@@ -286,7 +282,8 @@ def reference_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
 
 @pytest.mark.parametrize("at_step", [1, 3])
 def test_sigterm_during_train_exits_130_and_the_run_resumes_to_the_same_weights(cohort, reference_run, tmp_path,
-                                                                               capsys, monkeypatch, at_step):
+                                                                               capsys, monkeypatch, at_step,
+                                                                               train_argv):
     """A real SIGTERM, sent to this process in step 1 (epoch 1: no checkpoint yet) or step 3 of 4 (epoch 2),
     through the console entry's handler; `--resume` then ends with the uninterrupted run's weights."""
     import covidseg.losses as losses
@@ -331,7 +328,7 @@ def test_sigterm_during_train_exits_130_and_the_run_resumes_to_the_same_weights(
     ("labels", ["unexpected label values [7]"]),
     ("shape", ["mask shape", "does not match the CT"]),
 ])
-def test_train_refuses_a_bad_mask_naming_it(cohort, tmp_path, capsys, defect, words):
+def test_train_refuses_a_bad_mask_naming_it(cohort, tmp_path, capsys, defect, words, train_argv):
     import shutil
 
     data = tmp_path / "data"

@@ -36,7 +36,7 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ckpt = save_checkpoint(root / "tiny.pt", model, cfg, target="infection")
     out = root / "out1"
     code = _run(["segment", str(ct), "-o", str(out), "--checkpoint", str(ckpt), "--probability", "--html",
-                 "--set", f"inference.window={WINDOW}", "--set", "inference.bf16=off"])
+                 "--set", f"inference.window={WINDOW}", "--set", "runtime.bf16=off"])
     assert code == 0
     return {"root": root, "ct": ct, "ckpt": ckpt, "out": out}
 
@@ -270,7 +270,7 @@ def test_segment_image_feeds_the_network_what_training_feeds_it(case: dict[str, 
         lungs_opt = str(save_checkpoint(tmp_path / "lung.pt", lmodel, lcfg, target="lung"))
     run_cfg = Config()
     run_cfg.inference.window = (8, 32, 32)
-    run_cfg.inference.bf16 = "off"
+    run_cfg.runtime.bf16 = "off"
     stages = load_stages(SegmentOptions(checkpoint=ckpt, lungs=lungs_opt), run_cfg, "cpu")
     image = read_image(case["ct"])
     seg = segment_image(image, stages)
@@ -285,7 +285,8 @@ def test_segment_image_feeds_the_network_what_training_feeds_it(case: dict[str, 
     margin = tuple(int(np.ceil(run_cfg.inference.box_margin_mm / s)) for s in image.spacing)
     box = mask_box(lung, margin)
     assert seg.box == box and box is not None
-    expected = predict_volume(model.eval(), x, run_cfg.inference, box=box, mask=lung)[0]
+    expected = predict_volume(model.eval(), x, run_cfg.inference, box=box, mask=lung,
+                              runtime=run_cfg.runtime)[0]
     np.testing.assert_array_equal(seg.probability, expected)
     threshold = run_cfg.inference.threshold
     np.testing.assert_array_equal(seg.infection, ((expected >= threshold) & lung).astype(np.uint8))

@@ -34,7 +34,7 @@ from torch import nn
 from covidseg import __version__
 from covidseg.config import Config, config_from_dict, config_to_dict
 from covidseg.errors import ConfigError, InputError, UserError
-from covidseg.models.sizes import fit_divisor, fits_divisor, format_size
+from covidseg.models.shapes import fit_size, fits, format_size
 from covidseg.targets import target_channels
 
 ONNX_OPSET = 17
@@ -188,10 +188,10 @@ def export_window(window: Sequence[int] | None, model: nn.Module, config: Config
     if len(window) != dims:
         want = "D H W" if dims == 3 else "H W"
         raise ConfigError(f"--window {format_size(window, ' ')}: a {dims}D model needs {dims} sizes ({want})")
-    if not fits_divisor(window, div):
+    if not fits(window, div):
         raise ConfigError(
             f"--window {format_size(window, ' ')}: each size must be a multiple of the model's size divisor "
-            f"{format_size(div, ' ')}; use --window {format_size(fit_divisor(window, div), ' ')}"
+            f"{format_size(div, ' ')}; use --window {format_size(fit_size(window, div), ' ')}"
         )
     return window
 

@@ -150,7 +150,7 @@ def check_dataset(root: str | Path, cfg: IntensityConfig | None = None, progress
     Raises:
         InputError: the folder is missing, empty or of no known layout.
     """
-    from tqdm import tqdm
+    from covidseg.progress import progress_bar
 
     dataset = scan_dataset(root)
     problems = list(dataset.problems)
@@ -158,7 +158,7 @@ def check_dataset(root: str | Path, cfg: IntensityConfig | None = None, progress
         problems.append(Problem(dataset.root, "no mask folders found; add the lung/infection masks (e.g. "
                                               f"{', '.join(d + '/' for d in ZENODO_MASK_DIRS.values())})"))
     reports = []
-    bar = tqdm(dataset.cases, desc="checking cases", unit="case", file=sys.stderr, disable=not progress)
+    bar = progress_bar(dataset.cases, desc="checking cases", unit="case", file=sys.stderr, disable=not progress)
     for case in bar:
         bar.set_postfix_str(case.case_id)
         reports.append(check_case(case, dataset, cfg))

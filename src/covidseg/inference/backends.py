@@ -38,7 +38,7 @@ from covidseg.exchange import (
     onnx_bytes,
     quiet_exporters,
 )
-from covidseg.models.sizes import fit_divisor, fits_divisor, format_size
+from covidseg.models.shapes import fit_size, fits, format_size
 from covidseg.runtime import resolve_device
 from covidseg.targets import TARGET_CHANNELS, target_of
 
@@ -109,10 +109,10 @@ def check_exported_input(shape: Sequence[int], info: ExportInfo, name: str) -> N
         axes = "(B, C, D, H, W)" if info.spatial_dims == 3 else "(B, C, H, W)"
         raise InputError(f"{name}: input of shape {shape}; expected {axes} with C = {info.in_channels}")
     spatial, div = shape[2:], info.size_divisor
-    if not fits_divisor(spatial, div):
+    if not fits(spatial, div):
         raise InputError(
             f"{name}: input size {format_size(spatial)} does not fit model '{info.variant}' (each axis must be "
-            f"a multiple of {format_size(div)}); use {format_size(fit_divisor(spatial, div))} (pad or crop)"
+            f"a multiple of {format_size(div)}); use {format_size(fit_size(spatial, div))} (pad or crop)"
         )
 
 

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from covidseg.config import InferenceConfig, LungConfig
+from covidseg.config import InferenceConfig, LungConfig, RuntimeConfig
 from covidseg.inference.lung_air import basal_gas, body_mask, inside_air, remove_airways
 from covidseg.inference.lung_fill import fill_lung_slices
 from covidseg.inference.lung_grid import (
@@ -362,14 +362,16 @@ def _refine_border(small_labels: np.ndarray, small_air: np.ndarray, hu: np.ndarr
     return out
 
 
-def model_lungs(model: object, normalized: np.ndarray, cfg: InferenceConfig, device: str | None = None) -> np.ndarray:
+def model_lungs(model: object, normalized: np.ndarray, cfg: InferenceConfig, device: str | None = None,
+                runtime: RuntimeConfig | None = None) -> np.ndarray:
     """Lung labels from a trained lung model (target ``lung``: sigmoid channels left, right).
 
     Args:
         model: a covidseg model with 2 output channels.
         normalized: ``(D, H, W)`` CT normalised to [0, 1] (the model's training input, not "lung only").
         cfg: sliding-window settings; ``cfg.threshold`` decides each channel.
-        device: overrides ``cfg.device``.
+        device: overrides ``runtime.device``.
+        runtime: device, bfloat16, threads (default :class:`~covidseg.config.RuntimeConfig`).
 
     Returns:
         ``(D, H, W)`` uint8: 1 left, 2 right; a voxel above threshold in both gets the more probable side.
@@ -383,7 +385,7 @@ def model_lungs(model: object, normalized: np.ndarray, cfg: InferenceConfig, dev
             f"--lungs: the checkpoint's model has {k} output channel(s); a lung model (trained with "
             "--set train.target=lung) has 2 (left, right); give such a checkpoint or use --lungs classic"
         )
-    prob = predict_volume(model, normalized, cfg, device=device)  # type: ignore[arg-type]
+    prob = predict_volume(model, normalized, cfg, device=device, runtime=runtime)  # type: ignore[arg-type]
     out = np.zeros(normalized.shape, dtype=np.uint8)
     above = prob >= cfg.threshold
     out[above[0] & (~above[1] | (prob[0] >= prob[1]))] = LEFT

@@ -77,13 +77,13 @@ def load_stages(options: SegmentOptions, config: Config, device: str) -> Stages:
     Args:
         options: checkpoint paths and the backend (:func:`covidseg.inference.backends.load_model`: a ``.pt``
             checkpoint, a TorchScript or an ``.onnx`` export).
-        config: the run's settings (``inference.threads`` are also ONNX Runtime's intra-op threads, 0 = all cores).
+        config: the run's settings (``runtime.threads`` are also ONNX Runtime's intra-op threads, 0 = all cores).
         device: torch device of the models (ONNX Runtime models run on the CPU whatever it says).
 
     Raises:
         InputError: a missing or unreadable file, or a lung model given as the infection model.
     """
-    threads = config.inference.threads
+    threads = config.runtime.threads
     model = load_model(options.checkpoint, options.backend, device=device, threads=threads)
     if model.out_channels == 2 or model.meta.get("target") == "lung":
         raise InputError(
@@ -128,7 +128,7 @@ def segment(input_path: Path, out: Path, options: SegmentOptions, config: Config
     cases, batch = find_inputs(input_path)
     if batch:
         return segment_cohort(cases, out, options, config, log=log)
-    device = model_device(options.backend, config.inference.device, local_rank=0)
+    device = model_device(options.backend, config.runtime.device, local_rank=0)
     check_output(out, options.force, tuple(cases))
     stages = load_stages(options, config, device)
     return [segment_case(cases[0], out, stages, options, progress=True)]
@@ -151,7 +151,7 @@ def segment_cohort(cases: list[Path], out: Path, options: SegmentOptions, config
     ids = case_ids(cases)
     check_output(out, True, tuple(cases))  # --force or not: a cohort folder never holds or replaces an input
     me = resolve_rank()
-    device = model_device(options.backend, config.inference.device, local_rank=me.local_rank)
+    device = model_device(options.backend, config.runtime.device, local_rank=me.local_rank)
     case_options = replace(options, force=True)  # a retried case replaces its own partial outputs only
     loaded: list[Stages] = []
 

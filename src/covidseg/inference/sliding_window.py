@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from covidseg.config import InferenceConfig
+from covidseg.config import InferenceConfig, RuntimeConfig
 from covidseg.errors import ConfigError
 from covidseg.models.deploy import deploy_copy
-from covidseg.models.sizes import fit_divisor, fits_divisor, format_size
+from covidseg.models.shapes import fit_size, fits, format_size
 from covidseg.models.unet import UNet
 from covidseg.runtime import bf16_enabled, resolve_device, torch_threads
 
@@ -143,6 +143,7 @@ def predict_volume(
     device: str | torch.device | None = None,
     mask: np.ndarray | None = None,
     progress: bool = False,
+    runtime: RuntimeConfig | None = None,
 ) -> np.ndarray:
     """Sigmoid probabilities of ``model`` over ``volume`` by Gaussian-blended sliding windows.
 
@@ -151,14 +152,15 @@ def predict_volume(
             logits; deep supervision is switched off for the call and the model's train/eval state and heads are
             restored afterwards.
         volume: ``(D, H, W)`` or ``(C, D, H, W)`` network input (normalised to [0, 1]).
-        cfg: window ``(D, H, W)``, overlap, batch, Gaussian sigma scale, TTA, bfloat16, threads.
+        cfg: window ``(D, H, W)``, overlap, Gaussian sigma scale, TTA.
         box: three slices ``(D, H, W)``; windows cover only this box and the result is 0 outside it.
             ``None`` = the whole volume.
-        device: overrides ``cfg.device``.
+        device: overrides ``runtime.device``.
         mask: optional ``(D, H, W)`` boolean mask (the lungs); windows without any mask voxel are skipped, so
             the result is only meaningful on the mask (it is exact there: every window covering a mask voxel
             contains it). Voxels covered by no computed window get probability 0.
         progress: show a tqdm bar over the batches (stderr).
+        runtime: device, bfloat16, threads, memory layout, windows per call (default :class:`RuntimeConfig`).
 
     Returns:
         ``(K, D, H, W)`` float32 probabilities in [0, 1]: the sigmoid of the Gaussian-blended logits (logits are
@@ -168,13 +170,14 @@ def predict_volume(
         ConfigError: a window that does not fit the model's poolings, a bad box.
         UserError: a CUDA device that is not there.
     """
-    dev = resolve_device(device if device is not None else cfg.device)
-    with torch_threads(cfg.threads):
-        return _predict_volume(model, volume, cfg, box, dev, mask, progress)
+    rt = runtime if runtime is not None else RuntimeConfig()
+    dev = resolve_device(device if device is not None else rt.device)
+    with torch_threads(rt.threads):
+        return _predict_volume(model, volume, cfg, box, dev, mask, progress, rt)
 
 
 def _predict_volume(model: nn.Module, volume: np.ndarray, cfg: InferenceConfig, box: Box | None,
-                    dev: torch.device, mask: np.ndarray | None, progress: bool) -> np.ndarray:
+                    dev: torch.device, mask: np.ndarray | None, progress: bool, rt: RuntimeConfig) -> np.ndarray:
     vol = np.asarray(volume, dtype=np.float32)
     if vol.ndim == 3:
         vol = vol[None]
@@ -238,7 +241,7 @@ def _predict_volume(model: nn.Module, volume: np.ndarray, cfg: InferenceConfig, 
         set_ds(False)
     inner.eval()
     try:
-        probs = _run_windows(inner, sub, sized, cfg, dev, spatial_dims, progress)
+        probs = _run_windows(inner, sub, sized, cfg, dev, spatial_dims, progress, rt)
     finally:
         if ds_before is not None and callable(set_ds):
             set_ds(bool(ds_before))
@@ -279,7 +282,7 @@ def _fit_to_mask(model: nn.Module, sized: list[tuple[tuple[int, int, int], tuple
             lo_ = max(int(hit[0]) - int(margin[axis]), 0)
             hi_ = min(int(hit[-1]) + 1 + int(margin[axis]), extent)
             div = int(divisor[axis])
-            n = min(extent, fit_divisor((hi_ - lo_,), (div,))[0])
+            n = min(extent, fit_size((hi_ - lo_,), (div,))[0])
             first = min(lo_, extent - n)
             start[axis], size[axis] = origin + first, n
         out.append(((start[0], start[1], start[2]), (size[0], size[1], size[2])))
@@ -290,7 +293,7 @@ def _fit_window(model: nn.Module, window: Sequence[int], box: Sequence[slice], s
     """``window`` shrunk per axis to the box's extent rounded up to the model's size divisor."""
     divisor = getattr(_unwrap(model), "size_divisor", None)
     div = (1, 1, 1) if divisor is None else ((1, *divisor) if spatial_dims == 2 else tuple(divisor))
-    extent = fit_divisor([b.stop - b.start for b in box], div)
+    extent = fit_size([b.stop - b.start for b in box], div)
     return [min(int(w), e) for w, e in zip(window, extent, strict=True)]
 
 
@@ -305,10 +308,10 @@ def _check_window(model: nn.Module, window: Sequence[int], spatial_dims: int) ->
     if divisor is None:
         return
     div = (1, *divisor) if spatial_dims == 2 else tuple(divisor)
-    if not fits_divisor(window, div):
+    if not fits(window, div):
         raise ConfigError(
             f"inference.window {format_size(window)} does not fit the model's poolings (each axis a "
-            f"multiple of {format_size(div)}); use --set inference.window={format_size(fit_divisor(window, div))}"
+            f"multiple of {format_size(div)}); use --set inference.window={format_size(fit_size(window, div))}"
         )
 
 
@@ -320,16 +323,17 @@ def _run_windows(
     dev: torch.device,
     spatial_dims: int,
     progress: bool,
+    rt: RuntimeConfig,
 ) -> np.ndarray:
     """Blend the windows ``sized`` (``(start, size)`` each, ``(D, H, W)``) over ``sub`` (``(C, D, H, W)``);
-    returns ``(K, D, H, W)``. Consecutive windows of one size are batched (up to ``cfg.batch_windows``)."""
+    returns ``(K, D, H, W)``. Consecutive windows of one size are batched (up to ``rt.batch_windows``)."""
     importance_of: dict[tuple[int, ...], torch.Tensor] = {}
     weight_sum = torch.zeros(sub.shape[1:], dtype=torch.float32, device=dev)
     acc: torch.Tensor | None = None
     source = torch.from_numpy(np.ascontiguousarray(sub))
     native = not hasattr(model, "session")  # an ONNX Runtime model computes float32 in its own layout
-    use_bf16 = native and bf16_enabled(cfg.bf16, dev)
-    memory_format = (torch.channels_last_3d if (native and cfg.channels_last and spatial_dims == 3)
+    use_bf16 = native and bf16_enabled(rt.bf16, dev)
+    memory_format = (torch.channels_last_3d if (native and rt.channels_last and spatial_dims == 3)
                      else torch.contiguous_format)
     input_dtype = torch.float32
     autocast: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
@@ -342,7 +346,7 @@ def _run_windows(
         else [()]
     batches: list[list[tuple[tuple[int, int, int], tuple[int, ...]]]] = []
     for item in sized:
-        if batches and batches[-1][0][1] == item[1] and len(batches[-1]) < max(int(cfg.batch_windows), 1):
+        if batches and batches[-1][0][1] == item[1] and len(batches[-1]) < max(int(rt.batch_windows), 1):
             batches[-1].append(item)
         else:
             batches.append([item])

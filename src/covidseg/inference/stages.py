@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from covidseg.config import Config, InferenceConfig, IntensityConfig, LungConfig
+from covidseg.config import Config, InferenceConfig, IntensityConfig, LungConfig, RuntimeConfig
 from covidseg.errors import InputError
 from covidseg.inference.backends import LoadedModel
 from covidseg.inference.lungs import classical_lungs, model_lungs
@@ -111,14 +111,16 @@ class LungStage:
         inference: sliding-window settings of a lung model (its ``threshold`` decides each side).
         device: where a lung model runs.
         model: the lung model; ``None`` = classical.
+        runtime: precision, threads and layout of a lung model (default :class:`RuntimeConfig`).
     """
 
     def __init__(self, lungs: LungConfig, inference: InferenceConfig, device: str,
-                 model: LoadedModel | None = None) -> None:
+                 model: LoadedModel | None = None, runtime: RuntimeConfig | None = None) -> None:
         self.lungs = lungs
         self.inference = inference
         self.device = device
         self.model = model
+        self.runtime = runtime or RuntimeConfig()
 
     @property
     def method(self) -> str:
@@ -135,7 +137,7 @@ class LungStage:
             labels = classical_lungs(ct.hu, ct.spacing, self.lungs)
         else:  # the lung model sees the whole CT normalised as its own training normalised it
             labels = model_lungs(self.model.module, ct.windowed(self.model.config.intensity), self.inference,
-                                 device=self.device)
+                                 device=self.device, runtime=self.runtime)
         if not labels.any():
             raise InputError(
                 f"{ct.path}: no lung found (no air region of at least {self.lungs.min_lung_volume_ml:g} mL inside "
@@ -194,14 +196,17 @@ class SlidingWindowInfection:
 
     Args:
         model: the infection model (target ``infection`` or ``joint``).
-        inference: window, overlap, threshold, TTA, precision, threads.
+        inference: window, overlap, threshold, TTA.
         device: where it runs.
+        runtime: precision, threads, memory layout, windows per call (default :class:`RuntimeConfig`).
     """
 
-    def __init__(self, model: LoadedModel, inference: InferenceConfig, device: str) -> None:
+    def __init__(self, model: LoadedModel, inference: InferenceConfig, device: str,
+                 runtime: RuntimeConfig | None = None) -> None:
         self.model = model
         self.inference = inference
         self.device = device
+        self.runtime = runtime or RuntimeConfig()
         self.channel = infection_channel(target_of(model.out_channels))
 
     @property
@@ -230,7 +235,7 @@ class SlidingWindowInfection:
         margin = tuple(int(np.ceil(self.inference.box_margin_mm / s)) for s in ct.spacing)
         box = mask_box(lung, margin)
         probs = predict_volume(self.model.module, self.network_input(ct, lungs, box), self.inference, box=box,
-                               device=self.device, mask=lung, progress=progress)
+                               device=self.device, mask=lung, progress=progress, runtime=self.runtime)
         return InfectionMap(probability=probs[self.channel], box=box)
 
     def describe(self) -> StageDescription:
@@ -242,7 +247,8 @@ class SlidingWindowInfection:
                       "meta": _scalars(self.model.meta)},
             "inference": {"window": list(inf.window), "overlap": inf.overlap, "threshold": inf.threshold,
                           "tta": inf.tta, "device": self.device, "backend": backend,
-                          "bf16": backend == "torch" and bf16_enabled(inf.bf16, resolve_device(self.device))},
+                          "bf16": backend == "torch" and bf16_enabled(self.runtime.bf16,
+                                                                           resolve_device(self.device))},
         }
 
 
@@ -266,5 +272,5 @@ def build_stages(infection: LoadedModel, lung_model: LoadedModel | None, config:
         config: the run's settings (``lungs`` and ``inference`` sections).
         device: where the networks run.
     """
-    return Stages(lungs=LungStage(config.lungs, config.inference, device, lung_model),
-                  infection=SlidingWindowInfection(infection, config.inference, device))
+    return Stages(lungs=LungStage(config.lungs, config.inference, device, lung_model, config.runtime),
+                  infection=SlidingWindowInfection(infection, config.inference, device, config.runtime))
