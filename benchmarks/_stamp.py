@@ -80,5 +80,17 @@ def write_results(path: Path, result: dict[str, Any], config: dict[str, Any], de
     """Write ``result`` with its :func:`stamp` as indented JSON to ``path`` (folders made as needed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**stamp(config, device), **result}, indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps({**stamp(config, device), **result}, indent=2, default=str) + "\n",
+                    encoding="utf-8")
     return path
+
+
+def stamp_line(stamp_: dict[str, Any]) -> str:
+    """The stamp as one Markdown line for the head of a results page (``.md``): commit, date, machine, command."""
+    commit, m = str(stamp_["commit"]), stamp_["machine"]
+    flags = ", ".join(name for name, on in m["cpu_flags"].items() if on) or "none of " + ", ".join(CPU_FLAGS)
+    where = f"{m['gpu']}, " if m.get("gpu") else ""
+    dirty = " plus uncommitted changes" if stamp_.get("commit_dirty") else ""
+    return (f"Measured at the code of `{commit[:7]}` (commit {commit}{dirty}) on {stamp_['date']}: {where}"
+            f"{m['cpu']} ({m['logical_cores']} logical cores; {flags}), torch {m['torch']}; "
+            f"`{stamp_['config']['command']}`.")
