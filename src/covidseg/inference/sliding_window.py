@@ -7,9 +7,10 @@ whole volume the result equals MONAI's (``tests/test_sliding_window.py`` compare
 
 - windows only over ``box`` (the lungs' bounding box plus a margin) and, when a ``mask`` is given, only the
   windows that contain at least one mask voxel (the others would only predict voxels outside the mask);
-- a covidseg network runs as its inference form (:func:`covidseg.models.deploy.deploy_copy`: batch norm folded,
-  weights in ``channels_last_3d`` and, where bfloat16 is used, in bfloat16), windows batched and fed in the same
-  dtype and memory format under :func:`torch.inference_mode`; other modules (TorchScript) run under autocast;
+- a covidseg network runs as its inference form (:func:`inference_form`: batch norm folded, weights in
+  ``channels_last_3d`` and, where bfloat16 is used, in bfloat16; on the CPU the form ``inference.cpu_kernels``
+  names), windows batched and fed in the same dtype and memory format under :func:`torch.inference_mode`; other
+  modules (TorchScript) run under autocast;
 - bfloat16 on CPUs with native bfloat16 (AVX512-BF16 / AMX) and on GPUs that have it;
 - accumulators allocated once, over the box only.
 
