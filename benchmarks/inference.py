@@ -168,6 +168,20 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / total
 
 
+def run_config(args: argparse.Namespace) -> dict[str, object]:
+    """The settings of this run, for its results file's stamp."""
+    phantom = f"coronacases-style phantom of make_ct (--slices {args.slices} --size {args.size}" + (
+        " --direct-phantom)" if args.direct_phantom else ")")
+    model = "a checkpoint" if args.checkpoint else (
+        "unet-fv-paspp-ds, base width 16, random weights (seed 0), head bias set so that "
+        f"{TARGET_SHARE:.0%} of the lung voxels pass the threshold")
+    reference = None if args.skip_reference else (
+        "MONAI sliding_window_inference, roi = the training patch, overlap 0.25, Gaussian, float32, "
+        f"sw_batch_size {args.reference_batch}, whole volume")
+    return {"benchmark": "benchmarks/inference.py", "ct": str(args.ct) if args.ct else phantom, "model": model,
+            "threads": args.threads, "device": args.device, "overrides": args.overrides, "reference": reference}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slices", type=int, default=300, help="slices of the phantom (300 = the full CT)")
@@ -265,15 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                        "dice_agreement": agreement, "infected_share_covidseg": share_ours,
                        "infected_share_reference": share_ref})
     if args.json:
-        config = {"benchmark": "benchmarks/inference.py", "ct": str(args.ct) if args.ct else
-                  f"coronacases-style phantom, {args.slices} slices of {args.size} x {args.size}"
-                  + (" (seed 0)" if args.direct_phantom else ""), "model": "a checkpoint" if args.checkpoint else
-                  "unet-fv-paspp-ds, base width 16, random weights (seed 0), head bias set so that "
-                  f"{TARGET_SHARE:.0%} of the lung voxels pass the threshold", "threads": args.threads,
-                  "device": args.device, "overrides": args.overrides, "reference": None if args.skip_reference
-                  else f"MONAI sliding_window_inference, roi = the training patch, overlap 0.25, Gaussian, "
-                  f"float32, sw_batch_size {args.reference_batch}, whole volume"}
-        write_results(args.json, result, config, args.device)
+        write_results(args.json, result, run_config(args), args.device)
         print(f"figures written to {args.json}")
     return 0
 
