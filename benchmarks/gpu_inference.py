@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 from _stamp import write_results  # noqa: E402
 
-from covidseg.config import Config, IntensityConfig, LungConfig  # noqa: E402
+from covidseg.config import Config, IntensityConfig, LungConfig, RuntimeConfig  # noqa: E402
 from covidseg.inference.lungs import classical_lungs  # noqa: E402
 from covidseg.inference.sliding_window import mask_box, predict_volume  # noqa: E402
 from covidseg.intensity import lung_only, normalize  # noqa: E402
-from covidseg.models import create_model  # noqa: E402
+from covidseg.models import create_model, set_heads  # noqa: E402
 from covidseg.phantom import make_phantom  # noqa: E402
 
 WHOLE_CHEST_SLICES = 120
@@ -62,19 +62,19 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = Config()
     model = create_model(cfg.model).to(args.device).eval()
-    model.set_deep_supervision(False)
+    set_heads(model, False)
 
     rows = []
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     for window_text in args.windows.split(","):
         window = tuple(int(v) for v in window_text.split("x"))
         for bf16 in ("off", "on"):
-            icfg = dataclasses.replace(cfg.inference, window=window, bf16=bf16, device=args.device,
-                                       batch_windows=8 if args.device.startswith("cuda") else 2)
-            predict_volume(model, x, icfg, box=box, mask=lungs > 0)  # warm-up (cuDNN autotune, allocator)
+            icfg = dataclasses.replace(cfg.inference, window=window)
+            rt = RuntimeConfig(device=args.device, bf16=bf16, batch_windows=8 if args.device.startswith("cuda") else 2)
+            predict_volume(model, x, icfg, box=box, mask=lungs > 0, runtime=rt)  # warm-up (cuDNN autotune, allocator)
             _sync(args.device)
             t0 = time.perf_counter()
-            prob = predict_volume(model, x, icfg, box=box, mask=lungs > 0)
+            prob = predict_volume(model, x, icfg, box=box, mask=lungs > 0, runtime=rt)
             _sync(args.device)
             dt = time.perf_counter() - t0
             rows.append({"window": window_text, "bf16": bf16, "infection_stage_s": round(dt, 3),

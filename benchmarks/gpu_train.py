@@ -116,8 +116,8 @@ def real_run(out: Path, epochs: int, cases: int, scale: float, device: str, widt
     data = out / "phantom-cohort"
     if not data.exists():
         write_cohort(data, cases, seed=0, style="mixed", scale=scale)
-    cfg = load_config(None, [f"train.epochs={epochs}", f"train.device={device}", f"model.base_width={width}",
-                             f"train.cache_dir={out / 'cache'}"])
+    cfg = load_config(None, [f"train.epochs={epochs}", f"runtime.device={device}", f"model.base_width={width}",
+                             f"runtime.cache_dir={out / 'cache'}"])
     t0 = time.perf_counter()
     run = out / "run-full"
     resume = (run / "config.yaml").is_file()
@@ -126,7 +126,7 @@ def real_run(out: Path, epochs: int, cases: int, scale: float, device: str, widt
     ds = find_dataset(data)
     lists = resolve_split(sorted(ds), "report", cfg.train.val_cases)
     test = cache_cases(cfg, [ds[c] for c in lists["test"]], progress=False)
-    per_case = evaluate_run(run, test, ds, progress=False)
+    per_case = evaluate_run(run, test, ds, progress=False, runtime=cfg.runtime)
     dice = [v["dice"] for v in per_case.values()]
     return {"epochs": epochs, "cases": cases, "scale": scale, "train_seconds": seconds,
             "best_val_dice": result.best_dice, "test_dice_per_case": {k: v["dice"] for k, v in per_case.items()},

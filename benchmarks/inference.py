@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="time covidseg only (e.g. on a GPU, where the slow CPU reference is not wanted)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where both paths run the network")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="passed to covidseg segment, e.g. --set inference.bf16=off")
+                   help="passed to covidseg segment, e.g. --set runtime.bf16=off")
     p.add_argument("--keep", type=Path, default=None, help="keep the CT and outputs in this folder")
     p.add_argument("--ct", type=Path, default=None, help="use this CT (e.g. one kept by --keep) instead of a new phantom")
     p.add_argument("--reference-from", type=Path, default=None, metavar="JSON",

@@ -15,11 +15,23 @@ On the 50 expert-labelled training slices of COVID-SemiSeg (Fan et al., Inf-Net,
 count that fits the whole protocol into ``--budget-s`` seconds of training (the same count for every variant).
 A hard ``--deadline-s`` skips the folds not yet started once passed, and the final model is still trained.
 
+With ``--pseudo DIR`` (Inf-Net's 1,600 pseudo-labelled slices, ``Imgs/Data-1_<case>_<k>.jpg`` + ``GT/``) the
+protocol is semi-supervised, as Semi-Inf-Net's: each variant is first trained on the pseudo-labelled slices alone
+(``--pretrain-epochs``; they are never held out nor scored, so one pretrained model starts every fold), then each
+fold fine-tunes it on its 40 expert slices with ``--pseudo-per-batch`` pseudo-labelled slices mixed into every
+batch, and the final model does the same on all 50. ``--epochs`` must then be a number. Every stage keeps its
+state under ``OUT/state/<variant>/`` (saved every ``--save-every-s`` seconds; finished folds as JSON): the same
+command, rerun after a kill, continues where it stopped.
+
 Needs torch, numpy, pillow, scipy and covidseg (MONAI, tqdm optional)::
 
     python benchmarks/semiseg_cv.py --data ../shared/data/covid-semiseg/train --out out/semiseg --device cuda
     python benchmarks/semiseg_cv.py --data ../shared/data/covid-semiseg/train --out /tmp/s \\
         --device cpu --epochs 1 --folds 2 --variants unet-2d --size 64 --base-width 4     # CPU smoke test
+    OMP_NUM_THREADS=1 python benchmarks/semiseg_cv.py --data ../shared/data/covid-semiseg/train \
+        --pseudo ../shared/data/covid-semiseg/pseudo --out out/semiseg-pseudo --device cpu \
+        --variants unet-fv-paspp-ds-2d --size 192 --base-width 8 --epochs 15 --lr 5e-4 --pretrain-epochs 9 \
+        --pseudo-per-batch 4 --flip-tta --deadline-s 100000 --no-progress     # the shipped model (CPU, ~1.5 h)
 """
 
 from __future__ import annotations
@@ -42,13 +54,13 @@ except ImportError:  # a plain checkout: use its src/ folder
 import torch
 
 from covidseg.io.atomic import atomic_write_text
+from covidseg.runtime import resolve_device
 from covidseg.semiseg.data import load_folder, resize_stack
 from covidseg.semiseg.train import (
     VARIANTS_2D,
     SemisegConfig,
     cross_validate,
     make_folds,
-    resolve_device,
     save_semiseg_checkpoint,
     train_model,
 )
@@ -89,6 +101,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    g = p.add_argument_group("semi-supervised (with --pseudo)")
+    g.add_argument("--pseudo", help="folder of pseudo-labelled slices (Imgs/Data-1_<case>_<k>.jpg + GT/): "
+                                    "pretrain on them, then mix them into every training batch of each fold")
+    g.add_argument("--pretrain-epochs", type=int, default=3, help="epochs on the pseudo-labelled slices alone")
+    g.add_argument("--pretrain-lr", type=float, default=1e-3)
+    g.add_argument("--pseudo-per-batch", type=int, default=4,
+                   help="pseudo-labelled slices in each batch of the labelled stage (of --batch-size)")
+    g.add_argument("--flip-tta", action="store_true", help="predict with a left-right mirror averaged in")
+    g.add_argument("--save-every-s", type=float, default=300.0,
+                   help="seconds between saves of the training state (a rerun of the command resumes)")
     return p.parse_args(argv)
 
 
@@ -124,7 +146,14 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"{s['epochs']} epochs, batch {s['batch_size']}, {s['size'][0]}x{s['size'][1]} px, Adam {s['lr']:g} "
         f"(poly decay), base width {s['base_width']}, seed {s['seed']}, device {report['device']}"
-        f" ({report.get('device_name', '')}). Mean ± sd over folds.",
+        + (f" ({report['device_name']})" if report.get("device_name") else "") + ". Mean ± sd over folds.",
+        *([f"Pseudo-labelled slices: {report['n_pseudo']} (`{report['pseudo']}`), pretraining "
+           f"{s['config']['pretrain_epochs']} epochs at lr {s['config']['pretrain_lr']:g}, then "
+           f"{s['config']['pseudo_per_batch']} of every {s['batch_size']} slices per batch; flip TTA "
+           f"{'on' if s['config']['flip_tta'] else 'off'}. Held-out folds hold expert slices only."]
+          if report.get("pseudo") else []),
+        f"Measured at the code of `{str(report.get('commit'))[:7]}` ({report.get('commit')}), "
+        f"{report.get('machine')}, {report.get('date')}.",
         "",
         "| model | mean Dice (Inf-Net) | Dice@0.5 | IoU | sensitivity | specificity | precision | folds |",
         "|---|---|---|---|---|---|---|---|",
@@ -148,7 +177,85 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def choose_epochs(args: argparse.Namespace, base: SemisegConfig, slices: list, device: torch.device,
+                  progress: bool, report: dict[str, Any], t_start: float) -> int:
+    """``--epochs`` as given, or (``auto``) the largest count that fits the protocol into ``--budget-s``."""
+    if args.epochs != "auto":
+        return int(args.epochs)
+    n = len(slices)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    train_n = n - math.ceil(n / args.folds)
+    images, masks = resize_stack(slices[:train_n], base.size)
+    per_epoch = {}
+    for v in variants:
+        try:
+            per_epoch[v] = calibrate(SemisegConfig(**{**base.__dict__, "variant": v}), images, masks, device,
+                                     progress)
+            print(f"[calibrate] {v}: {per_epoch[v]:.3f} s/epoch on {train_n} slices", flush=True)
+        except Exception as exc:  # keep going: the variant will fail again below and be reported
+            print(f"[calibrate] {v} failed: {exc}", flush=True)
+    steps_cv = max(1, train_n // min(args.batch_size, train_n))
+    steps_all = max(1, n // min(args.batch_size, n))
+    spent = time.perf_counter() - t_start
+    cost = sum(args.folds * t for t in per_epoch.values()) + max(per_epoch.values(), default=1.0) * (
+        steps_all / steps_cv)
+    budget = max(1.0, args.budget_s - spent)
+    report["calibration"] = {"seconds_per_epoch": per_epoch, "train_slices": train_n,
+                             "budget_s": args.budget_s, "spent_before_cv_s": round(spent, 1)}
+    return int(min(args.max_epochs, max(args.min_epochs, budget / (cost * EVAL_MARGIN))))
+
+
+def log_line(stage: str, t_start: float) -> Any:
+    """A per-epoch logger printing one plain line (no progress bar characters, fit for a log file)."""
+    def log(rec: dict[str, Any]) -> None:
+        fold = f" fold {rec['fold'] + 1}" if "fold" in rec else ""
+        print(f"[{stage}{fold}] epoch {rec['epoch']} step {rec['step']}: loss {rec['loss']:.4f}, "
+              f"lr {rec['lr']:.2e} ({rec['seconds']:.0f} s, t={time.perf_counter() - t_start:.0f} s)", flush=True)
+    return log
+
+
+def full_commit() -> str:
+    """The full hash of the checkout's HEAD (``unknown`` outside a git checkout)."""
+    import subprocess
+
+    res = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                         capture_output=True, text=True, timeout=10, check=False)
+    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else "unknown"
+
+
+def new_report(args: argparse.Namespace, argv: list[str] | None, slices: list, pseudo_slices: list,
+               device: torch.device) -> dict[str, Any]:
+    """The report's header: data, machine, code version, date, command, folds, published numbers."""
+    from covidseg.training.trainer import code_version, machine_description
+
+    n = len(slices)
+    report: dict[str, Any] = {
+        "benchmark": "semiseg_cv", "data": str(Path(args.data).resolve()), "n_images": n,
+        "pseudo": str(Path(args.pseudo).resolve()) if args.pseudo else None, "n_pseudo": len(pseudo_slices),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "machine": machine_description(device), "threads": torch.get_num_threads(), "code": code_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "commit": full_commit(),
+        "command": "python benchmarks/semiseg_cv.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "folds_test": [[slices[i].name for i in f] for f in make_folds(n, args.folds, args.seed)],
+        "infnet_published_test_split": INFNET_PUBLISHED, "variants": {}, "chosen": None, "final": None,
+        "notes": "CV on the 50 expert-labelled training slices; Inf-Net's numbers are on their 48-slice test split "
+                 "(a different protocol). Slices of one patient may fall in different folds (no patient ids).",
+    }
+    report["config"] = {"command": report["command"], **{k: v for k, v in vars(args).items() if k != "out"}}
+    if args.pseudo:
+        report["notes"] += (" Pseudo-labelled slices are in the training folds only, never held out or scored; "
+                            "their labels were made by Semi-Inf-Net, a model trained on these 50 expert slices, "
+                            "so the held-out slices are not fully unseen.")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
+    from covidseg.errors import ConfigError
+    from covidseg.semiseg.data import load_pseudo_folder
+    from covidseg.semiseg.train import pretrain, summarize_cv
+
     args = parse_args(argv)
     t_start = time.perf_counter()
     out = Path(args.out)
@@ -159,62 +266,39 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     slices = load_folder(args.data)
-    n = len(slices)
+    pseudo_slices = load_pseudo_folder(args.pseudo) if args.pseudo else []
+    if args.pseudo and args.epochs == "auto":
+        raise ConfigError("--pseudo needs --epochs N (the timing of --epochs auto covers labelled slices only)")
     base = SemisegConfig(size=(args.size, args.size), base_width=args.base_width, batch_size=args.batch_size,
                          learning_rate=args.lr, folds=args.folds, seed=args.seed, amp=args.amp,
-                         device=str(device))
-    report: dict[str, Any] = {
-        "benchmark": "semiseg_cv", "data": str(Path(args.data).resolve()), "n_images": n,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "torch": torch.__version__, "python": platform.python_version(),
-        "folds_test": [[slices[i].name for i in f] for f in make_folds(n, args.folds, args.seed)],
-        "infnet_published_test_split": INFNET_PUBLISHED, "variants": {}, "chosen": None, "final": None,
-        "notes": "CV on the 50 training slices; Inf-Net's numbers are on their 48-slice test split "
-                 "(a different protocol). Slices of one patient may fall in different folds (no patient ids).",
-    }
-
+                         device=str(device), flip_tta=args.flip_tta,
+                         pretrain_epochs=args.pretrain_epochs if args.pseudo else 0,
+                         pretrain_lr=args.pretrain_lr, pseudo_per_batch=args.pseudo_per_batch if args.pseudo else 0)
+    report = new_report(args, argv, slices, pseudo_slices, device)
     def write() -> None:
         report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
         atomic_write_text(out / "semiseg_cv.json", json.dumps(report, indent=2) + "\n")
         atomic_write_text(out / "semiseg_cv.md", markdown(report))
 
-    # ---- epochs
-    if args.epochs == "auto":
-        train_n = n - math.ceil(n / args.folds)
-        images, masks = resize_stack(slices[:train_n], base.size)
-        per_epoch = {}
-        for v in variants:
-            try:
-                per_epoch[v] = calibrate(SemisegConfig(**{**base.__dict__, "variant": v}), images, masks, device,
-                                         progress)
-                print(f"[calibrate] {v}: {per_epoch[v]:.3f} s/epoch on {train_n} slices", flush=True)
-            except Exception as exc:  # keep going: the variant will fail again below and be reported
-                print(f"[calibrate] {v} failed: {exc}", flush=True)
-        steps_cv = max(1, train_n // min(args.batch_size, train_n))
-        steps_all = max(1, n // min(args.batch_size, n))
-        spent = time.perf_counter() - t_start
-        cost = sum(args.folds * t for t in per_epoch.values()) + max(per_epoch.values(), default=1.0) * (
-            steps_all / steps_cv)
-        budget = max(1.0, args.budget_s - spent)
-        epochs = int(min(args.max_epochs, max(args.min_epochs, budget / (cost * EVAL_MARGIN))))
-        report["calibration"] = {"seconds_per_epoch": per_epoch, "train_slices": train_n,
-                                 "budget_s": args.budget_s, "spent_before_cv_s": round(spent, 1)}
-    else:
-        epochs = int(args.epochs)
+    epochs = choose_epochs(args, base, slices, device, progress, report, t_start)
     base.epochs = epochs
     report["settings"] = {"epochs": epochs, "batch_size": args.batch_size, "size": list(base.size),
                           "lr": args.lr, "base_width": args.base_width, "seed": args.seed, "folds": args.folds,
                           "amp": args.amp, "config": base.to_dict()}
-    print(f"[plan] {len(variants)} variants x {args.folds} folds + final, {epochs} epochs each", flush=True)
+    print(f"[plan] {len(variants)} variants x {args.folds} folds + final, {epochs} epochs each"
+          + (f", after {base.pretrain_epochs} epochs on {len(pseudo_slices)} pseudo-labelled slices"
+             if args.pseudo else ""), flush=True)
     write()
+    pseudo = resize_stack(pseudo_slices, base.size) if pseudo_slices else None
+    pretrained: dict[str, dict[str, torch.Tensor] | None] = {}
 
-    # ---- cross-validation of the ablation
     def past_deadline() -> bool:
         return time.perf_counter() - t_start > args.deadline_s
 
+    # ---- (pretraining and) cross-validation of each variant
     for v in variants:
         cfg = SemisegConfig(**{**base.__dict__, "variant": v})
+        work = out / "state" / v if args.pseudo else None
         partial: list[dict[str, Any]] = []
 
         def on_fold(fold: dict[str, Any], v: str = v, partial: list = partial) -> None:
@@ -223,13 +307,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[cv] {v} fold {fold['fold'] + 1}/{args.folds}: mean Dice (Inf-Net) "
                   f"{m['mean_dice_infnet']:.4f}, Dice@0.5 {m['dice_at_0_5']:.4f} ({fold['seconds']:.1f} s, "
                   f"t={time.perf_counter() - t_start:.0f} s)", flush=True)
-            from covidseg.semiseg.train import summarize_cv
-
             report["variants"][v] = {**summarize_cv(v, partial), "complete": False}
             write()
 
         try:
-            res = cross_validate(slices, cfg, device, progress=progress, on_fold=on_fold, should_stop=past_deadline)
+            init = None
+            if pseudo is not None and work is not None and cfg.pretrain_epochs > 0:
+                init = pretrain(pseudo, cfg, device, progress=progress, log=log_line(f"pretrain {v}", t_start),
+                                state_path=work / "pretrain.state.pt", save_every_s=args.save_every_s)
+            pretrained[v] = init
+            res = cross_validate(slices, cfg, device, progress=progress, on_fold=on_fold, should_stop=past_deadline,
+                                 init=init, pseudo=pseudo, work_dir=work, save_every_s=args.save_every_s,
+                                 log=log_line(f"cv {v}", t_start) if args.pseudo else None)
             report["variants"][v] = res
             if not res["complete"]:
                 print(f"[cv] {v}: deadline reached after {len(res['folds'])} folds", flush=True)
@@ -249,20 +338,40 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[choice] {chosen} (CV mean Dice {pool.get(chosen, {}).get('mean', {}).get('mean_dice_infnet')})",
           flush=True)
     write()
+    train_and_save_final(args, report, slices, base, chosen, device, progress, pseudo, pretrained.get(chosen),
+                         t_start)
+    write()
+    print(markdown(report))
+    print(f"[done] {time.perf_counter() - t_start:.0f} s; results in {out}", flush=True)
+    return 0
 
-    # ---- final model on all slices
+
+def train_and_save_final(args: argparse.Namespace, report: dict[str, Any], slices: list, base: SemisegConfig,
+                         chosen: str, device: torch.device, progress: bool,
+                         pseudo: tuple[torch.Tensor, torch.Tensor] | None,
+                         init: dict[str, torch.Tensor] | None, t_start: float) -> None:
+    """Train ``chosen`` on all labelled slices (from ``init``, with ``pseudo`` mixed in) and save it in fp16."""
+    from covidseg.semiseg.train import train_final
+
+    out = Path(args.out)
+    n = len(slices)
     try:
         cfg = SemisegConfig(**{**base.__dict__, "variant": chosen})
-        images, masks = resize_stack(slices, cfg.size)
         t0 = time.perf_counter()
-        model = train_model(images, masks, cfg, device, seed=cfg.seed, desc=f"{chosen} final", progress=progress)
+        state = out / "state" / chosen / "final.state.pt" if pseudo is not None else None
+        model = train_final(slices, cfg, device, progress=progress, init=init, pseudo=pseudo, state_path=state,
+                            save_every_s=args.save_every_s,
+                            log=log_line(f"final {chosen}", t_start) if pseudo is not None else None)
         seconds = time.perf_counter() - t0
         cv = report["variants"].get(chosen, {})
+        data = "COVID-SemiSeg train (50 expert-labelled slices, Fan et al. 2020 / MedSeg)"
+        if pseudo is not None:
+            data += (f" + {report['n_pseudo']} slices of the 20 Zenodo cases (Ma et al.) with Semi-Inf-Net's "
+                     "pseudo labels")
         path = save_semiseg_checkpoint(
-            out / "semiseg-2d.pt", model, cfg, n_train=n, train_seconds=round(seconds, 1),
-            device=report["device_name"], cv_mean=cv.get("mean", {}), cv_sd=cv.get("sd", {}),
-            data="COVID-SemiSeg train (50 expert-labelled slices, Fan et al. 2020 / MedSeg)",
-            command="python benchmarks/semiseg_cv.py " + " ".join(sys.argv[1:] if argv is None else argv))
+            out / "semiseg-2d.pt", model, cfg, n_train=n, n_pseudo=report["n_pseudo"],
+            train_seconds=round(seconds, 1), device=report["machine"], cv_mean=cv.get("mean", {}),
+            cv_sd=cv.get("sd", {}), data=data, command=report["command"], code=report["code"])
         size_mb = path.stat().st_size / 1e6
         report["final"] = {"variant": chosen, "epochs": cfg.epochs, "seconds": seconds, "path": str(path),
                            "size_mb": size_mb, "under_limit": size_mb <= MAX_WEIGHTS_MB}
@@ -270,11 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         traceback.print_exc()
         report["final"] = {"variant": chosen, "error": f"{type(exc).__name__}: {exc}"}
-    write()
-    print(markdown(report))
-    print(f"[done] {time.perf_counter() - t_start:.0f} s; results in {out}", flush=True)
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from covidseg.errors import UserError
+
+    try:
+        raise SystemExit(main())
+    except UserError as exc:  # bad data or settings: one line naming the file or option, exit code 2
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

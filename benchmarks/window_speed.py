@@ -6,12 +6,12 @@ median of the per-repeat time ratios are reported):
 
 - ``plain float32``: the training module (``UNet`` in ``eval`` mode) in float32, contiguous input: the reference;
 - ``public float32``: :func:`covidseg.models.deploy.deploy_copy` (batch norm folded, weights channels-last) in
-  float32: what ``segment`` runs on a CPU without native bfloat16 or with ``inference.bf16=off``;
-- ``public float32 contiguous``: the same without channels-last (``inference.channels_last=false``);
+  float32: what ``segment`` runs on a CPU without native bfloat16 or with ``runtime.bf16=off``;
+- ``public float32 contiguous``: the same without channels-last (``runtime.channels_last=false``);
 - ``onednn float32``: ``deploy_copy(kernels="onednn")`` (oneDNN's fused operators, the FV gates folded;
-  ``inference.cpu_kernels=onednn``);
+  ``runtime.cpu_kernels=onednn``);
 - with ``--bf16`` (and by default where the CPU has native bfloat16): ``public bf16`` and ``onednn bf16``
-  (``inference.bf16=on``; on a CPU without native bfloat16 oneDNN emulates it, slowly);
+  (``runtime.bf16=on``; on a CPU without native bfloat16 oneDNN emulates it, slowly);
 - with ``--compile``: ``public float32 compiled``, ``torch.compile`` of the public form (inductor; minutes of
   compilation the first time: its ``prepare_s`` is the compile and first calls, to weigh against the windows of a
   CT, ``break_even_windows``);
@@ -21,7 +21,7 @@ median of the per-repeat time ratios are reported):
 each with a batch of 1 and of 2 windows (seconds per window). ``prepare_s`` is the time to make a form and run its
 first call of each batch (oneDNN primitive creation, compilation). In float32 torch sends a batch of 1 with few
 channels through its im2col path rather than oneDNN (``ConvParams::use_mkldnn`` in ATen's Convolution.cpp: a batch
-of 1 with ``N * C * D * H`` at most 20480 stays native), which is why ``inference.batch_windows`` defaults to 2.
+of 1 with ``N * C * D * H`` at most 20480 stays native), which is why ``runtime.batch_windows`` defaults to 2.
 
 Run: ``python benchmarks/window_speed.py --threads 2 --json out.json``. Random weights (the speed does not depend
 on them); the GFLOP per window are counted by :func:`covidseg.models.flops.count_flops`; ``max_abs_logit_diff`` is
@@ -41,9 +41,10 @@ import torch
 from _stamp import write_results
 from torch import nn
 
-from covidseg.inference.sliding_window import native_bf16_cpu
+from covidseg.runtime import native_bf16_cpu
 from covidseg.models.deploy import deploy_copy
 from covidseg.models.registry import create_model, variant_config
+from covidseg.runtime import native_bf16_cpu
 from covidseg.training.trainer import cpu_model
 
 WINDOW = (8, 128, 128)
@@ -63,7 +64,7 @@ class OrtWindow(nn.Module):
         super().__init__()
         import onnxruntime as ort
 
-        from covidseg.export import INPUT_NAME, onnx_bytes
+        from covidseg.exchange import INPUT_NAME, onnx_bytes
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads

@@ -13,11 +13,13 @@ IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 def write_dicom_series(folder: Path, volume_zyx: np.ndarray, origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 2.0),
                        direction=IDENTITY, series_uid: str = "1.2.826.0.1.3680043.2.1125.77",
                        positions_z: list[float] | None = None, intercept: float = 0.0, drop: int | None = None,
-                       duplicate: int | None = None) -> list[Path]:
+                       duplicate: int | None = None, patient_id: str | None = None,
+                       series_number: int | None = None) -> list[Path]:
     """Write ``volume_zyx`` (stored values; HU = value + ``intercept``) slice by slice into ``folder``.
 
     ``positions_z`` puts slice ``k`` at that distance (mm) from ``origin`` along the slice normal (uneven spacing);
-    ``drop`` leaves slice ``drop`` out (a missing slice); ``duplicate`` writes slice ``duplicate`` twice.
+    ``drop`` leaves slice ``drop`` out (a missing slice); ``duplicate`` writes slice ``duplicate`` twice;
+    ``patient_id`` and ``series_number`` set PatientID and SeriesNumber.
     Returns the written files in slice order.
     """
     folder.mkdir(parents=True, exist_ok=True)
@@ -43,6 +45,10 @@ def write_dicom_series(folder: Path, volume_zyx: np.ndarray, origin=(0.0, 0.0, 0
             "0020|0013": str(k + 1), "0008|0018": f"{series_uid}.{k + 1}", "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
             "0028|1052": f"{intercept:g}", "0028|1053": "1", "0028|1054": "HU",
         }
+        if patient_id is not None:
+            tags["0010|0020"] = patient_id
+        if series_number is not None:
+            tags["0020|0011"] = str(series_number)
         for key, value in tags.items():
             sl.SetMetaData(key, value)
         copies = 2 if k == duplicate else 1

@@ -134,3 +134,11 @@ def test_unstorable_meta_is_refused_before_writing(tmp_path):
     with pytest.raises(TypeError, match="cannot be stored"):
         save_checkpoint(tmp_path / "a.pt", model, config, optimizer=object())
     assert not list(tmp_path.iterdir())
+
+
+def test_str_subclasses_in_meta_are_stored_as_plain_str(tmp_path):
+    model, config = make()
+    assert type(torch.__version__) is not str  # torch.torch_version.TorchVersion
+    path = save_checkpoint(tmp_path / "a.pt", model, config, code={"torch": torch.__version__})
+    _, _, meta = load_checkpoint(path)  # weights_only loading refuses TorchVersion objects
+    assert meta == {"code": {"torch": str(torch.__version__)}} and type(meta["code"]["torch"]) is str

@@ -21,7 +21,7 @@ from covidseg.checkpoint import FORMAT_VERSION, save_checkpoint
 from covidseg.cli.main import run as cli
 from covidseg.config import Config, config_to_dict, load_config
 from covidseg.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER
-from covidseg.io.image import MAX_VOXELS_ENV
+from covidseg.io.volume import MAX_VOXELS_ENV
 from covidseg.models import create_model, variant_config
 from covidseg.phantom import make_phantom
 from dicom_series import write_dicom_series
@@ -142,7 +142,8 @@ SET_CASES = [
     ("trian.epochs=5", ["unknown config key 'trian'", "train"]),
     ("train.epochs=many", ["'train.epochs'", "expected an integer", "'many'"]),
     ("train.epochs=2.5", ["'train.epochs'", "expected an integer"]),
-    ("train.amp=fast", ["'train.amp'", "'fast' is not one of", "'bf16'"]),
+    ("runtime.amp=fast", ["'runtime.amp'", "'fast' is not one of", "'bf16'"]),
+    ("train.amp=fast", ["'runtime.amp'", "'fast' is not one of", "'bf16'"]),  # an old key, named at its new home
     ("train.patch_size=[8,128]", ["'train.patch_size'", "expected 3 values"]),
     ("train.learning_rate=fast", ["'train.learning_rate'", "expected a number"]),
     ("train=5", ["'train' is a section"]),
@@ -183,11 +184,13 @@ def test_bad_config_file_is_one_line_naming_the_key(tmp_path, capsys, text, need
                                            ("no", "off"), ("yes", "on")])
 def test_yaml_booleans_map_onto_on_off_literals(tmp_path, raw, expected):
     """YAML 1.1 reads bare off/on/yes/no as booleans; a Literal["auto", "on", "off"] must still accept them."""
-    assert load_config(None, [f"inference.bf16={raw}"]).inference.bf16 == expected
+    assert load_config(None, [f"runtime.bf16={raw}"]).runtime.bf16 == expected
     path = tmp_path / "c.yaml"
-    path.write_text(f"inference:\n  bf16: {raw}\n")
-    assert load_config(path).inference.bf16 == expected
-    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    path.write_text(f"runtime:\n  bf16: {raw}\n")
+    assert load_config(path).runtime.bf16 == expected
+    path.write_text(f"inference:\n  bf16: {raw}\n")  # the old key
+    assert load_config(path).runtime.bf16 == expected
+    assert load_config(None, ["runtime.amp=off"]).runtime.amp == "off"
     assert yaml.safe_load(raw) in (True, False, raw)  # the case this test is about does occur
 
 
@@ -331,7 +334,7 @@ def test_device_cuda_without_a_gpu(world, tmp_path, capsys):
     assert_user_error(code, err, "--device cuda", "no CUDA GPU")
     code, _, err = run_cli(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--device", "cuda"],
                            capsys)
-    assert_user_error(code, err, "train.device='cuda'", "--device cpu")
+    assert_user_error(code, err, "runtime.device='cuda'", "--device cpu")
     assert not (tmp_path / "seg").exists() and not (tmp_path / "run").exists()
 
 

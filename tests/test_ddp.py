@@ -1,7 +1,7 @@
 """DDP on CPU (gloo): 2 processes x 2 patches vs 1 process x 4 patches, the same global batch.
 
 Tolerance: the two runs are not bit-identical because BatchNorm normalises over each process's own patches
-(torch has no SyncBatchNorm on CPU; on GPUs train.sync_batchnorm makes it global) and the batch-wise soft Dice
+(torch has no SyncBatchNorm on CPU; on GPUs runtime.sync_batchnorm makes it global) and the batch-wise soft Dice
 is computed per process; Adam's normalised steps then amplify differences of small gradients. Tolerances
 (measured on the phantom cohort: mean training loss 1.27988 vs 1.28058, update cosine 0.19, relative L2 1.24):
 the rank-averaged training loss of the epoch agrees within 1 %, and the weight updates (final minus initial
@@ -14,33 +14,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-TINY = [
-    "model.base_width=4",
-    "train.patch_size=[4,32,32]",
-    "train.batch_size=2",
-    "train.patches_per_epoch=4",
-    "train.epochs=2",
-    "train.num_workers=0",
-    "train.loader_benchmark_batches=1",
-    "inference.window=[4,32,32]",
-    "inference.batch_windows=8",
-]
-"""Overrides that make a run take seconds on 2 CPU cores."""
-
-
-def write_tiny_cohort(root: Path, cases: int = 6, seed: int = 0) -> Path:
-    """A phantom cohort in the Zenodo layout at scale 0.15."""
-    from covidseg.phantom import write_cohort
-
-    write_cohort(root, cases, seed=seed, style="mixed", scale=0.15, progress=False)
-    return root
-
-
 
 COSINE_MIN = 0.1
 REL_DIFF_MAX = 1.5
@@ -58,10 +34,10 @@ def _update(run, config):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process(tmp_path):
-    data = write_tiny_cohort(tmp_path / "data", cases=5)
-    sets = [*TINY, f"train.cache_dir={tmp_path / 'cache'}", "train.epochs=1",
-            "train.loader_benchmark_batches=0", "model.name=unet", "train.batch_size=4",
+def test_two_process_ddp_matches_one_process(tmp_path, make_cohort, tiny_overrides):
+    data = make_cohort(5)
+    sets = [*tiny_overrides, f"runtime.cache_dir={tmp_path / 'cache'}", "train.epochs=1",
+            "runtime.loader_benchmark_batches=0", "model.name=unet", "train.batch_size=4",
             "train.patches_per_epoch=12"]
     args = []
     for s in sets:

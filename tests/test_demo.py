@@ -9,10 +9,22 @@ from pathlib import Path
 import pytest
 
 from covidseg.cli.main import run as cli
-from covidseg.demo import DEMO_FILE, DemoResult, DemoSettings, check_out_dir, run_demo, summary_text
+from covidseg.config import config_to_dict, load_config
+from covidseg.demo import (
+    DEMO_FILE,
+    QUICK_OVERRIDES,
+    DemoCohort,
+    DemoResult,
+    check_out_dir,
+    demo_config,
+    demo_record,
+    run_demo,
+    summary_text,
+)
 from covidseg.errors import InputError, OutputExistsError
 
-QUICK = DemoSettings.quick()
+QUICK = DemoCohort.quick()
+QUICK_CONFIG = demo_config(None, QUICK_OVERRIDES)
 
 
 def _cli(argv: list[str]) -> int:
@@ -25,16 +37,32 @@ def _cli(argv: list[str]) -> int:
 def first(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoResult, list[str]]:
     out = tmp_path_factory.mktemp("demo") / "covidseg-demo"
     messages: list[str] = []
-    result = run_demo(out, QUICK, progress=False, log=messages.append)
+    result = run_demo(out, QUICK, demo_config(out, QUICK_OVERRIDES), progress=False, log=messages.append)
     return result, messages
 
 
 def test_quick_settings_are_tiny() -> None:
-    assert (QUICK.cases, QUICK.steps, QUICK.base_width) == (3, 2, 4)
-    assert DemoSettings().model == "unet-fv-paspp-ds"  # the demo trains the report's final model
-    cfg = DemoSettings().config(Path("x"))
+    from covidseg.training.trainer import total_steps
+
+    assert (QUICK.cases, total_steps(QUICK_CONFIG), QUICK_CONFIG.model.base_width) == (3, 2, 4)
+    cfg = demo_config(Path("x"))
+    assert cfg.model.name == "unet-fv-paspp-ds"  # the demo trains the report's final model
     assert cfg.model.deep_supervision and cfg.model.paspp and cfg.model.fv == "se"
-    assert cfg.inference.window == cfg.train.patch_size
+    assert cfg.inference.window == cfg.train.patch_size and QUICK_CONFIG.inference.window == QUICK_CONFIG.train.patch_size
+    assert cfg.runtime.cache_dir == str((Path("x") / "cache").resolve())
+
+
+def test_demo_preset_is_what_the_demo_always_trained() -> None:
+    """The demo preset gives the run config the demo's own settings class used to build (same weights, same
+    table): the report's defaults with these changes."""
+    cfg = demo_config(None)
+    changed = {"model.base_width": 8, "model.depth": 3, "train.patch_size": [16, 64, 64], "train.batch_size": 4,
+               "train.learning_rate": 1e-3, "train.epochs": 10, "train.patches_per_epoch": 160,
+               "train.foreground_fraction": 0.5, "inference.window": [16, 64, 64], "runtime.num_workers": 0,
+               "runtime.loader_benchmark_batches": 0}
+    got, default = config_to_dict(cfg), config_to_dict(load_config())
+    differ = {f"{s}.{k}": v for s in got for k, v in got[s].items() if default[s][k] != v}
+    assert differ == changed
 
 
 def test_first_run_writes_every_output(first: tuple[DemoResult, list[str]]) -> None:
@@ -60,7 +88,7 @@ def test_first_run_writes_every_output(first: tuple[DemoResult, list[str]]) -> N
             assert 0.0 <= float(r[key]) <= 1.0
     record = json.loads((out / DEMO_FILE).read_text(encoding="utf-8"))
     assert record["status"] == "done" and record["trained_now"] is True
-    assert record["settings"] == QUICK.to_dict()
+    assert record["cohort"] == QUICK.to_dict() and record["config"]["model"]["base_width"] == 4
     report = json.loads((result.segment_dir / "report.json").read_text(encoding="utf-8"))
     assert report["model"]["name"] == "unet-fv-paspp-ds"
     assert report["lungs"]["both"]["percent"] == pytest.approx(result.report["lungs"]["both"]["percent"])
@@ -70,7 +98,7 @@ def test_first_run_writes_every_output(first: tuple[DemoResult, list[str]]) -> N
 
 def test_summary_says_phantom_and_where(first: tuple[DemoResult, list[str]]) -> None:
     result, _ = first
-    text = summary_text(result, QUICK)
+    text = summary_text(result)
     assert "not a patient" in text
     assert str(result.segment_dir / "overview.png") in text
     assert "left" in text and "right" in text and "mean" in text
@@ -113,11 +141,34 @@ def test_refuses_foreign_folder_and_other_settings(tmp_path: Path) -> None:
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(InputError, match="not a demo folder"):
-        check_out_dir(foreign, QUICK, force=True)
+        check_out_dir(foreign, QUICK, QUICK_CONFIG, force=True)
     demo = tmp_path / "demo"
     demo.mkdir()
-    (demo / DEMO_FILE).write_text(json.dumps({"settings": QUICK.to_dict()}))
-    check_out_dir(demo, QUICK, force=False)  # same settings: reused
+    (demo / DEMO_FILE).write_text(json.dumps(demo_record(QUICK, QUICK_CONFIG)))
+    check_out_dir(demo, QUICK, QUICK_CONFIG, force=False)  # same settings: reused
+    elsewhere = demo_config(tmp_path / "other", QUICK_OVERRIDES)  # another cache folder: the same demo
+    check_out_dir(demo, QUICK, elsewhere, force=False)
     with pytest.raises(OutputExistsError, match="--force"):
-        check_out_dir(demo, DemoSettings(), force=False)
-    check_out_dir(demo, DemoSettings(), force=True)
+        check_out_dir(demo, DemoCohort(), QUICK_CONFIG, force=False)
+    with pytest.raises(OutputExistsError, match="--force"):
+        check_out_dir(demo, QUICK, demo_config(None), force=False)
+    check_out_dir(demo, DemoCohort(), demo_config(None), force=True)
+
+
+def test_a_demo_folder_of_the_old_layout_is_reused(tmp_path: Path) -> None:
+    """A demo.json of the old layout: one "settings" mapping, a config with train.num_workers, inference.bf16..."""
+    old_config = config_to_dict(QUICK_CONFIG)
+    runtime = old_config.pop("runtime")
+    old_config["train"].update({k: runtime[k] for k in ("num_workers", "cache_dir", "loader_benchmark_batches",
+                                                        "deterministic", "sync_batchnorm")}, device="auto", amp="auto")
+    old_config["inference"].update({k: runtime[k] for k in ("bf16", "threads", "channels_last", "batch_windows")},
+                                   device="cpu")
+    settings = {"cases": 3, "scale": 0.125, "style": "mixed", "seed": 0, "model": "unet-fv-paspp-ds",
+                "base_width": 4, "depth": 2, "patch_size": [16, 32, 32], "batch_size": 2, "learning_rate": 1e-3,
+                "epochs": 1, "patches_per_epoch": 4, "foreground_fraction": 0.5, "num_workers": 0}
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / DEMO_FILE).write_text(json.dumps({"settings": settings, "config": old_config}))
+    check_out_dir(demo, QUICK, QUICK_CONFIG, force=False)
+    with pytest.raises(OutputExistsError, match="--force"):
+        check_out_dir(demo, DemoCohort(), demo_config(None), force=False)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from covidseg.config import InferenceConfig
+from covidseg.config import InferenceConfig, RuntimeConfig
 from covidseg.inference import sliding_window
 from covidseg.models import onednn
 from covidseg.models.blocks import ConvBNReLU, FVBlock
@@ -176,7 +176,7 @@ def test_a_torch_whose_fused_operators_fail_falls_back_to_plain_convolutions(mon
                                                        ("cuda", "onednn", "public")])
 def test_inference_form_chosen_by_the_cpu_option_and_the_device(device: str, kernels: str, expected: str,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """``inference.cpu_kernels`` picks the CPU form; a GPU always gets the public one."""
+    """``runtime.cpu_kernels`` picks the CPU form; a GPU always gets the public one."""
     seen: list[str] = []
     real = sliding_window.deploy_copy
 
@@ -185,6 +185,6 @@ def test_inference_form_chosen_by_the_cpu_option_and_the_device(device: str, ker
         return real(model, dtype, channels_last, "public")
 
     monkeypatch.setattr(sliding_window, "deploy_copy", spy)
-    cfg = InferenceConfig(cpu_kernels=kernels)  # type: ignore[arg-type]
+    cfg = RuntimeConfig(cpu_kernels=kernels)  # type: ignore[arg-type]
     sliding_window.inference_form(_model(), cfg, torch.device(device), torch.float32, torch.channels_last_3d)
     assert seen == [expected]

@@ -7,36 +7,16 @@ from pathlib import Path
 
 import pytest
 
-TINY = [
-    "model.base_width=4",
-    "train.patch_size=[4,32,32]",
-    "train.batch_size=2",
-    "train.patches_per_epoch=4",
-    "train.epochs=2",
-    "train.num_workers=0",
-    "train.loader_benchmark_batches=1",
-    "inference.window=[4,32,32]",
-    "inference.batch_windows=8",
-]
-"""Overrides that make a run take seconds on 2 CPU cores."""
-
-
-def write_tiny_cohort(root: Path, cases: int = 6, seed: int = 0) -> Path:
-    """A phantom cohort in the Zenodo layout at scale 0.15."""
-    from covidseg.phantom import write_cohort
-
-    write_cohort(root, cases, seed=seed, style="mixed", scale=0.15, progress=False)
-    return root
-
-
-
 
 @pytest.mark.slow
-def test_tiny_ablation_table(tmp_path):
+def test_tiny_ablation_table(tmp_path, make_cohort, tiny_overrides):
+    import torch
+
+    from covidseg.checkpoint import load_checkpoint
     from covidseg.training.experiments import run_experiment
 
-    data = write_tiny_cohort(tmp_path / "data", cases=5)
-    overrides = [*TINY, f"train.cache_dir={tmp_path / 'cache'}", "train.loader_benchmark_batches=0"]
+    data = make_cohort(5)
+    overrides = [*tiny_overrides, f"runtime.cache_dir={tmp_path / 'cache'}", "runtime.loader_benchmark_batches=0"]
     md = run_experiment("ablation", data, tmp_path / "out", epochs=1, overrides=overrides, progress=False,
                         command="covidseg experiment ablation (test)")
     rows = list(csv.DictReader((tmp_path / "out" / "TABLE.csv").open()))
@@ -47,9 +27,21 @@ def test_tiny_ablation_table(tmp_path):
     text = md.read_text(encoding="utf-8")
     assert "command: `covidseg experiment ablation (test)`" in text and "machine:" in text
     assert "ground truth" in text and "±" in text
-    weights = {(tmp_path / "out" / "runs" / f"{r['model']}-lung_only-report" / "best.pt").stat().st_size
-               for r in rows}
-    assert len(weights) == 4  # four really different models (their metrics differ once trained longer)
+    # each row's checkpoint is the model of its row: its own variant and switches, weights trained from it
+    expected = {"unet": ("none", False, False), "unet-fv-se": ("se", False, False),
+                "unet-fv-paspp": ("se", True, False), "unet-fv-paspp-ds": ("se", True, True)}
+    states = {}
+    for r in rows:
+        model, config, meta = load_checkpoint(tmp_path / "out" / "runs" / f"{r['model']}-lung_only-report" / "best.pt")
+        m = config.model
+        assert m.name == r["model"] and (m.fv, m.paspp, m.deep_supervision) == expected[r["model"]]
+        assert meta["input"] == "lung_only" and meta["target"] == "infection"
+        states[r["model"]] = model.state_dict()
+    # the shared part (the first encoder block) differs between runs: four trainings, not one copied four times
+    first = [name for name in states["unet"] if name.startswith("encoders.0.")]
+    assert first and all(name in s for s in states.values() for name in first)
+    for a, b in [("unet", "unet-fv-se"), ("unet-fv-se", "unet-fv-paspp"), ("unet-fv-paspp", "unet-fv-paspp-ds")]:
+        assert any(not torch.equal(states[a][n], states[b][n]) for n in first), (a, b)
     # a second call reuses the complete runs (and their cached test metrics) and writes the same table
     before = (tmp_path / "out" / "TABLE.csv").read_text(encoding="utf-8")
     run_experiment("ablation", data, tmp_path / "out", epochs=1, overrides=overrides, progress=False,
@@ -62,7 +54,6 @@ def test_tiny_ablation_table(tmp_path):
 
 
 def test_per_case_table_format():
-    from pathlib import Path
 
     from covidseg.config import Config
     from covidseg.training.experiments import EXPERIMENTS, build_table

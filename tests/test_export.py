@@ -12,18 +12,11 @@ from onnx import TensorProto, helper
 from scipy.ndimage import gaussian_filter
 
 from covidseg.checkpoint import save_checkpoint
-from covidseg.config import Config, InferenceConfig, config_to_dict
+from covidseg.config import Config, InferenceConfig, RuntimeConfig, config_to_dict
 from covidseg.errors import ConfigError, InputError, OutputExistsError
-from covidseg.export import (
-    INPUT_NAME,
-    ONNX_OPSET,
-    OUTPUT_NAME,
-    OnnxRuntimeModel,
-    export_model,
-    load_backend,
-    load_model,
-    read_export_info,
-)
+from covidseg.exchange import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME
+from covidseg.export import export_model
+from covidseg.inference.backends import LoadedModel, OnnxRuntimeModel, load_model, read_export_info
 from covidseg.models import MODELS, create_model, variant_config
 
 TINY = {"base_width": 4, "depth": 2}
@@ -77,19 +70,22 @@ def test_torchscript_export_runs_at_other_sizes(tmp_path, variant):
     window = WINDOW_2D if variant.endswith("-2d") else WINDOW_3D
     report = export_model(ckpt, "torchscript", tmp_path / "m.ts", window=window)
     assert report.opset is None and report.max_abs_diff < 1e-5
-    model, config, meta = load_model(report.path, "torch")
-    reference, _, _ = load_model(ckpt, "torch")
+    loaded = load_model(report.path, "torch")
+    model, config, meta = loaded.module, loaded.config, loaded.meta
+    reference = load_model(ckpt, "torch").module
     spatial = (8, 24, 32) if len(window) == 3 else (24, 32)
     x = torch.rand(3, 1, *spatial)
     with torch.no_grad():
         assert torch.allclose(model(x), reference(x), atol=1e-5)
     assert config.model.name == variant and meta["target"] == "infection"
+    assert loaded.source == report.path and loaded.backend == "torch" and loaded.channels == ("infection",)
 
 
 def test_metadata_lets_segment_run_without_the_checkpoint(tmp_path, joint_ckpt):
     out = export_model(joint_ckpt, "onnx", tmp_path / "joint.onnx", window=(8, 32, 32)).path
     info = read_export_info(out)
-    reference, ref_config, ref_meta = load_model(joint_ckpt, "torch")
+    ref = load_model(joint_ckpt, "torch")
+    reference, ref_config = ref.module, ref.config
     assert info.variant == "unet-fv-paspp-ds" and info.target == "joint"
     assert info.channels == ("left lung", "right lung", "infection")
     assert info.out_channels == 3 and info.in_channels == 1 and info.spatial_dims == 3
@@ -97,9 +93,11 @@ def test_metadata_lets_segment_run_without_the_checkpoint(tmp_path, joint_ckpt):
     assert info.window == (8, 32, 32)
     assert info.version and info.meta["best_dice"] == 0.5
     assert config_to_dict(info.config) == config_to_dict(ref_config)
-    model, config, meta = load_model(out, "onnxruntime", threads=1)
+    loaded = load_model(out, "onnxruntime", threads=1)
+    model, config, meta = loaded.module, loaded.config, loaded.meta
     assert isinstance(model, OnnxRuntimeModel) and model.size_divisor == (4, 4, 4)
     assert meta["target"] == "joint" and config.model.out_channels == 3
+    assert loaded.target == "joint" and loaded.channels == info.channels and loaded.backend == "onnxruntime"
     # the module face predict_volume relies on
     assert model.eval() is model and model.to("cpu") is model and model.set_deep_supervision(False) is model
     assert model.spatial_dims == 3 and not model.deep_supervision and list(model.parameters()) == []
@@ -115,11 +113,12 @@ def test_onnxruntime_and_torch_backends_agree_through_predict_volume(tmp_path, j
     rng = np.random.default_rng(0)
     volume = gaussian_filter(rng.random((16, 64, 64)), 2.0).astype(np.float32)
     volume = (volume - volume.min()) / (volume.max() - volume.min())
-    cfg = InferenceConfig(window=(8, 32, 32), overlap=0.25, batch_windows=2, bf16="off")
-    torch_model = load_backend(joint_ckpt, "torch")
-    ort_model = load_backend(onnx_path, "onnxruntime", threads=1)
-    p_torch = predict_volume(torch_model, volume, cfg)
-    p_ort = predict_volume(ort_model, volume, cfg)
+    cfg = InferenceConfig(window=(8, 32, 32), overlap=0.25)
+    f32 = RuntimeConfig(batch_windows=2, bf16="off")
+    torch_model = load_model(joint_ckpt, "torch").module
+    ort_model = load_model(onnx_path, "onnxruntime", threads=1).module
+    p_torch = predict_volume(torch_model, volume, cfg, runtime=f32)
+    p_ort = predict_volume(ort_model, volume, cfg, runtime=f32)
     assert p_torch.shape == p_ort.shape == (3, 16, 64, 64)
     max_diff = float(np.abs(p_torch - p_ort).max())
     a, b = p_torch >= cfg.threshold, p_ort >= cfg.threshold
@@ -131,17 +130,19 @@ def test_onnxruntime_and_torch_backends_agree_through_predict_volume(tmp_path, j
 
 
 def test_checkpoint_runs_on_onnxruntime_through_an_in_memory_export(joint_ckpt):
-    model, config, meta = load_model(joint_ckpt, "onnxruntime", threads=1)
-    reference = load_backend(joint_ckpt, "torch")
+    loaded = load_model(joint_ckpt, "onnxruntime", threads=1)
+    assert isinstance(loaded, LoadedModel) and isinstance(loaded.module, OnnxRuntimeModel)
+    reference = load_model(joint_ckpt, "torch").module
     x = torch.rand(1, 1, 8, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(model(x), reference(x), atol=1e-4)
-    assert meta["target"] == "joint" and config.model.name == "unet-fv-paspp-ds"
+        assert torch.allclose(loaded.module(x), reference(x), atol=1e-4)
+    assert loaded.meta["target"] == "joint" and loaded.config.model.name == "unet-fv-paspp-ds"
+    assert loaded.source == joint_ckpt and "exported in memory" in loaded.module.name
 
 
 def test_onnx_input_checks_name_a_valid_size(tmp_path, joint_ckpt):
-    model = load_backend(export_model(joint_ckpt, "onnx", tmp_path / "m.onnx", window=(8, 32, 32)).path,
-                         "onnxruntime")
+    model = load_model(export_model(joint_ckpt, "onnx", tmp_path / "m.onnx", window=(8, 32, 32)).path,
+                       "onnxruntime").module
     with pytest.raises(InputError, match=r"multiple of 4x4x4\); use 8x32x36"):
         model(torch.rand(1, 1, 8, 32, 34))
     with pytest.raises(InputError, match="expected"):

@@ -16,15 +16,8 @@ from hypothesis import strategies as st
 
 from covidseg.errors import InputError
 from covidseg.io.dicom import itk_to_ras_affine
-from covidseg.io.image import (
-    MAX_VOXELS_ENV,
-    label_values,
-    make_ct_image,
-    read_image,
-    read_mask,
-    write_mask,
-    write_volume,
-)
+from covidseg.io.image import label_values, read_image, read_mask, write_mask, write_volume
+from covidseg.io.volume import MAX_VOXELS_ENV, make_ct_image
 from dicom_series import write_dicom_series
 
 SHAPE = (12, 10, 6)  # file grid (X, Y, Z), tiny on purpose
@@ -302,6 +295,35 @@ def test_dicom_series_reads_like_its_nifti_twin(tmp_path):
     # and a mask written for the DICOM input overlays the twin
     out = write_mask((from_dicom.array > 0).astype(np.uint8), from_dicom, tmp_path / "m.nii.gz")
     np.testing.assert_array_equal(read_mask(out, like=from_nifti), (from_nifti.array > 0).astype(np.uint8))
+
+
+@pytest.mark.parametrize("patient, series, expected", [
+    ("Pancreas-CT-CB_001", 201, "Pancreas-CT-CB_001_series201"),
+    ("Doe^John (7)/ward", 3, "Doe_John_7_ward_series3"),  # unsafe characters become one _
+    (None, 4, "DICOM_series4"),  # no PatientID: the folder's name stands in
+    ("P9", None, "P9"),
+    (None, None, "DICOM"),
+])
+def test_dicom_series_is_named_from_its_metadata(tmp_path, patient, series, expected):
+    from covidseg.inference.cohort import case_id
+    from covidseg.inference.inputs import case_name
+    from covidseg.io.dicom import series_name
+
+    folder = tmp_path / "DICOM"
+    write_dicom_series(folder, ct_volume((3, 6, 6)), patient_id=patient, series_number=series)
+    (folder / "README.txt").write_text("not a slice\n")  # sorted first: skipped, not fatal
+    assert series_name(folder) == case_name(folder) == case_id(folder) == expected
+
+
+def test_a_folder_without_dicom_files_is_named_after_the_folder(tmp_path):
+    from covidseg.inference.inputs import case_name
+    from covidseg.io.dicom import series_name
+
+    folder = tmp_path / "scan one"
+    folder.mkdir()
+    (folder / "a.txt").write_text("text")
+    assert series_name(folder) == "scan_one" and case_name(folder) == "scan_one"
+    assert case_name(tmp_path / "case_7.nii.gz") == "case_7" and case_name(tmp_path / "x.NII") == "x"
 
 
 def test_dicom_folder_with_two_series_takes_the_larger_and_says_so(tmp_path, caplog):

@@ -13,6 +13,7 @@ from covidseg.inference.lungs import (
     binary_opening,
     block_mean,
     classical_lungs,
+    find_lungs,
     upsample_labels,
     work_factors,
 )
@@ -170,16 +171,174 @@ def test_phantom_dice_massive_basal_consolidation() -> None:
     assert left >= 0.95 and right >= 0.95
 
 
-def test_stack_hole_filling_equals_slice_by_slice() -> None:
-    """The vectorised hole rule (all slices at once) against the per-slice reference it replaces."""
-    from scipy import ndimage
-
-    from covidseg.inference.lungs import _fillable_holes, _fillable_stack
+def test_fill_holes_2d_equals_scipy_slice_by_slice() -> None:
+    """The one-labelling hole filling against scipy's, slice by slice (its reference)."""
+    from covidseg.inference.lung_grid import fill_holes_2d
 
     rng = np.random.default_rng(3)
     m = ndimage.binary_opening(rng.random((6, 40, 40)) < 0.7)
-    holes_3d = ndimage.binary_fill_holes(m) & ~m
-    stack = _fillable_stack(m, holes_3d, 0.1)
-    assert stack.any()
+    out = fill_holes_2d(m)
+    assert (out & ~m).any()
     for z in range(m.shape[0]):
-        np.testing.assert_array_equal(stack[z], _fillable_holes(m[z], holes_3d[z], 0.1))
+        np.testing.assert_array_equal(out[z], ndimage.binary_fill_holes(m[z]))
+
+
+def test_convex_hull_equals_skimage() -> None:
+    """The row-run convex hull against ``skimage.morphology.convex_hull_image`` (its reference)."""
+    import warnings
+
+    from skimage.morphology import convex_hull_image
+
+    from covidseg.inference.lung_grid import convex_hull_2d
+
+    rng = np.random.default_rng(0)
+    _, truth, _ = synthetic_chest()
+    cases = [truth[22] == LEFT, truth[5] == RIGHT]
+    cases += [rng.random((int(rng.integers(1, 30)), int(rng.integers(1, 30)))) < rng.random() * 0.3
+              for _ in range(200)]
+    for m in cases:
+        if not m.any():
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # skimage warns on a single line of pixels
+            ref = convex_hull_image(m)
+        np.testing.assert_array_equal(convex_hull_2d(m), ref)
+
+
+def test_octagon_closing_is_close_to_the_disk_closing() -> None:
+    from covidseg.inference.lung_grid import octagon_closing
+
+    _, truth, _ = synthetic_chest()
+    m = truth == LEFT
+    rng = np.random.default_rng(1)
+    m &= rng.random(m.shape) > 0.05  # vessels as 1-pixel holes
+    m[:, 55:70, 130:137] = False  # a bite out of the lateral edge
+    r = 6.4
+    y, x = np.ogrid[-7:8, -7:8]
+    disk = (y * y + x * x <= r * r)[None]
+    ref = ndimage.binary_closing(np.pad(m, ((0, 0), (8, 8), (8, 8))), structure=disk)[:, 8:-8, 8:-8]
+    out = octagon_closing(m, r)
+    changed = (ref != m).sum()
+    assert changed > 0
+    assert (out != ref).sum() <= 0.05 * changed
+
+
+def _dome_and_nodule() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A lung block (30 slices) with the diaphragm's dome rising into it from below (a half ellipsoid) and a
+    nodule in its middle. Returns ``(lung, dome, nodule)``."""
+    d, h, w = 34, 60, 60
+    z, y, x = np.ogrid[:d, :h, :w]
+    lung = ((y - 30) ** 2 + (x - 30) ** 2 <= 27 ** 2) & (z >= 2) & (z < d - 2)  # not cut by the volume's ends
+    dome = (z / 14.0) ** 2 + ((y - 30) / 14.0) ** 2 + ((x - 30) / 14.0) ** 2 <= 1.0
+    nodule = ((z - 20) / 3.0) ** 2 + ((y - 30) / 4.0) ** 2 + ((x - 40) / 4.0) ** 2 <= 1.0
+    return lung & ~dome & ~nodule, dome & lung, nodule
+
+
+def test_dome_stays_out_and_a_nodule_is_filled() -> None:
+    """A hole with lung above and below is a lesion (filled); one with lung above only is the top of the dome."""
+    from covidseg.inference.lung_fill import fill_lung_slices
+
+    lung, dome, nodule = _dome_and_nodule()
+    filled = fill_lung_slices(lung, (2.5, 1.5, 1.5), LungConfig(), medial_side=-1)
+    assert filled[nodule].all()
+    assert not filled[dome].any()
+
+
+def test_a_lesion_at_a_cut_base_stays_in_the_lung() -> None:
+    """Where the scan cuts the lung's base, a hole in the lowest slices gets the benefit of the doubt: beyond the
+    field of view the lung goes on (here a consolidation in the cut base of the lung block)."""
+    from covidseg.inference.lung_fill import fill_lung_slices
+
+    lung, _, _ = _dome_and_nodule()
+    lung = lung | np.roll(lung, -2, axis=0)  # the block down to slice 0: cut at the base
+    z, y, x = np.ogrid[: lung.shape[0], :60, :60]
+    lesion = (z <= 4) & ((y - 30) ** 2 + (x - 25) ** 2 <= 36)
+    filled = fill_lung_slices(lung & ~lesion, (2.5, 1.5, 1.5), LungConfig(), medial_side=-1)
+    assert filled[lesion].all()
+
+
+def test_lung_cover_looks_the_given_slices_up_and_down() -> None:
+    from covidseg.inference.lung_fill import lung_cover
+
+    lung = np.zeros((10, 1, 1), dtype=bool)
+    lung[6] = True
+    above, below = lung_cover(lung, 2)
+    assert above[:, 0, 0].tolist() == [False] * 4 + [True, True] + [False] * 4
+    assert below[:, 0, 0].tolist() == [False] * 7 + [True, True] + [False]
+    lung[9] = True  # cut at the top: beyond it the lung goes on
+    above, _ = lung_cover(lung, 2, cut=(False, True))
+    assert above[:, 0, 0].tolist() == [False] * 4 + [True, True, False, True, True, True]
+
+
+def _on_a_curved_couch(hu: np.ndarray, gap_rows: int = 1) -> np.ndarray:
+    """``hu`` with 40 rows added below it and a curved couch there: a flat plate under the body and a U-shaped
+    shell below it, both 3 mm thick, enclosing air in every slice (a real couch's carbon-fibre shell)."""
+    d, h, w = hu.shape
+    out = np.full((d, h + 40, w), -1000.0, np.float32)
+    out[:, :h] = hu
+    y, x = np.ogrid[: h + 40, :w]
+    top = h - 6 + gap_rows  # the body's lowest row is about h - 6
+    plate = (y >= top) & (y < top + 2) & (x >= 6) & (x < w - 6)
+    bowl = (np.abs(((y - top) / 34.0) ** 2 + ((x - w / 2) / (w / 2 - 6)) ** 2 - 1.0) < 0.06) & (y >= top)
+    out[:, plate | bowl] = 200.0
+    return out
+
+
+def test_air_in_a_curved_couch_is_not_lung() -> None:
+    """The air a curved couch encloses in every axial slice is neither a lung nor joined to one."""
+    hu, truth, _ = synthetic_chest(lesion=False)
+    couch_hu = _on_a_curved_couch(hu)
+    result = find_lungs(couch_hu, SPACING)
+    for label in (LEFT, RIGHT):
+        assert _dice(result.labels[:, : hu.shape[1]] == label, truth == label) >= 0.95
+    assert not result.labels[:, hu.shape[1] - 4 :].any()
+
+
+@pytest.mark.parametrize("value", [-3024.0, -2048.0, -1024.0])
+def test_padding_outside_the_field_of_view(value: float) -> None:
+    from covidseg.phantom.perturb import pad_outside_fov
+
+    hu, truth, _ = synthetic_chest(lesion=False)
+    out = classical_lungs(pad_outside_fov(hu, value, radius_fraction=0.49), SPACING)
+    for label in (LEFT, RIGHT):
+        assert _dice(out == label, truth == label) >= 0.95
+
+
+def test_gas_of_a_lungs_size_is_not_lung() -> None:
+    """An abdomen (no lungs) with 400 mL of gas: no lung, and the reason says why."""
+    hu, _, _ = synthetic_chest(lesion=False)
+    body = np.broadcast_to(_ellipse(128, 160, (64, 80), (58, 76)), hu.shape)
+    hu = np.where(body & (hu < -500), np.float32(TISSUE_HU), hu)  # the lungs and trachea become tissue: an abdomen
+    gas = (np.ogrid[:48, :1, :1][0] >= 0) & _ellipse(128, 160, (64, 80), (20, 40))
+    gas[:4] = gas[-4:] = False
+    hu[gas] = AIR_HU
+    result = find_lungs(hu, SPACING)
+    assert not result.found and not result.labels.any()
+    assert result.reason is not None and "pure gas" in result.reason
+    assert result.gas_ml and result.gas_ml[0] > 300
+
+
+def _ellipse(h: int, w: int, centre: tuple[float, float], radii: tuple[float, float]) -> np.ndarray:
+    y, x = np.ogrid[:h, :w]
+    return ((y - centre[0]) / radii[0]) ** 2 + ((x - centre[1]) / radii[1]) ** 2 <= 1.0
+
+
+def test_no_body_and_no_air_give_reasons() -> None:
+    air_only = np.full((8, 32, 32), -1000.0, np.float32)
+    assert "no body" in str(find_lungs(air_only, (2.0, 1.0, 1.0)).reason)
+    tissue = np.full((8, 32, 32), 40.0, np.float32)
+    result = find_lungs(tissue, (2.0, 1.0, 1.0))
+    assert not result.found and "no air region" in str(result.reason)
+
+
+@pytest.mark.parametrize("part", ["top", "bottom"])
+def test_a_crop_through_the_lungs_is_flagged(part: str) -> None:
+    hu, truth, _ = synthetic_chest(lesion=False)
+    crop = slice(22, 48) if part == "top" else slice(0, 22)  # the lungs span slices 2-42
+    result = find_lungs(hu[crop], SPACING)
+    assert result.found and result.partial
+    assert result.cut_at_base == (part == "top") and result.cut_at_apex == (part == "bottom")
+    whole = find_lungs(hu, SPACING)
+    assert not whole.partial and not whole.cut_at_apex and not whole.cut_at_base
+    summary = result.summary()
+    assert summary["partial"] and summary["left"]["found"] and summary["reason"] is None

@@ -130,9 +130,10 @@ def test_size_divisor_and_anisotropic_pooling():
 @pytest.mark.parametrize(
     ("shape", "match"),
     [
-        ((1, 1, 8, 30, 32), "use 8x32x32"),
-        ((1, 1, 6, 32, 32), "use 8x32x32"),
-        ((1, 1, 2, 32, 32), "use 4x32x32"),
+        ((1, 1, 8, 30, 32), r"input size 8x30x32 \(D x H x W\) does not fit 2 poolings of the row axis; use a "
+                            r"multiple of 4 \(8x32x32: pad or crop\)"),
+        ((1, 1, 6, 32, 32), "8x32x32: pad or crop"),
+        ((1, 1, 2, 32, 32), "4x32x32: pad or crop"),
         ((1, 2, 8, 32, 32), "expected 1 channel"),
         ((1, 1, 32, 32), r"expected \(B, C, D, H, W\)"),
     ],
@@ -325,7 +326,7 @@ def test_cli_model_info_bad_patch_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run(["model", "info", "--patch", "8", "100", "128"])
     assert exit_info.value.code == 2
-    assert "use 8x112x128" in capsys.readouterr().err
+    assert "8x112x128: pad or crop" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -34,7 +34,8 @@ from covidseg.cli.main import run as cli
 from covidseg.config import Config
 from covidseg.errors import EXIT_INTERRUPTED, EXIT_USER, InputError
 from covidseg.io.atomic import atomic_write_bytes
-from covidseg.io.image import MAX_VOXELS_ENV, read_image, read_mask
+from covidseg.io.image import read_image, read_mask
+from covidseg.io.volume import MAX_VOXELS_ENV
 from covidseg.metrics import binary_metrics
 from covidseg.models import create_model, variant_config
 from covidseg.phantom import make_phantom
@@ -100,7 +101,7 @@ def assert_complete(folder: Path) -> None:
     """Every output file present and loadable in full, and nothing else (no temporaries)."""
     from PIL import Image
 
-    from covidseg.inference.pipeline import OUTPUT_FILES
+    from covidseg.inference.outputs import OUTPUT_FILES
 
     names = sorted(p.name for p in folder.iterdir())
     assert set(OUTPUT_FILES) <= set(names), f"{folder}: missing {set(OUTPUT_FILES) - set(names)}"
@@ -173,6 +174,41 @@ def test_kill9_of_segment_at_random_moments_never_leaves_a_complete_looking_outp
     assert killed_while_writing >= 1, "no kill landed in the writing phase; the test proved nothing about it"
 
 
+@pytest.mark.parametrize("when", ["in mkdir", "after mkdir", "while writing"])
+def test_an_interrupt_as_the_work_folder_is_made_leaves_nothing(tmp_path, monkeypatch, when):
+    """Deterministic twin of the signal tests: Ctrl-C right as the hidden folder appears (the moment a busy machine
+    is most likely to deschedule the process) or while a mask is written, and no folder is left behind."""
+    from covidseg.inference import outputs
+    from covidseg.inference.case import CaseSegmentation
+    from covidseg.io.volume import make_ct_image
+
+    image = make_ct_image(np.full((6, 5, 4), -1000.0, np.float32), np.eye(4), tmp_path / "ct.nii.gz")
+    zeros = np.zeros(image.shape, np.uint8)
+    seg = CaseSegmentation(hu=image.array, lungs=zeros, infection=zeros, probability=zeros.astype(np.float32),
+                           outside_ml=0.0, convention="hu", box=None, lung_method="classical")
+    real_mkdir, real_write = Path.mkdir, outputs.write_mask
+
+    def mkdir(self: Path, *args, **kwargs) -> None:
+        if ".partial-" in self.name and when == "in mkdir":
+            real_mkdir(self, *args, **kwargs)
+            raise KeyboardInterrupt  # the folder exists, the call has not returned
+        real_mkdir(self, *args, **kwargs)
+
+    def write_mask(*args, **kwargs):
+        if when == "while writing":
+            raise KeyboardInterrupt
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    monkeypatch.setattr(outputs, "write_mask", write_mask)
+    if when == "after mkdir":
+        monkeypatch.setattr(outputs, "ThreadPoolExecutor", lambda **_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        outputs.write_case_folder(out, image, "case", seg, {"model": {"name": "m"}, "inference": {}}, 0.0)
+    assert not out.exists() and not partial_folders(out)
+
+
 @pytest.mark.parametrize("sig, phase", [(signal.SIGINT, "writing"), (signal.SIGTERM, "inference")],
                          ids=["SIGINT-writing", "SIGTERM-inference"])
 def test_ctrl_c_or_sigterm_of_segment_exits_130_and_leaves_nothing(world, tmp_path, sig, phase):
@@ -210,27 +246,23 @@ def test_ctrl_c_or_sigterm_of_segment_exits_130_and_leaves_nothing(world, tmp_pa
 # ------------------------------------------------------------------------------------------ train
 
 
-TINY = [
-    "model.name=unet", "model.base_width=4", "model.depth=2", "train.patch_size=[4,32,32]", "train.batch_size=2",
-    "train.patches_per_epoch=4", "train.epochs=2", "train.num_workers=0", "train.loader_benchmark_batches=0",
-    "inference.window=[4,32,32]", "inference.batch_windows=8",
-]
-"""A run of 2 epochs x 2 steps that takes a few seconds."""
+TRAIN_EXTRA = ("model.name=unet", "model.depth=2", "runtime.loader_benchmark_batches=0")
+"""On top of the shared tiny run (conftest): a run of 2 epochs x 2 steps that takes a few seconds."""
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from covidseg.phantom import write_cohort
-
-    root = tmp_path_factory.mktemp("train_cohort") / "data"
-    write_cohort(root, 4, seed=0, style="mixed", scale=SCALE, progress=False)
-    return root
+def cohort(make_cohort) -> Path:
+    return make_cohort(4, SCALE)
 
 
-def train_argv(data: Path, out: Path, cache: Path) -> list[str]:
-    argv = ["train", "--data", str(data), "--out", str(out), "--quiet"]
-    for item in [*TINY, f"train.cache_dir={cache}"]:
-        argv += ["--set", item]
+@pytest.fixture(scope="module")
+def train_argv(tiny_overrides):
+    def argv(data: Path, out: Path, cache: Path) -> list[str]:
+        items = ["train", "--data", str(data), "--out", str(out), "--quiet"]
+        for item in [*tiny_overrides, *TRAIN_EXTRA, f"runtime.cache_dir={cache}"]:
+            items += ["--set", item]
+        return items
+
     return argv
 
 
@@ -241,7 +273,7 @@ def cli_code(argv: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def reference_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory, train_argv) -> tuple[Path, Path]:
     """An uninterrupted run (and its cache folder, shared by the interrupted runs)."""
     root = tmp_path_factory.mktemp("train_ref")
     assert cli_code(train_argv(cohort, root / "ref", root / "cache")) == 0
@@ -250,7 +282,8 @@ def reference_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
 
 @pytest.mark.parametrize("at_step", [1, 3])
 def test_sigterm_during_train_exits_130_and_the_run_resumes_to_the_same_weights(cohort, reference_run, tmp_path,
-                                                                               capsys, monkeypatch, at_step):
+                                                                               capsys, monkeypatch, at_step,
+                                                                               train_argv):
     """A real SIGTERM, sent to this process in step 1 (epoch 1: no checkpoint yet) or step 3 of 4 (epoch 2),
     through the console entry's handler; `--resume` then ends with the uninterrupted run's weights."""
     import covidseg.losses as losses
@@ -295,7 +328,7 @@ def test_sigterm_during_train_exits_130_and_the_run_resumes_to_the_same_weights(
     ("labels", ["unexpected label values [7]"]),
     ("shape", ["mask shape", "does not match the CT"]),
 ])
-def test_train_refuses_a_bad_mask_naming_it(cohort, tmp_path, capsys, defect, words):
+def test_train_refuses_a_bad_mask_naming_it(cohort, tmp_path, capsys, defect, words, train_argv):
     import shutil
 
     data = tmp_path / "data"

@@ -95,3 +95,17 @@ def test_picture_and_html(tmp_path: Path) -> None:
               "infection_outside_lungs_ml": 0.0, "run_time_s": 1.0, "versions": {"covidseg": "0"}}
     page = render_html(report, png, tmp_path / "report.html").read_text(encoding="utf-8")
     assert "data:image/png;base64," in page and "t&lt;1&gt;" in page and "15.00" in page
+
+
+def test_coronal_view_cuts_through_the_lungs_not_the_couch() -> None:
+    from covidseg.report.overview import coronal_row
+
+    hu = np.full((10, 60, 40), -1000.0, np.float32)
+    hu[:, 5:40, 5:35] = 40.0  # the body
+    hu[:, 50:52, :] = 200.0  # a couch below it
+    lungs = np.zeros(hu.shape, np.uint8)
+    lungs[2:8, 12:30, 8:18] = 2
+    lungs[2:8, 15:25, 22:32] = 1
+    row = coronal_row(hu, lungs)
+    assert lungs[:, row].any() and 15 <= row < 25
+    assert 5 <= coronal_row(hu, np.zeros_like(lungs)) < 40  # no lungs: through the body

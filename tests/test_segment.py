@@ -36,7 +36,7 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ckpt = save_checkpoint(root / "tiny.pt", model, cfg, target="infection")
     out = root / "out1"
     code = _run(["segment", str(ct), "-o", str(out), "--checkpoint", str(ckpt), "--probability", "--html",
-                 "--set", f"inference.window={WINDOW}", "--set", "inference.bf16=off"])
+                 "--set", f"inference.window={WINDOW}", "--set", "runtime.bf16=off"])
     assert code == 0
     return {"root": root, "ct": ct, "ckpt": ckpt, "out": out}
 
@@ -77,12 +77,14 @@ def test_nifti_and_dicom_give_same_masks(case: dict[str, Path]) -> None:
     sitk = pytest.importorskip("SimpleITK")
     from dicom_series import write_dicom_series
 
-    dicom = case["root"] / "case_a_dicom"
+    dicom = case["root"] / "DICOM"
     img = sitk.ReadImage(str(case["ct"]))
-    write_dicom_series(dicom, sitk.GetArrayFromImage(img), img.GetOrigin(), img.GetSpacing(), img.GetDirection())
+    write_dicom_series(dicom, sitk.GetArrayFromImage(img), img.GetOrigin(), img.GetSpacing(), img.GetDirection(),
+                       patient_id="CASE-A", series_number=2)
     out = case["root"] / "same_dicom"
     assert _run(["segment", str(dicom), "-o", str(out), "--checkpoint", str(case["ckpt"]),
                  "--set", f"inference.window={WINDOW}"]) == 0
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["case"] == "CASE-A_series2"
     outs = [case["out"], out]
     for mask in ("lungs.nii.gz", "infection.nii.gz"):
         a, b = (nib.load(o / mask) for o in outs)
@@ -246,7 +248,8 @@ def test_segment_image_feeds_the_network_what_training_feeds_it(case: dict[str, 
                                                                net_input: str, lung_model: bool) -> None:
     """The probabilities equal ``predict_volume`` on the whole-volume input built as training builds it (the
     pipeline builds a lung-only input over the lungs' box only, and skips the normalised CT when it needs none)."""
-    from covidseg.inference.pipeline import SegmentOptions, load_models, segment_image
+    from covidseg.inference.case import CaseSegmentation, segment_image
+    from covidseg.inference.pipeline import SegmentOptions, load_stages
     from covidseg.inference.sliding_window import mask_box, predict_volume
     from covidseg.intensity import lung_only, normalize
     from covidseg.io.image import read_image
@@ -267,15 +270,24 @@ def test_segment_image_feeds_the_network_what_training_feeds_it(case: dict[str, 
         lungs_opt = str(save_checkpoint(tmp_path / "lung.pt", lmodel, lcfg, target="lung"))
     run_cfg = Config()
     run_cfg.inference.window = (8, 32, 32)
-    run_cfg.inference.bf16 = "off"
-    models = load_models(SegmentOptions(checkpoint=ckpt, lungs=lungs_opt), "cpu")
+    run_cfg.runtime.bf16 = "off"
+    stages = load_stages(SegmentOptions(checkpoint=ckpt, lungs=lungs_opt), run_cfg, "cpu")
     image = read_image(case["ct"])
-    seg = segment_image(image, models, run_cfg, "cpu")
+    seg = segment_image(image, stages)
+    assert isinstance(seg, CaseSegmentation)
 
-    lung = seg["lungs"] > 0
+    lung = seg.lungs > 0
     assert lung.any()
-    normalized = normalize(image.array, models.config.intensity)
-    x = lung_only(normalized, seg["lungs"], models.config.intensity) if net_input == "lung_only" else normalized
+    assert seg.lung_method == ("classical" if not lung_model else f"model {lungs_opt}")
+    intensity = cfg.intensity  # the checkpoint's own
+    normalized = normalize(image.array, intensity)
+    x = lung_only(normalized, seg.lungs, intensity) if net_input == "lung_only" else normalized
     margin = tuple(int(np.ceil(run_cfg.inference.box_margin_mm / s)) for s in image.spacing)
-    expected = predict_volume(models.model, x, run_cfg.inference, box=mask_box(lung, margin), mask=lung)[0]
-    np.testing.assert_array_equal(seg["probability"], expected)
+    box = mask_box(lung, margin)
+    assert seg.box == box and box is not None
+    expected = predict_volume(model.eval(), x, run_cfg.inference, box=box, mask=lung,
+                              runtime=run_cfg.runtime)[0]
+    np.testing.assert_array_equal(seg.probability, expected)
+    threshold = run_cfg.inference.threshold
+    np.testing.assert_array_equal(seg.infection, ((expected >= threshold) & lung).astype(np.uint8))
+    assert seg.outside_ml == pytest.approx(((expected >= threshold) & ~lung).sum() * image.voxel_volume_ml)

@@ -7,21 +7,23 @@ import pytest
 import torch
 from torch import nn
 
-from covidseg.config import InferenceConfig, ModelConfig
+from covidseg.config import InferenceConfig, ModelConfig, RuntimeConfig
 from covidseg.errors import ConfigError, UserError
 from covidseg.inference.sliding_window import (
     gaussian_importance,
     mask_box,
     predict_volume,
-    resolve_device,
     scan_starts,
 )
 from covidseg.models import create_model
+from covidseg.runtime import resolve_device
 
 MONAI_TOLERANCE = 1e-5
 """Largest difference of probabilities allowed against MONAI in float32 (same windows, weights and order)."""
 BF16_TOLERANCE = 0.02
 """Largest difference of probabilities allowed between bfloat16 autocast and float32 on a tiny random net."""
+F32 = RuntimeConfig(bf16="off")
+"""Exact float32 windows (the comparisons with MONAI and with the input are exact only there)."""
 
 
 def _tiny_model(seed: int = 0, out_channels: int = 1) -> nn.Module:
@@ -61,8 +63,8 @@ def test_matches_monai_sliding_window_inference() -> None:
     model = _tiny_model()
     model.set_deep_supervision(False)
     vol = np.random.default_rng(0).random((20, 40, 56), dtype=np.float32)
-    cfg = InferenceConfig(window=(8, 32, 32), overlap=0.25, bf16="off", batch_windows=3)
-    ours = predict_volume(model, vol, cfg)
+    cfg = InferenceConfig(window=(8, 32, 32), overlap=0.25)
+    ours = predict_volume(model, vol, cfg, runtime=RuntimeConfig(bf16="off", batch_windows=3))
     with torch.no_grad():
         ref = sliding_window_inference(torch.from_numpy(vol)[None, None], (8, 32, 32), 3, model, overlap=0.25,
                                        mode="gaussian", sigma_scale=0.125)
@@ -73,11 +75,11 @@ def test_matches_monai_sliding_window_inference() -> None:
 
 def test_identity_model_gives_input_back() -> None:
     vol = np.random.default_rng(1).uniform(0.05, 0.95, (12, 40, 50)).astype(np.float32)
-    out = predict_volume(Logit(), vol, InferenceConfig(window=(8, 32, 32), overlap=0.5, bf16="off"))
+    out = predict_volume(Logit(), vol, InferenceConfig(window=(8, 32, 32), overlap=0.5), runtime=F32)
     np.testing.assert_allclose(out[0], vol, atol=1e-5)
     # a volume smaller than the window is padded and cropped back
     small = vol[:4, :20, :20]
-    out = predict_volume(Logit(), small, InferenceConfig(window=(8, 32, 32), bf16="off"))
+    out = predict_volume(Logit(), small, InferenceConfig(window=(8, 32, 32)), runtime=F32)
     np.testing.assert_allclose(out[0], small, atol=1e-5)
 
 
@@ -87,16 +89,16 @@ def test_box_and_mask_restrict_and_stay_exact_inside() -> None:
     mask[4:10, 10:30, 12:28] = True
     box = mask_box(mask, (1, 2, 2))
     assert box == (slice(3, 11), slice(8, 32), slice(10, 30))
-    cfg = InferenceConfig(window=(8, 32, 32), bf16="off")
-    out = predict_volume(Logit(), vol, cfg, box=box, mask=mask)
+    cfg = InferenceConfig(window=(8, 32, 32))
+    out = predict_volume(Logit(), vol, cfg, box=box, mask=mask, runtime=F32)
     np.testing.assert_allclose(out[0][mask], vol[mask], atol=1e-5)
     outside = np.ones(vol.shape, dtype=bool)
     outside[box] = False
     assert not out[0][outside].any()
     # the real model: mask-skipped windows change nothing on the mask
     model = _tiny_model(3)
-    full = predict_volume(model, vol, InferenceConfig(window=(8, 32, 32), bf16="off"))
-    restricted = predict_volume(model, vol, InferenceConfig(window=(8, 32, 32), bf16="off"), box=box, mask=mask)
+    full = predict_volume(model, vol, InferenceConfig(window=(8, 32, 32)), runtime=F32)
+    restricted = predict_volume(model, vol, InferenceConfig(window=(8, 32, 32)), box=box, mask=mask, runtime=F32)
     np.testing.assert_allclose(restricted[0][mask], full[0][mask], atol=1e-6)  # same windows: same answer
 
 
@@ -108,9 +110,9 @@ def test_voxels_under_skipped_windows_are_zero_and_the_rest_exact() -> None:
     mask[4:12, 8:30, 4:20] = True
     mask[4:12, 8:30, 140:156] = True
     model = _tiny_model(8)
-    cfg = InferenceConfig(window=(8, 32, 32), bf16="off")
-    full = predict_volume(model, vol, cfg)
-    out = predict_volume(model, vol, cfg, box=mask_box(mask), mask=mask)
+    cfg = InferenceConfig(window=(8, 32, 32))
+    full = predict_volume(model, vol, cfg, runtime=F32)
+    out = predict_volume(model, vol, cfg, box=mask_box(mask), mask=mask, runtime=F32)
     np.testing.assert_allclose(out[0][mask], full[0][mask], atol=1e-6)
     assert not out[0][:, :, 60:100].any()  # under skipped windows only
     assert (out[0][mask] > 0).all()
@@ -119,13 +121,13 @@ def test_voxels_under_skipped_windows_are_zero_and_the_rest_exact() -> None:
 def test_bf16_close_to_float32_and_tta_symmetric() -> None:
     model = _tiny_model(4)
     vol = np.random.default_rng(4).random((8, 32, 48), dtype=np.float32)
-    f32 = predict_volume(model, vol, InferenceConfig(window=(8, 32, 32), bf16="off"))
-    bf16 = predict_volume(model, vol, InferenceConfig(window=(8, 32, 32), bf16="on"))
+    f32 = predict_volume(model, vol, InferenceConfig(window=(8, 32, 32)), runtime=F32)
+    bf16 = predict_volume(model, vol, InferenceConfig(window=(8, 32, 32)), runtime=RuntimeConfig(bf16="on"))
     assert np.abs(f32 - bf16).max() < BF16_TOLERANCE
     # TTA over W flips: a W-mirrored volume gives the W-mirrored prediction
-    cfg = InferenceConfig(window=(8, 32, 48), bf16="off", tta=True, tta_axes=(2,))
-    a = predict_volume(model, vol, cfg)
-    b = predict_volume(model, vol[:, :, ::-1].copy(), cfg)
+    cfg = InferenceConfig(window=(8, 32, 48), tta=True, tta_axes=(2,))
+    a = predict_volume(model, vol, cfg, runtime=F32)
+    b = predict_volume(model, vol[:, :, ::-1].copy(), cfg, runtime=F32)
     np.testing.assert_allclose(a, b[:, :, :, ::-1], atol=1e-5)
 
 
@@ -133,27 +135,10 @@ def test_state_restored_and_errors() -> None:
     torch.manual_seed(0)
     model = create_model(ModelConfig(base_width=4, name="unet-fv-paspp-ds"))
     model.train()
-    predict_volume(model, np.zeros((8, 32, 32), np.float32), InferenceConfig(window=(8, 32, 32), bf16="off"))
+    predict_volume(model, np.zeros((8, 32, 32), np.float32), InferenceConfig(window=(8, 32, 32)), runtime=F32)
     assert model.training and model.deep_supervision
     with pytest.raises(ConfigError, match="inference.window"):
-        predict_volume(model, np.zeros((8, 32, 32), np.float32), InferenceConfig(window=(6, 32, 32)))
+        predict_volume(model, np.zeros((8, 32, 32), np.float32), InferenceConfig(window=(6, 32, 32)), runtime=F32)
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="--device"):
             resolve_device("cuda")
-
-
-@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, True), (False, True, True), (False, False, False)])
-def test_auto_bf16_only_where_the_cpu_has_it_natively(monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool,
-                                                       expected: bool) -> None:
-    import platform
-
-    from covidseg.inference.sliding_window import bf16_enabled
-
-    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # any AVX-512 says yes here
-    cpu = torch.device("cpu")
-    assert bf16_enabled(InferenceConfig(bf16="auto"), cpu) is expected
-    assert bf16_enabled(InferenceConfig(bf16="on"), cpu) is True
-    assert bf16_enabled(InferenceConfig(bf16="off"), cpu) is False

@@ -6,54 +6,24 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from covidseg.config import load_config
-from covidseg.errors import OutputExistsError
+from covidseg.errors import ConfigError, OutputExistsError
 
 pytestmark = pytest.mark.timeout(120) if hasattr(pytest.mark, "timeout") else []
 
-TINY = [
-    "model.base_width=4",
-    "train.patch_size=[4,32,32]",
-    "train.batch_size=2",
-    "train.patches_per_epoch=4",
-    "train.epochs=2",
-    "train.num_workers=0",
-    "train.loader_benchmark_batches=1",
-    "inference.window=[4,32,32]",
-    "inference.batch_windows=8",
-]
-"""Overrides that make a run take seconds on 2 CPU cores."""
-
-
-def write_tiny_cohort(root: Path, cases: int = 6, seed: int = 0) -> Path:
-    """A phantom cohort in the Zenodo layout at scale 0.15."""
-    from covidseg.phantom import write_cohort
-
-    write_cohort(root, cases, seed=seed, style="mixed", scale=0.15, progress=False)
-    return root
-
-
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cohort")
-    return write_tiny_cohort(root / "data", cases=6)
+def cohort(make_cohort):
+    return make_cohort(6)
 
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
-
-
-def _config(cache_dir, *extra):
-    return load_config(None, [*TINY, f"train.cache_dir={cache_dir}", *extra])
 
 
 def _weights(path):
@@ -65,19 +35,19 @@ def _same(a, b):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, cohort, cache_dir):
+def reference_run(tmp_path_factory, cohort, cache_dir, tiny_config):
     from covidseg.training.trainer import train
 
     out = tmp_path_factory.mktemp("runs") / "ref"
-    result = train(out, config=_config(cache_dir), data=cohort, progress=False)
+    result = train(out, config=tiny_config(cache_dir), data=cohort, progress=False)
     return out, result
 
 
-def test_cache_is_built_once_and_read_without_nifti(cohort, cache_dir, monkeypatch):
+def test_cache_is_built_once_and_read_without_nifti(cohort, cache_dir, monkeypatch, tiny_config):
     from covidseg.data.layouts import find_cases
     from covidseg.training.cache import prepare_case
 
-    cfg = _config(cache_dir)
+    cfg = tiny_config(cache_dir)
     case = find_cases(cohort)[0]
     entry = prepare_case(case, cache_dir, cfg.intensity)
     assert entry.image().dtype == np.float16 and entry.lung().dtype == np.uint8
@@ -94,12 +64,12 @@ def test_cache_is_built_once_and_read_without_nifti(cohort, cache_dir, monkeypat
     assert other not in entry.folder.name  # another preprocessing setting gives another entry
 
 
-def test_sampler_same_seed_same_patches_any_worker_count(cohort, cache_dir):
+def test_sampler_same_seed_same_patches_any_worker_count(cohort, cache_dir, tiny_config):
     from covidseg.data.layouts import find_cases
     from covidseg.training.cache import prepare_cases
     from covidseg.training.sampler import PatchDataset, StepBatchSampler, make_loader
 
-    cfg = _config(cache_dir)
+    cfg = tiny_config(cache_dir)
     cases = prepare_cases(find_cases(cohort), cache_dir, cfg.intensity, progress=False)
     cases = [c for c in cases if len(c.foreground("infection"))][:3]  # foreground rows need infection to centre on
     assert cases, "the phantom cohort has no infection"
@@ -120,7 +90,7 @@ def test_sampler_same_seed_same_patches_any_worker_count(cohort, cache_dir):
     assert sorted(r0 + r1) == list(StepBatchSampler(5, 6, 5))[0] == list(range(25, 30))
 
 
-def test_same_seed_same_weights_and_run_folder(tmp_path, reference_run, cohort, cache_dir):
+def test_same_seed_same_weights_and_run_folder(tmp_path, reference_run, cohort, cache_dir, tiny_config):
     from covidseg.checkpoint import load_checkpoint
     from covidseg.training.trainer import train
 
@@ -132,42 +102,88 @@ def test_same_seed_same_weights_and_run_folder(tmp_path, reference_run, cohort, 
     assert rows[0].startswith("epoch,step,train_loss,val_dice") and len(rows) == 3
     model, config, meta = load_checkpoint(ref_dir / "best.pt")
     assert meta["best_dice"] is not None and config.model.base_width == 4
-    again = train(tmp_path / "same", config=_config(cache_dir), data=cohort, progress=False)
+    again = train(tmp_path / "same", config=tiny_config(cache_dir), data=cohort, progress=False)
     assert _same(_weights(ref_dir / "last.pt"), _weights(again.run_dir / "last.pt"))
-    other = train(tmp_path / "other", config=_config(cache_dir, "train.seed=1"), data=cohort, progress=False)
+    other = train(tmp_path / "other", config=tiny_config(cache_dir, "train.seed=1"), data=cohort, progress=False)
     assert not _same(_weights(ref_dir / "last.pt"), _weights(other.run_dir / "last.pt"))
     with pytest.raises(OutputExistsError, match="--resume"):
-        train(ref_dir, config=_config(cache_dir), data=cohort, progress=False)
+        train(ref_dir, config=tiny_config(cache_dir), data=cohort, progress=False)
 
 
-def test_kill9_mid_epoch_then_resume_ends_identically(tmp_path, reference_run, cohort, cache_dir):
-    """A run killed with SIGKILL during epoch 2 and resumed ends at the same step with the same weights."""
+KILL_AT_STEP = 3
+"""The run below is killed (SIGKILL) in this step: epoch 1 (steps 1-2) is saved, epoch 2 is in progress."""
+KILLED_RUN = """
+import os, signal, sys
+import covidseg.losses as losses
+
+class Killed(losses.DeepSupervisionLoss):
+    calls = 0
+
+    def forward(self, *args, **kwargs):
+        Killed.calls += 1
+        if Killed.calls == {step}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(*args, **kwargs)
+
+losses.DeepSupervisionLoss = Killed
+from covidseg.cli.main import run
+run(sys.argv[1:])
+"""
+
+
+def test_kill9_at_a_known_step_then_resume_ends_identically(tmp_path, reference_run, cohort, cache_dir,
+                                                            tiny_overrides, tiny_config, monkeypatch):
+    """A run killed with SIGKILL in step 3 of 4 resumes from its step-2 checkpoint: it trains exactly the 2 steps
+    left, keeps epoch 1's metrics row, and ends with the weights of the uninterrupted run."""
+    import covidseg.losses as losses
+    from covidseg.checkpoint import load_checkpoint
+    from covidseg.training.trainer import run_progress, train
+
     ref_dir, ref = reference_run
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "covidseg", "train", "--data", str(cohort), "--out", str(run), "--quiet"]
-    for item in [*TINY, f"train.cache_dir={cache_dir}"]:
+    cmd = [sys.executable, "-c", KILLED_RUN.format(step=KILL_AT_STEP), "train", "--data", str(cohort), "--out",
+           str(run), "--quiet"]
+    for item in [*tiny_overrides, f"runtime.cache_dir={cache_dir}"]:
         cmd += ["--set", item]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 90
-    while not (run / "last.pt").is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGKILL)  # epoch 1 is saved; epoch 2 is in progress (or just starting)
-    proc.wait(timeout=30)
-    assert (run / "config.yaml").is_file()
-    res = subprocess.run([sys.executable, "-m", "covidseg", "train", "--resume", str(run), "--quiet"],
-                         env=env, capture_output=True, text=True, timeout=90)
-    assert res.returncode == 0, res.stderr[-2000:]
-    from covidseg.checkpoint import load_checkpoint
-    from covidseg.training.trainer import run_progress
-
+    killed = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     state = run_progress(run)
-    assert state["complete"] and state["step"] == ref.total_steps
+    assert state is not None and state["step"] == KILL_AT_STEP - 1 and not state["complete"]
+    epoch_1 = (run / "metrics.csv").read_text(encoding="utf-8").splitlines()[1]
+
+    steps = {"n": 0}
+
+    class Counted(losses.DeepSupervisionLoss):  # type: ignore[misc, valid-type]
+        def forward(self, *args, **kwargs):
+            steps["n"] += 1
+            return super().forward(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "DeepSupervisionLoss", Counted)
+    result = train(run, resume=True, progress=False)
+    assert steps["n"] == ref.total_steps - (KILL_AT_STEP - 1)  # only the steps the checkpoint did not hold
+    assert result.complete and run_progress(run)["step"] == ref.total_steps
     load_checkpoint(run / "best.pt")  # valid best checkpoint
     assert _same(_weights(ref_dir / "last.pt"), _weights(run / "last.pt"))
     lines = (run / "metrics.csv").read_text(encoding="utf-8").splitlines()
-    assert [ln.split(",")[0] for ln in lines[1:]] == ["1", "2"]  # no duplicated epoch rows
+    assert [ln.split(",")[0] for ln in lines[1:]] == ["1", "2"] and lines[1] == epoch_1  # epoch 1 not redone
+
+
+def test_resume_of_a_complete_run_trains_nothing(reference_run, tmp_path, monkeypatch):
+    import shutil
+
+    import covidseg.losses as losses
+    from covidseg.training.trainer import train
+
+    ref_dir, ref = reference_run
+    run = tmp_path / "copy"
+    shutil.copytree(ref_dir, run)
+
+    def no_step(*args, **kwargs):
+        raise AssertionError("a complete run trained again")
+
+    monkeypatch.setattr(losses.DeepSupervisionLoss, "forward", no_step)
+    result = train(run, resume=True, progress=False)
+    assert result.step == ref.total_steps and _same(_weights(ref_dir / "last.pt"), _weights(run / "last.pt"))
 
 
 def test_cli_errors_are_one_line(tmp_path, reference_run):
@@ -181,10 +197,30 @@ def test_cli_errors_are_one_line(tmp_path, reference_run):
     assert res.returncode == 2 and "--resume" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_bad_patch_size_names_a_fix(tmp_path, cohort, cache_dir):
-    from covidseg.errors import ConfigError
+def test_bad_patch_size_names_a_fix(tmp_path, cohort, cache_dir, tiny_config):
     from covidseg.training.trainer import train
 
-    with pytest.raises(ConfigError, match="does not fit the poolings"):
-        train(tmp_path / "bad", config=_config(cache_dir, "train.patch_size=[3,30,32]"), data=cohort,
+    with pytest.raises(ConfigError, match=r"train.patch_size 3x30x32 \(D x H x W\) does not fit 2 poolings of the "
+                                          r"slice axis and 4 of the row axis; use multiples of 4 and 16 \(e.g. "
+                                          r"4x16x32\) or fewer poolings"):
+        train(tmp_path / "bad", config=tiny_config(cache_dir, "train.patch_size=[3,30,32]"), data=cohort,
               progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("variant", ["unet-2d", "unet-fv-paspp-ds-2d"])
+def test_train_refuses_2d_variants_up_front_with_exit_2(tmp_path, cohort, variant, capsys, monkeypatch):
+    """`covidseg train --set model.name=*-2d` used to die with an internal error after caching."""
+    import covidseg.training.trainer as trainer
+    from covidseg.cli.main import run as cli
+
+    def no_cache(*args, **kwargs):
+        raise AssertionError("cases were cached before the 2D variant was refused")
+
+    monkeypatch.setattr(trainer, "cache_cases", no_cache)
+    with pytest.raises(SystemExit) as exc:
+        cli(["train", "--data", str(cohort), "--out", str(tmp_path / "run"), "--set", f"model.name={variant}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err and err.count("\n") == 1
+    assert f"covidseg semiseg train --variant {variant}" in err and "a 2D model" in err
+    assert not (tmp_path / "run").exists()

@@ -3,7 +3,8 @@
 A checkpoint is a ``torch.save`` of a plain dict (loadable with ``weights_only=True``)::
 
     {"format": "covidseg-checkpoint", "format_version": 1, "covidseg_version": "0.1.0",
-     "config": config_to_dict(Config) (its model section is the model's own resolved ModelConfig),
+     "config": config_to_dict(Config, runtime=False) (the model and its data convention; its model section is
+               the model's own resolved ModelConfig; no runtime section: where a run computes is not kept),
      "state_dict": {name: tensor on CPU}, "meta": {"epoch": ..., "best_dice": ..., "target": ...}}
 
 :func:`load_checkpoint` rebuilds the model from the stored config and raises
@@ -22,25 +23,17 @@ import torch
 from torch import nn
 
 from covidseg import __version__
-from covidseg.config import Config, config_from_dict, config_to_dict
+from covidseg.config import KEPT_SECTIONS, Config, config_from_dict, config_to_dict, upgrade_keys
 from covidseg.errors import InputError, UserError
 from covidseg.io.atomic import atomic_path
+from covidseg.models.heads import (
+    unwrap_model as unwrap_model,  # re-exported; its home is covidseg.models.heads
+)
 
 FORMAT = "covidseg-checkpoint"
 """Format tag stored in every checkpoint."""
 FORMAT_VERSION = 1
 """Bumped whenever the layout of the stored dict changes incompatibly."""
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare module inside DistributedDataParallel / DataParallel / ``torch.compile`` wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
 
 
 def _plain(value: Any) -> Any:
@@ -49,13 +42,13 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if isinstance(value, Path):
+    if isinstance(value, (Path, str)):  # str subclasses too (torch.__version__ is a TorchVersion)
         return str(value)
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     if hasattr(value, "item") and hasattr(value, "dtype"):  # numpy scalar or 0-d array
         return value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None or isinstance(value, (bool, int, float)):
         return value
     raise TypeError(f"checkpoint meta value {value!r} of type {type(value).__name__} cannot be stored")
 
@@ -64,7 +57,7 @@ def save_checkpoint(path: Path | str, model: nn.Module, config: Config, **meta: 
     """Write ``model``'s weights, ``config`` and ``meta`` (epoch, step, best_dice, target...) atomically.
 
     The stored model section is the model's own resolved config (``model.config``), so the file always rebuilds
-    the network it was saved from.
+    the network it was saved from; the ``runtime`` section is not stored.
 
     Args:
         path: destination ``.pt`` file (its folder is created).
@@ -84,7 +77,7 @@ def save_checkpoint(path: Path | str, model: nn.Module, config: Config, **meta: 
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "covidseg_version": __version__,
-        "config": config_to_dict(config),
+        "config": config_to_dict(config, runtime=False),
         "state_dict": {k: v.detach().cpu() for k, v in bare.state_dict().items()},
         "meta": _plain(meta),
     }
@@ -148,7 +141,8 @@ def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> tup
 
     Returns:
         ``(model, config, meta)``: the model in eval mode with its heads as built (inference paths call
-        ``model.set_deep_supervision(False)``), the full stored config and the stored meta dict.
+        ``model.set_deep_supervision(False)``), the stored config (its ``runtime`` section at the defaults: a
+        checkpoint keeps none, and the runtime keys of older checkpoints are dropped) and the stored meta dict.
 
     Raises:
         InputError: missing, corrupt, truncated or foreign file; another format version; a config this version
@@ -159,7 +153,8 @@ def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> tup
     path = Path(path)
     payload = read_checkpoint(path, device)
     try:
-        config = config_from_dict(payload["config"])
+        kept = {k: v for k, v in upgrade_keys(payload["config"]).items() if k in KEPT_SECTIONS}
+        config = config_from_dict(kept)
         model = create_model(config.model)
     except UserError as exc:
         raise InputError(f"{path}: the stored config cannot be used ({exc}); train again with this version") from None

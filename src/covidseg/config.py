@@ -27,7 +27,7 @@ Triple = tuple[int, int, int]
 HU_WINDOW: tuple[float, float] = (-1250.0, 250.0)
 
 
-@dataclass
+@dataclass(slots=True)
 class IntensityConfig:
     """How CT intensities are mapped onto the network's [0, 1] scale (METHOD.md §2)."""
 
@@ -48,7 +48,7 @@ class IntensityConfig:
     """Auto-detection: values above this are not CT (Hounsfield units stop at about 3071; metal may saturate)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class ModelConfig:
     """The network family of METHOD.md §1; every row of the report's Tables 2 and 3 is a setting of it."""
 
@@ -71,9 +71,12 @@ class ModelConfig:
     se_reduction: int = 2
 
 
-@dataclass
+@dataclass(slots=True)
 class TrainConfig:
-    """Training defaults of the report's Table 1 plus what it left open (documented in docs/training.md)."""
+    """Training defaults of the report's Table 1 plus what it left open (documented in docs/training.md).
+
+    Only what decides the trained weights: where and how fast a run computes is :class:`RuntimeConfig`.
+    """
 
     target: Literal["infection", "lung", "joint"] = "infection"
     input: Literal["lung_only", "original"] = "lung_only"
@@ -86,53 +89,26 @@ class TrainConfig:
     """Share of patches centred on a foreground voxel (nnU-Net draws a third)."""
     bce_weight: float = 0.5
     dice_weight: float = 1.0
-    num_workers: int = 2
     seed: int = 0
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    """Mixed precision: ``auto`` = bf16 on GPUs that have it, fp16 on older GPUs, off on CPU."""
     val_every: int = 1
     target_spacing: tuple[float, float, float] | None = None
     """Resample to this spacing in mm (D, H, W) before training; ``None`` keeps each scan's own spacing."""
     val_cases: int = 2
     """Cases held out of the training list for validation when the split has no ``val`` list (benchmark folds)."""
-    cache_dir: str | None = None
-    """Folder of the preprocessed-case cache; ``None`` = ``$COVIDSEG_CACHE`` or ``~/.cache/covidseg/preprocessed``."""
-    loader_benchmark_batches: int = 4
-    """Batches drawn before training to measure and show the loader's own patches/s (0 = skip)."""
-    deterministic: bool = False
-    """Ask torch for deterministic kernels (slower on GPU); CPU runs are reproducible without it."""
-    device: str = "auto"
-    """``auto`` (the local rank's GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
-    sync_batchnorm: bool = True
-    """Under DDP on GPUs, synchronise BatchNorm statistics across processes (torch has no CPU SyncBatchNorm)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class InferenceConfig:
-    """Sliding-window inference settings shared by validation, ``segment`` and the benchmarks."""
+    """Sliding-window settings shared by validation, ``segment`` and the benchmarks: what decides the answer
+    (window, overlap, blending, threshold, flips); where and how fast it is computed is :class:`RuntimeConfig`."""
 
     window: Triple = (8, 128, 128)
     """Window ``(D, H, W)``: by default the report's training patch, on MONAI's grid over the whole volume, so that
     inside the lungs the answer is that of a whole-volume sliding window (docs/performance.md)."""
     overlap: float = 0.25
-    batch_windows: int = 2
-    """Windows per network call. 2 by default: in float32 torch runs 3D convolutions of a batch of 1 with few
-    channels through its slow im2col path instead of oneDNN (5x slower on the development CPU); bfloat16 is the
-    same speed with 1, 2 (docs/performance.md)."""
     gaussian_sigma_scale: float = 0.125
     threshold: float = 0.5
     tta: bool = False
-    device: str = "cpu"
-    bf16: Literal["auto", "on", "off"] = "auto"
-    """bfloat16 on CPUs with AMX/AVX512-BF16 and on GPUs that have it (``auto``), or forced (``on``/``off``)."""
-    threads: int = 0
-    """Torch intra-op threads; 0 = all cores."""
-    channels_last: bool = True
-    """Weights and windows in ``channels_last_3d`` memory format (faster oneDNN convolutions on CPU)."""
-    cpu_kernels: Literal["public", "onednn"] = "public"
-    """The network's inference form on the CPU (:func:`covidseg.models.deploy.deploy_copy`): ``public`` (folded
-    batch norm, dtype, channels-last by torch's public modules) or ``onednn`` (also oneDNN's fused operators and the
-    FV gates folded into the fusion convolution); a GPU always runs ``public``."""
     tta_axes: tuple[int, ...] = (0, 1, 2)
     """Spatial axes ``(D, H, W)`` = ``(0, 1, 2)`` whose flips (every combination, as nnU-Net's mirroring) are
     averaged when ``tta`` is on."""
@@ -150,34 +126,60 @@ REMOVED_KEYS: dict[str, tuple[object, str]] = {
 any other value is a :class:`~covidseg.errors.ConfigError` that says what replaced it."""
 
 
-@dataclass
+@dataclass(slots=True)
 class LungConfig:
-    """Classical (weight-free) lung extraction, stage 1 of ``segment``."""
+    """Classical (weight-free) lung extraction, stage 1 of ``segment`` (``covidseg.inference.lungs``)."""
 
     air_threshold_hu: float = -320.0
+    """Air (lung, gas) is below this (HU)."""
+    border_threshold_hu: float = -200.0
+    """The lungs' outer border at full resolution: voxels of the border band below this (HU) are lung."""
     closing_radius_mm: float = 10.0
     """Per-slice closing radius that keeps dense sub-pleural consolidation inside the lung."""
     min_lung_volume_ml: float = 100.0
+    """Smallest air region (mL) taken for a lung."""
+    min_lung_part_ml: float = 5.0
+    """Smallest piece of lung (mL) that the scan's first or last slice cuts off a lung and that is joined to it."""
+    lung_gap_mm: float = 20.0
+    """A lung-like region of a lung's size this close (mm) to a lung is a piece of it (a base cut off by a band of
+    consolidation)."""
     work_spacing_mm: float = 1.5
     """Extraction runs on block means of about this voxel size (mm) and is refined at full resolution."""
+    padding_floor_hu: float = -1024.0
+    """Values below this (HU) count as air: the padding outside the scanner's field of view (-2048, -3024 HU)."""
+    body_threshold_hu: float = -500.0
+    """The body is tissue denser than this (HU); foam mattresses and vacuum bags are lighter."""
+    body_spacing_mm: float = 3.0
+    """In-plane pixel (mm) of the grid the body mask is found on."""
+    body_opening_mm: float = 6.0
+    """In-plane opening (mm) that takes the couch's shells, covers and blankets off the body."""
     airway_max_area_mm2: float = 600.0
     """Largest axial cross-section (mm^2) of the trachea / a main bronchus followed from the top slice."""
     airway_max_offset_mm: float = 30.0
     """Largest distance (mm) of the trachea's centre from the midline of the air inside the body."""
+    airway_hu: float = -900.0
+    """The airway tree is grown from the trachea through air darker than this (HU; lung is about -850 HU)."""
+    airway_depth_mm: float = 120.0
+    """How far below the tracked trachea (mm) the airway tree is grown (the main and lobar bronchi lie within)."""
+    airway_max_ml: float = 200.0
+    """A grown airway tree larger than this (mL) has leaked into the lung and is grown again, darker."""
     max_split_erosions: int = 10
+    """Erosions tried to separate two touching lungs."""
     remove_basal_gas: bool = True
     """Remove pure-air regions at the lung bases (stomach and bowel gas) before picking the lungs."""
     gas_hu: float = -950.0
     """Below this (HU) a region is pure air rather than lung parenchyma (about -850 HU)."""
     min_gas_ml: float = 5.0
     """Smallest gas region removed (mL)."""
+    gas_median_hu: float = -960.0
+    """An air region whose median (HU, on the work grid) is below this is gas (bowel, stomach, a couch's air), not
+    lung: aerated lung is about -850 HU, -900 to -930 HU in severe emphysema."""
     opening_voxels: int = 1
     """3D opening (in work voxels) that breaks thin partial-volume bridges (diaphragm, bronchial walls)."""
     bilateral_share: float = 0.2
     """A component with more than this share of its voxels on each side of the midline holds both lungs."""
     min_z_overlap: float = 0.5
     """Share of slices a second component must share with the first to count as the other lung."""
-    """Erosions tried to separate two touching lungs."""
     fill_concavities: bool = True
     """Fill convex-hull concavities of each lung slice, except the one facing the heart (sub-pleural lesions)."""
     max_concavity_fraction: float = 0.25
@@ -187,23 +189,129 @@ class LungConfig:
     open in 3D is the diaphragm's dome inside the basal crescent)."""
     max_medial_cosine: float = 0.7
     """A concavity opening towards the mediastinum (cosine with the medial direction above this) is not filled."""
+    enclosure_mm: float = 60.0
+    """How far above and below (mm) a hole or bite of the lung is looked at: with lung on both sides it is a lesion
+    inside the lung (filled at any size), with lung above only it is the diaphragm's dome."""
+    cut_min_area_mm2: float = 200.0
+    """Lung cross-section (mm^2) in the first or last slice from which the chest counts as cut at the base or apex."""
+    min_full_lungs_ml: float = 1000.0
+    """Below this total (mL) the lungs found are reported as a part of the chest or a sliver."""
 
 
-@dataclass
+@dataclass(slots=True)
+class RuntimeConfig:
+    """Where and how a run computes: device, precision, threads, memory layout, loader workers, cache.
+
+    The one home of these settings for training, validation and ``segment``. Checkpoints do not keep them
+    (:data:`KEPT_SECTIONS`): they change speed and memory, not the model or its data convention (bfloat16 and
+    GPU kernels change the last bits of an answer, docs/performance.md).
+    """
+
+    device: str = "auto"
+    """``auto``: the local rank's GPU when there is one, else the CPU; or ``cpu``, ``cuda``, ``cuda:N``. Under
+    torchrun a bare ``cuda`` means ``cuda:LOCAL_RANK``."""
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    """Mixed precision of training steps: ``auto`` = bf16 on GPUs that have it, fp16 (with a grad scaler) on older
+    GPUs, float32 on CPUs; ``bf16`` also on CPUs; ``fp16`` needs a CUDA GPU."""
+    bf16: Literal["auto", "on", "off"] = "auto"
+    """bfloat16 at inference (``segment``, validation): ``auto`` = on CPUs with AMX/AVX512-BF16 and on GPUs that
+    have it; ``on``/``off`` force it."""
+    threads: int = 0
+    """Torch intra-op threads at inference (and ONNX Runtime's); 0 = all cores."""
+    channels_last: bool = True
+    """Inference weights and windows in ``channels_last_3d`` memory format (faster oneDNN convolutions on CPU)."""
+    batch_windows: int = 2
+    """Windows per network call at inference. 2 by default: in float32 torch runs 3D convolutions of a batch of 1
+    with few channels through its slow im2col path instead of oneDNN (5x slower on the development CPU); bfloat16
+    is the same speed with 1, 2 (docs/performance.md)."""
+    cpu_kernels: Literal["public", "onednn"] = "public"
+    """The network's inference form on the CPU (:func:`covidseg.models.deploy.deploy_copy`): ``public`` (folded
+    batch norm, dtype, channels-last by torch's public modules) or ``onednn`` (also oneDNN's fused operators and the
+    FV gates folded into the fusion convolution); a GPU always runs ``public``."""
+    num_workers: int = 2
+    """Patch-sampling worker processes of training (0 = patches are drawn in the training process)."""
+    cache_dir: str | None = None
+    """Folder of the preprocessed-case cache; ``None`` = ``$COVIDSEG_CACHE`` or ``~/.cache/covidseg/preprocessed``."""
+    loader_benchmark_batches: int = 4
+    """Batches drawn before training to measure and show the loader's own patches/s (0 = skip)."""
+    deterministic: bool = False
+    """Ask torch for deterministic kernels (slower on GPU); CPU runs are reproducible without it."""
+    sync_batchnorm: bool = True
+    """Under DDP on GPUs, synchronise BatchNorm statistics across processes (torch has no CPU SyncBatchNorm)."""
+
+
+@dataclass(slots=True)
 class Config:
-    """All settings of a run; ``covidseg`` writes the resolved one into every run folder."""
+    """All settings of a run; ``covidseg`` writes the resolved one into every run folder.
+
+    ``intensity``, ``model``, ``train``, ``inference`` and ``lungs`` describe the model and its data convention
+    and are kept in checkpoints; ``runtime`` says where and how it runs and is not.
+    """
 
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     lungs: LungConfig = field(default_factory=LungConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+KEPT_SECTIONS = ("intensity", "model", "train", "inference", "lungs")
+"""Sections a checkpoint keeps: the model and the data convention (``runtime`` is the running machine's)."""
+
+
+# --------------------------------------------------------------------------------------------- old keys
+
+LEGACY_KEYS: dict[str, str] = {
+    "train.device": "runtime.device",
+    "inference.device": "runtime.device",
+    "train.amp": "runtime.amp",
+    "inference.bf16": "runtime.bf16",
+    "inference.threads": "runtime.threads",
+    "inference.channels_last": "runtime.channels_last",
+    "inference.batch_windows": "runtime.batch_windows",
+    "train.num_workers": "runtime.num_workers",
+    "train.cache_dir": "runtime.cache_dir",
+    "train.loader_benchmark_batches": "runtime.loader_benchmark_batches",
+    "train.deterministic": "runtime.deterministic",
+    "train.sync_batchnorm": "runtime.sync_batchnorm",
+}
+"""Keys of the old layout (runtime settings inside ``train`` and ``inference``) -> their home now. Old YAML files, ``--set`` items,
+run folders' ``config.yaml`` and checkpoints keep loading through :func:`upgrade_keys`."""
+
+LEGACY_DEFAULTS: dict[str, Any] = {"train.device": "auto", "inference.device": "cpu"}
+"""Old defaults of the two keys that became ``runtime.device`` (every old resolved config holds both)."""
+
+
+def upgrade_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a nested config mapping) with the keys of :data:`LEGACY_KEYS` moved to their new home.
+
+    A new key given in the same mapping wins over an old one. Where two old keys share one new key
+    (``train.device`` and ``inference.device``), the first whose value differs from its old default wins
+    (``train.device`` first), else the first given: so an old resolved config, which holds both at their defaults,
+    gets the new default, and ``--set inference.device=cpu`` alone still means the CPU.
+    """
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    moved: dict[str, list[tuple[str, Any]]] = {}
+    for old, new in LEGACY_KEYS.items():
+        section, key = old.split(".")
+        node = out.get(section)
+        if isinstance(node, dict) and key in node:
+            moved.setdefault(new, []).append((old, node.pop(key)))
+    for new, values in moved.items():
+        section, key = new.split(".")
+        node = out.setdefault(section, {})
+        if not isinstance(node, dict) or key in node:
+            continue  # a malformed section is reported by the strict reader; a new key wins
+        changed = [v for old, v in values if old not in LEGACY_DEFAULTS or v != LEGACY_DEFAULTS[old]]
+        node[key] = (changed or [values[0][1]])[0]
+    return out
 
 
 # --------------------------------------------------------------------------------------------- conversion
 
 _BOOL_SPELLINGS: tuple[tuple[str, str], ...] = (("on", "off"), ("true", "false"), ("yes", "no"))
-"""Words a YAML boolean may stand for in a Literal of strings (``--set inference.bf16=off``)."""
+"""Words a YAML boolean may stand for in a Literal of strings (``--set runtime.bf16=off``)."""
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:
@@ -305,14 +413,16 @@ def _check_removed(key: str, value: Any) -> None:
 
 
 def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
-    """Build a :class:`Config` from a nested mapping, strictly (unknown keys and wrong types are errors)."""
+    """Build a :class:`Config` from a nested mapping, strictly (unknown keys and wrong types are errors); old
+    keys are read at their new place (:func:`upgrade_keys`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
-    return _from_dict(Config, data, "", dataclasses.replace(base) if base else None)
+    return _from_dict(Config, upgrade_keys(data), "", dataclasses.replace(base) if base else None)
 
 
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """Plain nested dict (tuples as lists) for YAML/JSON."""
+def config_to_dict(config: Any, runtime: bool = True) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML/JSON; ``runtime=False`` keeps only :data:`KEPT_SECTIONS`
+    (what a checkpoint stores, what tells two models apart)."""
 
     def plain(v: Any) -> Any:
         if isinstance(v, tuple):
@@ -321,7 +431,10 @@ def config_to_dict(config: Any) -> dict[str, Any]:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(dataclasses.asdict(config))
+    out = plain(dataclasses.asdict(config))
+    if not runtime and isinstance(config, Config):
+        out = {k: v for k, v in out.items() if k in KEPT_SECTIONS}
+    return out
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -343,18 +456,50 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: Path | None = None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
-    """Defaults, then the YAML file ``path`` (only what differs), then ``--set key=value`` overrides."""
-    config = dataclasses.replace(base) if base else Config()
-    config = _deep_copy(config)
+PRESET_DIR = "configs"
+"""Folder of the packaged presets inside the ``covidseg`` package (``covidseg/configs/NAME.yaml``)."""
+
+
+def preset_names() -> list[str]:
+    """Names of the packaged presets (``report``, ``demo``, ``2d``...), which ``--config NAME`` takes."""
+    from importlib.resources import files
+
+    folder = files("covidseg").joinpath(PRESET_DIR)
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _config_text(source: Path | str) -> tuple[str, str]:
+    """``(YAML text, name for messages)`` of a config file, or else of the preset named ``source``."""
+    path = Path(source)
+    if path.is_file():
+        return path.read_text(encoding="utf-8"), str(path)
+    name = str(source)
+    if name in preset_names():
+        from importlib.resources import files
+
+        return files("covidseg").joinpath(PRESET_DIR, f"{name}.yaml").read_text(encoding="utf-8"), f"preset {name!r}"
+    raise ConfigError(f"{source}: config file not found and not a preset; give an existing YAML file or a preset "
+                      f"name ({', '.join(preset_names())})")
+
+
+def load_config(
+    path: Path | str | None = None, overrides: list[str] | None = None, base: Config | None = None
+) -> Config:
+    """Defaults, then a YAML file or packaged preset ``path`` (only what differs), then ``--set key=value`` items.
+
+    Args:
+        path: a YAML file, or the name of a preset in ``covidseg/configs`` (:func:`preset_names`); a file of that
+            name wins.
+        overrides: ``section.key=value`` items, applied last.
+        base: start from this config instead of the defaults.
+    """
+    config = _deep_copy(base) if base else Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found; give an existing YAML file")
+        text, where = _config_text(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
+            raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
         config = config_from_dict(data, config)
     if overrides:
         config = config_from_dict(parse_overrides(overrides), config)

@@ -16,11 +16,12 @@ Five stages, everything written under one folder ``DIR`` (default ``covidseg-dem
                            5. a summary on stdout: where the files are and how much of each lung is involved
 
 A second run reuses the cohort and the trained checkpoint (an interrupted training run is resumed), so it takes
-seconds; ``force=True`` (``--force``) starts over. The demo's settings (:class:`DemoSettings`) shrink the report's
-setting to what learns in a few minutes on 2 CPU cores: smaller phantoms (``scale`` 0.25), a narrower and shallower
-network (width 8, 3 poolings) with every component of the final model (FV attention, PASPP, deep supervision),
-16 x 64 x 64 patches, Adam at 1e-3 and half of each batch centred on infection; the step budget is fixed, so a run
-is deterministic. See ``docs/demo.md``.
+seconds; ``force=True`` (``--force``) starts over. The demo trains with the ``demo`` preset
+(``covidseg/configs/demo.yaml``, :func:`demo_config`), which shrinks the report's setting to what learns in a few
+minutes on 2 CPU cores: a narrower and shallower network (width 8, 3 poolings) with every component of the final
+model (FV attention, PASPP, deep supervision), 16 x 64 x 64 patches, Adam at 1e-3 and half of each batch centred on
+infection; the step budget is fixed, so a run is deterministic. What only the demo has is its cohort
+(:class:`DemoCohort`: 10 phantoms at ``scale`` 0.25, seeded by ``train.seed``). See ``docs/demo.md``.
 
 **Phantoms are not patients.** Every number the demo prints checks the pipeline on synthetic data; none says how
 well covidseg segments a patient's CT.
@@ -33,14 +34,14 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from covidseg.config import Config, Triple, config_to_dict
-from covidseg.errors import ConfigError, InputError, OutputExistsError
+from covidseg.config import Config, config_from_dict, config_to_dict, load_config
+from covidseg.errors import ConfigError, InputError, OutputExistsError, UserError
 from covidseg.io.atomic import atomic_write_text
 
 DEFAULT_OUT = "covidseg-demo"
@@ -59,72 +60,64 @@ PRINTED_KEYS = ("dice", "iou", "sensitivity", "precision")
 PHANTOM_NOTE = "synthetic phantom, not a patient: these numbers check the pipeline, they say nothing about patients"
 
 
+DEMO_PRESET = "demo"
+"""The preset the demo trains with (``covidseg/configs/demo.yaml``)."""
+QUICK_OVERRIDES = (
+    "model.base_width=4", "model.depth=2", "train.patch_size=[16,32,32]", "inference.window=[16,32,32]",
+    "train.batch_size=2", "train.epochs=1", "train.patches_per_epoch=4",
+)
+"""``covidseg demo --quick`` (tests): 2 steps of a width-4 model over the demo preset; checks the plumbing only."""
+
+
 @dataclasses.dataclass(frozen=True)
-class DemoSettings:
-    """What the demo makes and how it trains (the report's values are in :class:`covidseg.config.Config`).
+class DemoCohort:
+    """The phantom cohort the demo writes (the demo's own settings; how it trains is :func:`demo_config`).
 
     Attributes:
         cases: phantoms in the cohort (split 70/10/20 % into training, validation and held-out test).
         scale: phantom size factor (0.25: about 128 x 128 x 60 voxels of about 2.7 x 2.7 x 4 mm).
         style: ``mixed`` alternates coronacases-style (HU) and radiopaedia-style (pre-windowed) phantoms.
-        seed: seed of the cohort and of the training run.
-        model: variant (the report's final model, ``unet-fv-paspp-ds``).
-        base_width: channels of the first level (report: 16).
-        depth: poolings (report: 4).
-        patch_size: training patch and inference window, ``(D, H, W)`` voxels (report: 8 x 128 x 128).
-        batch_size: patches per step (report: 5).
-        learning_rate: Adam learning rate (report: 1e-4; 1e-3 learns within the demo's few hundred steps).
-        epochs: epochs; one validation pass each.
-        patches_per_epoch: patches per epoch (the step budget is ``epochs * patches_per_epoch / batch_size``).
-        foreground_fraction: share of each batch centred on an infection voxel (lesions are about 1 % of a
-            phantom's lungs).
-        num_workers: loader worker processes (0: patches are drawn in the training process, best on 2 cores).
     """
 
     cases: int = 10
     scale: float = 0.25
     style: str = "mixed"
-    seed: int = 0
-    model: str = "unet-fv-paspp-ds"
-    base_width: int = 8
-    depth: int = 3
-    patch_size: Triple = (16, 64, 64)
-    batch_size: int = 4
-    learning_rate: float = 1e-3
-    epochs: int = 10
-    patches_per_epoch: int = 160
-    foreground_fraction: float = 0.5
-    num_workers: int = 0
 
     @classmethod
-    def quick(cls) -> DemoSettings:
-        """A tiny demo for tests (3 small phantoms, 2 steps of a width-4 model): checks the plumbing only."""
-        return cls(cases=3, scale=0.125, base_width=4, depth=2, patch_size=(16, 32, 32), batch_size=2, epochs=1,
-                   patches_per_epoch=4)
-
-    @property
-    def steps(self) -> int:
-        """Optimizer steps of the training run."""
-        return max(1, self.patches_per_epoch // self.batch_size) * self.epochs
+    def quick(cls) -> DemoCohort:
+        """3 small phantoms (``covidseg demo --quick``, with :data:`QUICK_OVERRIDES`)."""
+        return cls(cases=3, scale=0.125)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return dataclasses.asdict(self)
 
-    def config(self, out: Path) -> Config:
-        """The run's :class:`Config`: the report's defaults with the demo's changes (cache inside ``out``)."""
-        from covidseg.training.trainer import model_config_for
 
-        base = Config()
-        model = dataclasses.replace(base.model, name=self.model, base_width=self.base_width, depth=self.depth)
-        train = dataclasses.replace(
-            base.train, target="infection", input="lung_only", patch_size=self.patch_size,
-            batch_size=self.batch_size, learning_rate=self.learning_rate, epochs=self.epochs,
-            patches_per_epoch=self.patches_per_epoch, foreground_fraction=self.foreground_fraction,
-            num_workers=self.num_workers, seed=self.seed, loader_benchmark_batches=0,
-            cache_dir=str((out / CACHE_DIR).resolve()),
-        )
-        inference = dataclasses.replace(base.inference, window=self.patch_size)
-        return model_config_for(dataclasses.replace(base, model=model, train=train, inference=inference))
+def demo_config(out: Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """The demo's run config: the ``demo`` preset, then ``overrides``; the cache inside ``out`` when given."""
+    from covidseg.training.trainer import model_config_for
+
+    config = load_config(DEMO_PRESET, list(overrides))
+    if out is not None:
+        config.runtime.cache_dir = str((Path(out) / CACHE_DIR).resolve())
+    return model_config_for(config)
+
+
+def demo_record(cohort: DemoCohort, config: Config) -> dict[str, Any]:
+    """What ``demo.json`` records of how the demo was made (compared by :func:`check_out_dir`)."""
+    return {"cohort": cohort.to_dict(), "config": config_to_dict(config)}
+
+
+def _recorded_setting(record: dict[str, Any]) -> tuple[Any, Any]:
+    """``(cohort, config without runtime)`` a ``demo.json`` recorded; also reads the single ``settings``
+    mapping of the old layout (its seed is ``train.seed`` of the recorded config)."""
+    cohort = record.get("cohort")
+    if cohort is None and isinstance(record.get("settings"), dict):
+        cohort = {k: record["settings"].get(k) for k in DemoCohort.__dataclass_fields__}
+    try:
+        config = config_to_dict(config_from_dict(record["config"]), runtime=False)
+    except (KeyError, TypeError, UserError):
+        config = None
+    return cohort, config
 
 
 @dataclasses.dataclass
@@ -146,13 +139,16 @@ class DemoResult:
     pipeline_metrics: dict[str, float]
     """Dice of the pipeline's lungs and infection against the phantom's masks."""
     timings: dict[str, float]
+    config: Config
+    """The run's config (the ``demo`` preset)."""
 
 
 # ------------------------------------------------------------------------------------------------ folder
 
 
-def check_out_dir(out: Path, settings: DemoSettings, force: bool) -> None:
-    """Refuse an ``out`` that is a file, a non-empty non-demo folder, or a demo made with other settings.
+def check_out_dir(out: Path, cohort: DemoCohort, config: Config, force: bool) -> None:
+    """Refuse an ``out`` that is a file, a non-empty non-demo folder, or a demo made with another cohort or model
+    (another runtime, such as the device or the cache folder, is the same demo).
 
     Raises:
         InputError: ``out`` is a file or a folder that is not a demo folder.
@@ -170,7 +166,7 @@ def check_out_dir(out: Path, settings: DemoSettings, force: bool) -> None:
         record = json.loads(record_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         record = {}
-    if not force and record.get("settings") != settings.to_dict():
+    if not force and _recorded_setting(record) != (cohort.to_dict(), config_to_dict(config, runtime=False)):
         raise OutputExistsError(f"--out {out}: holds a demo made with other settings; add --force to start it "
                                 "over, or give another --out")
 
@@ -190,35 +186,15 @@ def _write_record(out: Path, record: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------ stages
 
 
-def ensure_cohort(folder: Path, settings: DemoSettings, progress: bool) -> bool:
-    """Write the phantom cohort unless all its files are there. Returns True when it was (re)written."""
+def ensure_cohort(folder: Path, cohort: DemoCohort, seed: int, progress: bool) -> bool:
+    """Write the phantom cohort (seeded by ``seed``) unless all its files are there. Returns True when it was
+    (re)written."""
     from covidseg.phantom import cohort_plan, write_cohort
 
-    plan = cohort_plan(folder, settings.cases, settings.style)
+    plan = cohort_plan(folder, cohort.cases, cohort.style)
     if all(p.is_file() for f in plan for p in f.all()):
         return False
-    write_cohort(folder, settings.cases, settings.seed, settings.style, scale=settings.scale, force=True,
-                 progress=progress)
-    return True
-
-
-def ensure_trained(run_dir: Path, config: Config, data: Path, progress: bool) -> bool:
-    """Train the demo model into ``run_dir`` unless a complete run is there (an interrupted one is resumed).
-
-    Returns:
-        True when steps were trained now, False when the finished run was reused.
-    """
-    from covidseg.training.trainer import CONFIG_FILE, run_progress, train
-
-    state = run_progress(run_dir)
-    if state is not None and state["complete"] and (run_dir / "best.pt").is_file():
-        return False
-    command = "covidseg demo"
-    if (run_dir / CONFIG_FILE).is_file():
-        train(run_dir, data=data, split=SPLIT, resume=True, progress=progress, command=command)
-    else:
-        shutil.rmtree(run_dir, ignore_errors=True)  # a run folder without its config never started training
-        train(run_dir, config=config, data=data, split=SPLIT, progress=progress, command=command)
+    write_cohort(folder, cohort.cases, seed, cohort.style, scale=cohort.scale, force=True, progress=progress)
     return True
 
 
@@ -242,7 +218,7 @@ def evaluate(run_dir: Path, config: Config, data: Path, test_ids: list[str], pro
 
     dataset = find_dataset(data)
     cached = cache_cases(config, [dataset[c] for c in test_ids], progress=progress)
-    per_case = evaluate_run(run_dir, cached, dataset, progress=progress)
+    per_case = evaluate_run(run_dir, cached, dataset, progress=progress, runtime=config.runtime)
     from covidseg.data.layouts import find_cases
     from covidseg.io.image import read_mask
 
@@ -336,13 +312,15 @@ def segment_one(data: Path, case_id: str, checkpoint: Path, config: Config, out_
 # ------------------------------------------------------------------------------------------------ demo
 
 
-def run_demo(out: Path | str = DEFAULT_OUT, settings: DemoSettings | None = None, force: bool = False,
-             progress: bool = True, log: Callable[[str], None] | None = None) -> DemoResult:
+def run_demo(out: Path | str = DEFAULT_OUT, cohort: DemoCohort | None = None, config: Config | None = None,
+             force: bool = False, progress: bool = True, log: Callable[[str], None] | None = None) -> DemoResult:
     """Make a phantom cohort, train the full model briefly, evaluate it, and segment one held-out phantom.
 
     Args:
         out: the demo folder (created if missing; an earlier demo's cohort and checkpoint in it are reused).
-        settings: cohort and training settings; default :class:`DemoSettings` ().
+        cohort: the phantoms; default :class:`DemoCohort` ().
+        config: how the model trains and runs; default :func:`demo_config` ``(out)`` (the ``demo`` preset, the
+            cache in ``out``).
         force: remove what an earlier demo wrote into ``out`` and start over (retrains).
         progress: progress bars (stderr).
         log: where step messages go (default: stderr).
@@ -352,38 +330,37 @@ def run_demo(out: Path | str = DEFAULT_OUT, settings: DemoSettings | None = None
 
     Raises:
         InputError: ``out`` is a file or a non-demo folder.
-        OutputExistsError: ``out`` holds a demo with other settings and ``force`` is false.
+        OutputExistsError: ``out`` holds a demo of another cohort or model and ``force`` is false.
     """
-    settings = settings or DemoSettings()
+    from covidseg.training.trainer import ensure_trained, total_steps
+
+    cohort = cohort or DemoCohort()
     out = Path(out)
+    config = config or demo_config(out)
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    if settings.cases < 3:
-        raise ConfigError(f"demo cases {settings.cases}: the demo needs at least 3 (train, validation, held-out)")
-    check_out_dir(out, settings, force)
+    if cohort.cases < 3:
+        raise ConfigError(f"demo cases {cohort.cases}: the demo needs at least 3 (train, validation, held-out)")
+    check_out_dir(out, cohort, config, force)
     if force:
         clear_demo(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = settings.config(out)
-    record: dict[str, Any] = {"note": PHANTOM_NOTE, "status": "running", "settings": settings.to_dict(),
-                              "config": config_to_dict(config)}
+    record: dict[str, Any] = {"note": PHANTOM_NOTE, "status": "running", **demo_record(cohort, config)}
     _write_record(out, record)
     timings: dict[str, float] = {}
     data, run_dir = out / PHANTOM_DIR, out / RUN_DIR
     checkpoint = run_dir / "best.pt"
 
     t = time.perf_counter()
-    say(f"[1/5] phantom cohort: {settings.cases} {settings.style} synthetic cases at scale {settings.scale:g} "
-        f"-> {data}")
-    made = ensure_cohort(data, settings, progress)
-    if not made:
+    say(f"[1/5] phantom cohort: {cohort.cases} {cohort.style} synthetic cases at scale {cohort.scale:g} -> {data}")
+    if not ensure_cohort(data, cohort, config.train.seed, progress):
         say("      reusing the cohort of an earlier demo run")
     timings["cohort_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    say(f"[2/5] training {settings.model} (width {settings.base_width}, {settings.depth} poolings, patch "
-        f"{'x'.join(map(str, settings.patch_size))}, {settings.steps} steps of {settings.batch_size} patches) "
-        f"-> {run_dir}")
-    trained = ensure_trained(run_dir, config, data, progress)
+    m, tc = config.model, config.train
+    say(f"[2/5] training {m.name} (width {m.base_width}, {m.depth} poolings, patch "
+        f"{'x'.join(map(str, tc.patch_size))}, {total_steps(config)} steps of {tc.batch_size} patches) -> {run_dir}")
+    trained = ensure_trained(run_dir, config, data, SPLIT, progress, command="covidseg demo")
     if not trained:
         say(f"      reusing the trained checkpoint {checkpoint} (add --force to train again)")
     timings["train_s"] = time.perf_counter() - t
@@ -403,9 +380,6 @@ def run_demo(out: Path | str = DEFAULT_OUT, settings: DemoSettings | None = None
     timings["segment_s"] = time.perf_counter() - t
     say("[5/5] done")
 
-    result = DemoResult(out=out, trained=trained, checkpoint=checkpoint, evaluation=evaluation,
-                        segmented_case=case_id, segment_dir=segment_dir, report=report, reference=reference,
-                        pipeline_metrics=pipeline_metrics, timings=timings)
     record.update({
         "status": "done", "trained_now": trained, "checkpoint": str(checkpoint),
         "held_out": test_ids, "evaluation_mean": evaluation["mean"], "segmented_case": case_id,
@@ -415,15 +389,16 @@ def run_demo(out: Path | str = DEFAULT_OUT, settings: DemoSettings | None = None
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     })
     _write_record(out, record)
-    return result
+    return DemoResult(out=out, trained=trained, checkpoint=checkpoint, evaluation=evaluation,
+                      segmented_case=case_id, segment_dir=segment_dir, report=report, reference=reference,
+                      pipeline_metrics=pipeline_metrics, timings=timings, config=config)
 
 
-def summary_text(result: DemoResult, settings: DemoSettings | None = None) -> str:
+def summary_text(result: DemoResult) -> str:
     """The demo's closing summary (stdout): the table, where the files are, the headline numbers."""
-    settings = settings or DemoSettings()
     rep, ref = result.report["lungs"], result.reference
     seg = result.segment_dir
-    window = "x".join(map(str, settings.patch_size))
+    window = "x".join(map(str, result.config.inference.window))
     lines = [
         "",
         f"covidseg demo: {PHANTOM_NOTE}.",
@@ -452,5 +427,6 @@ def summary_text(result: DemoResult, settings: DemoSettings | None = None) -> st
 
 
 __all__ = [
-    "DEFAULT_OUT", "DemoResult", "DemoSettings", "check_out_dir", "evaluation_table", "run_demo", "summary_text",
+    "DEFAULT_OUT", "QUICK_OVERRIDES", "DemoCohort", "DemoResult", "check_out_dir", "demo_config", "demo_record",
+    "evaluation_table", "run_demo", "summary_text",
 ]

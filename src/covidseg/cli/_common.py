@@ -7,9 +7,10 @@ import textwrap
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    """``--config FILE`` and repeatable ``--set section.key=value``."""
+    """``--config FILE|PRESET`` and repeatable ``--set section.key=value``."""
     p.add_argument("--config", type=str, default=None, metavar="FILE",
-                   help="YAML file holding only the settings that differ from the defaults")
+                   help="YAML file holding only the settings that differ from the defaults, or the name of a preset "
+                        "(report, demo, 2d: src/covidseg/configs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. --set train.epochs=5 (repeatable)")
 

@@ -37,9 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from covidseg.demo import DemoSettings, run_demo, summary_text
+    from covidseg.demo import QUICK_OVERRIDES, DemoCohort, demo_config, run_demo, summary_text
 
-    settings = DemoSettings.quick() if args.quick else DemoSettings()
-    result = run_demo(Path(args.out), settings, force=args.force, progress=not args.quiet)
-    print(summary_text(result, settings))
+    out = Path(args.out)
+    cohort = DemoCohort.quick() if args.quick else DemoCohort()
+    config = demo_config(out, QUICK_OVERRIDES if args.quick else ())
+    result = run_demo(out, cohort, config, force=args.force, progress=not args.quiet)
+    print(summary_text(result))
     return 0

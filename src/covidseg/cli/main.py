@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from covidseg import __version__
-from covidseg.cli import data, demo, experiment, export, model, phantom, segment, semiseg, train
+from covidseg.cli import data, demo, evaluate, experiment, export, model, phantom, segment, semiseg, train
 from covidseg.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER, UserError
 
-COMMANDS = (demo, phantom, data, model, train, experiment, segment, semiseg, export)
+COMMANDS = (demo, phantom, data, model, train, experiment, segment, semiseg, export, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,8 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lungs", default="classic", metavar="classic|CKPT",
                    help="stage 1: 'classic' (no weights) or a lung-model checkpoint (trained with target lung)")
     p.add_argument("--device", default=None, metavar="cpu|cuda",
-                   help="where the networks run (default: inference.device, cpu); under torchrun 'cuda' means "
-                        "cuda:LOCAL_RANK")
+                   help="where the networks run (default: runtime.device = auto, a GPU when there is one, else the "
+                        "CPU); under torchrun 'cuda' means cuda:LOCAL_RANK")
     p.add_argument("--tta", action="store_true", help="average over flips (slower: 8 passes)")
     p.add_argument("--probability", action="store_true", help="also write probability.nii.gz")
     p.add_argument("--html", action="store_true", help="also write a self-contained report.html")
@@ -66,10 +66,13 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads {args.threads}: expected a positive number of threads")
-        config.inference.threads = args.threads
-    options = SegmentOptions(checkpoint=Path(args.checkpoint), lungs=args.lungs, device=args.device,
-                             tta=args.tta, probability=args.probability, html=args.html, force=args.force,
-                             backend=args.backend)
+        config.runtime.threads = args.threads
+    if args.device:
+        config.runtime.device = args.device
+    if args.tta:
+        config.inference.tta = True
+    options = SegmentOptions(checkpoint=Path(args.checkpoint), lungs=args.lungs, probability=args.probability,
+                             html=args.html, force=args.force, backend=args.backend)
 
     def log(message: str) -> None:
         sys.stderr.write(message + "\n")

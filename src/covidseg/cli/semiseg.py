@@ -88,12 +88,12 @@ def run_train(args: argparse.Namespace) -> int:
     from covidseg import __version__
     from covidseg.errors import OutputExistsError
     from covidseg.io.atomic import atomic_write_text
+    from covidseg.runtime import resolve_device
     from covidseg.semiseg.data import load_folder
     from covidseg.semiseg.train import (
         SemisegConfig,
         build_model,
         cross_validate,
-        resolve_device,
         save_semiseg_checkpoint,
         train_final,
     )

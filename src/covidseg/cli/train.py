@@ -11,12 +11,15 @@ Defaults are the report's (Table 1): patch 8x128x128 (D x H x W = the report's 1
 200 epochs, loss 0.5 BCE + Dice with deep supervision, input "lung only" (the CT outside the ground-truth lung
 mask set to air; `segment` makes its own lungs at inference). An epoch is train.patches_per_epoch patches (250);
 a third of each batch is centred on foreground (train.foreground_fraction). The run folder gets config.yaml,
-run.json, metrics.csv, last.pt and best.pt (best validation Dice).
+run.json, metrics.csv, last.pt and best.pt (best validation Dice). Where it runs is the runtime section
+(--device, --set runtime.num_workers=N, runtime.cache_dir=DIR, runtime.amp=bf16). 3D variants only: the 2D ones
+(*-2d, --config 2d) train on CT slices with `covidseg semiseg train`.
 
 examples:
   covidseg train --data COVID-19-CT-Seg --out runs/final
   covidseg train --data DIR --out runs/unet --set model.name=unet --set train.epochs=50
   covidseg train --data DIR --out runs/lungs --target lung
+  covidseg train --data phantoms --out runs/phantom --config demo   # the demo's small model (a preset)
   covidseg train --resume runs/final                    # after a crash or kill -9: same end, same steps
   torchrun --standalone --nproc_per_node 4 -m covidseg train --data DIR --out runs/ddp   # DDP, batch = global
 """
@@ -41,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="report (14/2/4 on the real 20 cases), benchmark-fold-K (K = 0..4; validation carved from "
                         "the training cases), few-shot; default report")
     p.add_argument("--epochs", type=int, default=None, help="shortcut for --set train.epochs=N")
-    p.add_argument("--device", type=str, default=None, help="auto, cpu, cuda, cuda:N (train.device)")
+    p.add_argument("--device", type=str, default=None, help="auto, cpu, cuda, cuda:N (runtime.device)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -72,13 +75,13 @@ def run(args: argparse.Namespace) -> int:
         if args.epochs is not None:
             overrides.append(f"train.epochs={args.epochs}")
         if args.device:
-            overrides.append(f"train.device={args.device}")
+            overrides.append(f"runtime.device={args.device}")
         config = load_config(Path(args.config) if args.config else None, overrides)
         result = train(args.out, config=config, data=args.data, split=args.split, progress=not args.quiet,
                        command=command)
-    from covidseg.training.distributed import env_info
+    from covidseg.runtime import process_rank
 
-    if env_info().is_main:
+    if process_rank().is_main:
         print(f"{result.run_dir}: step {result.step}/{result.total_steps}, best validation Dice "
               f"{result.best_dice:.4f} (epoch {result.best_epoch}); weights in {result.run_dir / 'best.pt'}")
     return 0

@@ -28,6 +28,7 @@ from covidseg.data.layouts import (
 from covidseg.errors import InputError
 from covidseg.intensity import resolve_convention
 from covidseg.io.image import label_values, read_image, read_mask
+from covidseg.targets import JOINT_INFECTION, LEFT_LUNG, RIGHT_LUNG
 
 EXPECTED_LABELS: dict[str, set[int]] = {
     "lung": {0, 1, 2}, "infection": {0, 1}, "lung_and_infection": {0, 1, 2, 3},
@@ -35,7 +36,6 @@ EXPECTED_LABELS: dict[str, set[int]] = {
 """Label sets of the real dataset (METHOD.md §2): lungs 1 left / 2 right; infection 0/1; joint 1, 2, 3."""
 PIPE_WIDTH = 180
 """Table width (characters) when stdout is not a terminal."""
-LEFT_LUNG, RIGHT_LUNG, JOINT_INFECTION = 1, 2, 3
 MASK_DIRS = {"zenodo": ZENODO_MASK_DIRS, "kaggle": KAGGLE_MASK_DIRS,
              "nnunet": {kind: NNUNET_LABELS for kind in ZENODO_MASK_DIRS}}
 
@@ -150,7 +150,7 @@ def check_dataset(root: str | Path, cfg: IntensityConfig | None = None, progress
     Raises:
         InputError: the folder is missing, empty or of no known layout.
     """
-    from tqdm import tqdm
+    from covidseg.progress import progress_bar
 
     dataset = scan_dataset(root)
     problems = list(dataset.problems)
@@ -158,7 +158,7 @@ def check_dataset(root: str | Path, cfg: IntensityConfig | None = None, progress
         problems.append(Problem(dataset.root, "no mask folders found; add the lung/infection masks (e.g. "
                                               f"{', '.join(d + '/' for d in ZENODO_MASK_DIRS.values())})"))
     reports = []
-    bar = tqdm(dataset.cases, desc="checking cases", unit="case", file=sys.stderr, disable=not progress)
+    bar = progress_bar(dataset.cases, desc="checking cases", unit="case", file=sys.stderr, disable=not progress)
     for case in bar:
         bar.set_postfix_str(case.case_id)
         reports.append(check_case(case, dataset, cfg))

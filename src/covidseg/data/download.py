@@ -107,7 +107,7 @@ def md5_of(path: Path) -> str:
 
 def _download(remote: RemoteFile, dest: Path, progress: bool) -> None:
     """Fetch ``remote`` into ``dest`` through ``dest.part``, resuming; verify size and md5; rename at the end."""
-    from tqdm import tqdm
+    from covidseg.progress import progress_bar
 
     part = dest.with_name(dest.name + PART_SUFFIX)
     have = part.stat().st_size if part.exists() else 0
@@ -134,8 +134,8 @@ def _download(remote: RemoteFile, dest: Path, progress: bool) -> None:
                 have = 0
             mode = "ab" if have else "wb"
             total = remote.size if remote.size >= 0 else None
-            bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=remote.key, file=sys.stderr,
-                       disable=not progress)
+            bar = progress_bar(total=total, initial=have, unit="B", unit_scale=True, desc=remote.key,
+                               file=sys.stderr, disable=not progress)
             try:
                 with open(part, mode) as fh:
                     for chunk in iter(lambda: response.read(CHUNK_BYTES), b""):

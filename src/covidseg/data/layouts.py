@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from covidseg.errors import InputError
-from covidseg.io.image import NIFTI_SUFFIXES
+from covidseg.io.formats import is_nifti, strip_image_suffix
 
 Source = Literal["coronacases", "radiopaedia", "other"]
 MaskKind = Literal["lung", "infection", "lung_and_infection"]
@@ -101,15 +101,6 @@ class Dataset:
     problems: list[Problem] = field(default_factory=list)
 
 
-def strip_nifti_suffix(name: str) -> str:
-    """``coronacases_001.nii.gz`` -> ``coronacases_001``."""
-    lower = name.lower()
-    for suffix in NIFTI_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def canonical_case_id(name: str) -> str:
     """Canonical case id of a CT or mask file name (any of the layouts' spellings).
 
@@ -118,7 +109,7 @@ def canonical_case_id(name: str) -> str:
     >>> canonical_case_id("coronacases_org_case007.nii"), canonical_case_id("case009.nii")
     ('coronacases_007', 'coronacases_009')
     """
-    stem = strip_nifti_suffix(Path(name).name)
+    stem = strip_image_suffix(Path(name).name)
     if stem.endswith(NNUNET_CHANNEL):
         stem = stem[: -len(NNUNET_CHANNEL)]
     m = _RADIOPAEDIA.match(stem)
@@ -145,7 +136,7 @@ def natural_key(text: str) -> tuple:
 
 
 def _nifti_files(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)
+    return sorted((p for p in folder.rglob("*") if p.is_file() and is_nifti(p.name)
                    and not p.name.startswith(".")), key=lambda p: natural_key(str(p)))
 
 
@@ -268,10 +259,10 @@ def _nnunet_label_kind(root: Path, problems: list[Problem]) -> MaskKind:
 def _scan_nnunet(root: Path) -> Dataset:
     problems: list[Problem] = []
     images = [p for p in _nifti_files(root / NNUNET_IMAGES)]
-    for extra in [p for p in images if not strip_nifti_suffix(p.name).endswith(NNUNET_CHANNEL)]:
+    for extra in [p for p in images if not strip_image_suffix(p.name).endswith(NNUNET_CHANNEL)]:
         problems.append(Problem(extra, f"not a channel-0 image (<id>{NNUNET_CHANNEL}.nii.gz); covidseg uses one "
                                        f"CT channel — remove it"))
-    cts = _index_by_id([p for p in images if strip_nifti_suffix(p.name).endswith(NNUNET_CHANNEL)], problems)
+    cts = _index_by_id([p for p in images if strip_image_suffix(p.name).endswith(NNUNET_CHANNEL)], problems)
     kind = _nnunet_label_kind(root, problems)
     masks: dict[MaskKind, dict[str, Path]] = {}
     if (root / NNUNET_LABELS).is_dir():

@@ -29,7 +29,6 @@ import datetime
 import io
 import json
 import os
-import re
 import socket
 import time
 import traceback
@@ -39,7 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from covidseg.errors import ConfigError, InputError, UserError
+from covidseg.inference.inputs import case_name
 from covidseg.io.atomic import atomic_write_text
+from covidseg.io.formats import UNSAFE_NAME_CHARACTERS, safe_file_name
+from covidseg.runtime import DistInfo, process_rank
 
 ProcessCase = Callable[[Path, Path], Mapping[str, Any] | None]
 """``process_case(input_path, case_output_dir) -> dict`` of plain values (volumes, Dice...), raising on failure."""
@@ -61,33 +63,24 @@ POLL_INTERVAL_S = 2.0
 """Seconds between two looks at the status files when waiting without torch.distributed."""
 JOB_ID_VARIABLES = ("COVIDSEG_JOB_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")
 """Environment variables naming the launch; ranks of one launch share it (``none`` and empty are ignored)."""
-NIFTI_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-"""Suffixes dropped from a file name to make its case id."""
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 # --------------------------------------------------------------------------------------------- case ids
 
 
 def case_id(path: Path | str) -> str:
-    """The case id of an input: the file name without its image suffix, or the DICOM folder's name.
+    """The case id of an input: its case name (:func:`covidseg.inference.inputs.case_name`: the file name without
+    its image suffix, or a DICOM series' ``PatientID_seriesN``) as a safe folder name.
 
-    ``.../coronacases_org_001.nii.gz`` -> ``coronacases_org_001``; ``.../patient7/`` (a DICOM folder) ->
-    ``patient7``. Characters other than letters, digits, ``.``, ``_`` and ``-`` become ``_``.
+    ``.../coronacases_org_001.nii.gz`` -> ``coronacases_org_001``; ``.../patient7/`` (a DICOM folder whose files
+    name no patient) -> ``patient7``. Characters other than letters, digits, ``.``, ``_`` and ``-`` become ``_``.
     """
-    path = Path(path)
-    name = path.name
-    lower = name.lower()
-    for suffix in NIFTI_SUFFIXES:
-        if lower.endswith(suffix) and len(name) > len(suffix):
-            name = name[: -len(suffix)]
-            break
-    return _UNSAFE.sub("_", name).strip("._") or "case"
+    return safe_file_name(case_name(Path(path)))
 
 
 def case_ids(cases: Sequence[Path | str]) -> dict[str, Path]:
-    """Case id -> path for a cohort, unique: where two inputs share a name (DICOM folders all called ``DICOM``),
-    their parent folders' names are prepended (``patient7_DICOM``) until they differ.
+    """Case id -> path for a cohort, unique: where two inputs share a name (``scan.nii.gz`` in every patient's
+    folder), their parent folders' names are prepended (``patient7_scan``) until they differ.
 
     Raises:
         InputError: the same input listed twice, or ids that stay equal.
@@ -100,9 +93,10 @@ def case_ids(cases: Sequence[Path | str]) -> dict[str, Path]:
             raise InputError(f"{p}: listed twice in the cohort; remove the duplicate")
         seen[key] = p
     depth = {p: 0 for p in paths}
+    base = {p: case_id(p) for p in paths}
 
     def make(p: Path) -> str:
-        parts = [case_id(p)] + [_UNSAFE.sub("_", a.name) for a in p.resolve().parents][: depth[p]]
+        parts = [base[p]] + [UNSAFE_NAME_CHARACTERS.sub("_", a.name) for a in p.resolve().parents][: depth[p]]
         return "_".join(reversed(parts)) if depth[p] else parts[0]
 
     for _ in range(max((len(p.resolve().parents) for p in paths), default=0) + 1):
@@ -127,30 +121,20 @@ def shard(ids: Sequence[str], rank: int, world_size: int) -> list[str]:
 # --------------------------------------------------------------------------------------------- ranks
 
 
-@dataclasses.dataclass(frozen=True)
-class CohortRank:
-    """Where this process stands: rank, local rank (its GPU on the node) and world size."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-
-def resolve_rank(rank: int | None = None, world_size: int | None = None) -> CohortRank:
-    """Rank and world size from the arguments, else from torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``.
+def resolve_rank(rank: int | None = None, world_size: int | None = None) -> DistInfo:
+    """Rank and world size from the arguments, else from torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``
+    (:func:`covidseg.runtime.process_rank`); the local rank (this process's GPU on its node) always from there.
 
     Raises:
         ConfigError: a rank outside ``[0, world_size)``.
     """
-    from covidseg.training.distributed import env_info
-
-    env = env_info()
+    env = process_rank()
     r = env.rank if rank is None else int(rank)
     w = env.world_size if world_size is None else int(world_size)
     if w < 1 or not 0 <= r < w:
         raise ConfigError(f"cohort rank {r} of world size {w}: need world_size >= 1 and 0 <= rank < world_size "
                           "(check RANK and WORLD_SIZE)")
-    return CohortRank(rank=r, local_rank=env.local_rank, world_size=w)
+    return DistInfo(rank=r, local_rank=env.local_rank, world_size=w)
 
 
 def _job_id() -> str | None:
@@ -302,7 +286,7 @@ def run_cohort(cases: Sequence[Path | str], out_dir: Path | str, process_case: P
                         wait_mode="single" if me.world_size == 1 else ("gloo" if group is not None else "polling"))
 
 
-def _run_one(cid: str, source: Path, out: Path, process_case: ProcessCase, me: CohortRank,
+def _run_one(cid: str, source: Path, out: Path, process_case: ProcessCase, me: DistInfo,
              job: str | None) -> dict[str, Any]:
     """Run one case with its status written before (running) and after (done/failed)."""
     state: dict[str, Any] = {
@@ -337,7 +321,7 @@ def _rendezvous_env() -> bool:
     return all(os.environ.get(v) for v in ("MASTER_ADDR", "MASTER_PORT"))
 
 
-def _barrier_group(me: CohortRank, timeout_s: float) -> tuple[Any, bool] | None:
+def _barrier_group(me: DistInfo, timeout_s: float) -> tuple[Any, bool] | None:
     """A gloo process group for the final barrier, or ``None`` to poll the status files.
 
     When the default group exists (e.g. NCCL set up by the caller) a separate gloo group with a long timeout is
@@ -374,7 +358,7 @@ def _leave(group: tuple[Any, bool] | None) -> None:
         dist.destroy_process_group(handle)
 
 
-def _wait_for_all(me: CohortRank, group: tuple[Any, bool] | None, out: Path, ids: Mapping[str, Path],
+def _wait_for_all(me: DistInfo, group: tuple[Any, bool] | None, out: Path, ids: Mapping[str, Path],
                   job: str | None, timeout_s: float, poll_s: float) -> bool:
     """Block until every rank finished its share (rank 0 only, when polling). True when all finished in time."""
     if me.world_size == 1:

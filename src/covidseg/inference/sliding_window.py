@@ -8,10 +8,11 @@ whole volume the result equals MONAI's (``tests/test_sliding_window.py`` compare
 - windows only over ``box`` (the lungs' bounding box plus a margin) and, when a ``mask`` is given, only the
   windows that contain at least one mask voxel (the others would only predict voxels outside the mask);
 - a covidseg network runs as its inference form (:func:`inference_form`: batch norm folded, weights in
-  ``channels_last_3d`` and, where bfloat16 is used, in bfloat16; on the CPU the form ``inference.cpu_kernels``
+  ``channels_last_3d`` and, where bfloat16 is used, in bfloat16; on the CPU the form ``runtime.cpu_kernels``
   names), windows batched and fed in the same dtype and memory format under :func:`torch.inference_mode`; other
   modules (TorchScript) run under autocast;
-- bfloat16 on CPUs with native bfloat16 (AVX512-BF16 / AMX) and on GPUs that have it;
+- bfloat16 on CPUs with native bfloat16 (AVX512-BF16 / AMX) and on GPUs that have it
+  (:func:`covidseg.runtime.bf16_enabled`);
 - accumulators allocated once, over the box only.
 
 Optional flip test-time augmentation averages the sigmoid outputs over every combination of flips of
@@ -23,17 +24,18 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import platform
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from covidseg.config import InferenceConfig
-from covidseg.errors import ConfigError, UserError
+from covidseg.config import InferenceConfig, RuntimeConfig
+from covidseg.errors import ConfigError
 from covidseg.models.deploy import deploy_copy
+from covidseg.models.shapes import fit_size, fits, format_size
 from covidseg.models.unet import UNet
+from covidseg.runtime import bf16_enabled, resolve_device, torch_threads
 
 Box = tuple[slice, slice, slice]
 
@@ -42,46 +44,6 @@ MIN_IMPORTANCE = 1e-3
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N`` as a device; a missing GPU is a :class:`UserError`."""
-    device = torch.device(name or "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            f"--device {name}: no CUDA GPU is available to this torch ({torch.__version__}); "
-            "use --device cpu (or install a CUDA build of torch on a machine with a GPU)"
-        )
-    return device
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bfloat16 natively: AVX512-BF16 or AMX on x86, the BF16 extension on Arm.
-
-    oneDNN's own check (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) also says yes for any AVX-512 CPU, where
-    oneDNN emulates bfloat16 with float32 arithmetic: the answer changes (bf16 rounding) without the native speed-up
-    measured in docs/performance.md, so ``auto`` stays in float32 there.
-    """
-    try:
-        if platform.machine().lower() in ("x86_64", "amd64", "x86", "i386", "i686"):
-            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def bf16_enabled(cfg: InferenceConfig, device: torch.device) -> bool:
-    """Whether bfloat16 is used: ``on``, ``off``, or ``auto`` = where the hardware computes bfloat16 natively
-    (:func:`native_bf16_cpu`; GPUs of compute capability >= 8.0)."""
-    if cfg.bf16 == "off":
-        return False
-    if cfg.bf16 == "on":
-        return True
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type == "cpu":
-        return native_bf16_cpu()
-    return False
 
 
 def scan_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -182,6 +144,7 @@ def predict_volume(
     device: str | torch.device | None = None,
     mask: np.ndarray | None = None,
     progress: bool = False,
+    runtime: RuntimeConfig | None = None,
 ) -> np.ndarray:
     """Sigmoid probabilities of ``model`` over ``volume`` by Gaussian-blended sliding windows.
 
@@ -190,14 +153,15 @@ def predict_volume(
             logits; deep supervision is switched off for the call and the model's train/eval state and heads are
             restored afterwards.
         volume: ``(D, H, W)`` or ``(C, D, H, W)`` network input (normalised to [0, 1]).
-        cfg: window ``(D, H, W)``, overlap, batch, Gaussian sigma scale, TTA, bfloat16, threads.
+        cfg: window ``(D, H, W)``, overlap, Gaussian sigma scale, TTA.
         box: three slices ``(D, H, W)``; windows cover only this box and the result is 0 outside it.
             ``None`` = the whole volume.
-        device: overrides ``cfg.device``.
+        device: overrides ``runtime.device``.
         mask: optional ``(D, H, W)`` boolean mask (the lungs); windows without any mask voxel are skipped, so
             the result is only meaningful on the mask (it is exact there: every window covering a mask voxel
             contains it). Voxels covered by no computed window get probability 0.
         progress: show a tqdm bar over the batches (stderr).
+        runtime: device, bfloat16, threads, memory layout, windows per call (default :class:`RuntimeConfig`).
 
     Returns:
         ``(K, D, H, W)`` float32 probabilities in [0, 1]: the sigmoid of the Gaussian-blended logits (logits are
@@ -207,18 +171,14 @@ def predict_volume(
         ConfigError: a window that does not fit the model's poolings, a bad box.
         UserError: a CUDA device that is not there.
     """
-    dev = resolve_device(device if device is not None else cfg.device)
-    threads = torch.get_num_threads()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)  # restored on return: a library call leaves the process as it was
-    try:
-        return _predict_volume(model, volume, cfg, box, dev, mask, progress)
-    finally:
-        torch.set_num_threads(threads)
+    rt = runtime if runtime is not None else RuntimeConfig()
+    dev = resolve_device(device if device is not None else rt.device)
+    with torch_threads(rt.threads):
+        return _predict_volume(model, volume, cfg, box, dev, mask, progress, rt)
 
 
 def _predict_volume(model: nn.Module, volume: np.ndarray, cfg: InferenceConfig, box: Box | None,
-                    dev: torch.device, mask: np.ndarray | None, progress: bool) -> np.ndarray:
+                    dev: torch.device, mask: np.ndarray | None, progress: bool, rt: RuntimeConfig) -> np.ndarray:
     vol = np.asarray(volume, dtype=np.float32)
     if vol.ndim == 3:
         vol = vol[None]
@@ -272,7 +232,7 @@ def _predict_volume(model: nn.Module, volume: np.ndarray, cfg: InferenceConfig, 
         set_ds(False)
     inner.eval()
     try:
-        probs = _run_windows(inner, sub, sized, cfg, dev, spatial_dims, progress)
+        probs = _run_windows(inner, sub, sized, cfg, dev, spatial_dims, progress, rt)
     finally:
         if ds_before is not None and callable(set_ds):
             set_ds(bool(ds_before))
@@ -300,20 +260,19 @@ def _check_window(model: nn.Module, window: Sequence[int], spatial_dims: int) ->
     if divisor is None:
         return
     div = (1, *divisor) if spatial_dims == 2 else tuple(divisor)
-    if any(w % d for w, d in zip(window, div, strict=True)):
-        fit = tuple(max(d, -(-w // d) * d) for w, d in zip(window, div, strict=True))
+    if not fits(window, div):
         raise ConfigError(
-            f"inference.window {'x'.join(map(str, window))} does not fit the model's poolings (each axis a "
-            f"multiple of {'x'.join(map(str, div))}); use --set inference.window={'x'.join(map(str, fit))}"
+            f"inference.window {format_size(window)} does not fit the model's poolings (each axis a "
+            f"multiple of {format_size(div)}); use --set inference.window={format_size(fit_size(window, div))}"
         )
 
 
-def inference_form(model: nn.Module, cfg: InferenceConfig, device: torch.device, dtype: torch.dtype,
+def inference_form(model: nn.Module, rt: RuntimeConfig, device: torch.device, dtype: torch.dtype,
                    memory_format: torch.memory_format) -> nn.Module:
     """The copy of a covidseg network that :func:`predict_volume` runs (:func:`covidseg.models.deploy.deploy_copy`)
-    in ``dtype`` and ``memory_format``: on the CPU the form ``cfg.cpu_kernels`` names, on a GPU the public form (the
+    in ``dtype`` and ``memory_format``: on the CPU the form ``rt.cpu_kernels`` names, on a GPU the public form (the
     oneDNN form is CPU-only)."""
-    kernels = cfg.cpu_kernels if device.type == "cpu" else "public"
+    kernels = rt.cpu_kernels if device.type == "cpu" else "public"
     return deploy_copy(model, dtype, memory_format == torch.channels_last_3d, kernels)
 
 
@@ -325,29 +284,30 @@ def _run_windows(
     dev: torch.device,
     spatial_dims: int,
     progress: bool,
+    rt: RuntimeConfig,
 ) -> np.ndarray:
     """Blend the windows ``sized`` (``(start, size)`` each, ``(D, H, W)``) over ``sub`` (``(C, D, H, W)``);
-    returns ``(K, D, H, W)``. Consecutive windows of one size are batched (up to ``cfg.batch_windows``)."""
+    returns ``(K, D, H, W)``. Consecutive windows of one size are batched (up to ``rt.batch_windows``)."""
     importance_of: dict[tuple[int, ...], torch.Tensor] = {}
     weight_sum = torch.zeros(sub.shape[1:], dtype=torch.float32, device=dev)
     acc: torch.Tensor | None = None
     source = torch.from_numpy(np.ascontiguousarray(sub))
     native = not hasattr(model, "session")  # an ONNX Runtime model computes float32 in its own layout
-    use_bf16 = native and bf16_enabled(cfg, dev)
-    memory_format = (torch.channels_last_3d if (native and cfg.channels_last and spatial_dims == 3)
+    use_bf16 = native and bf16_enabled(rt.bf16, dev)
+    memory_format = (torch.channels_last_3d if (native and rt.channels_last and spatial_dims == 3)
                      else torch.contiguous_format)
     input_dtype = torch.float32
     autocast: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
     if isinstance(model, UNet):  # its inference form: batch norm folded, weights in the compute dtype and layout
         input_dtype = torch.bfloat16 if use_bf16 else torch.float32
-        model = inference_form(model, cfg, dev, input_dtype, memory_format)
+        model = inference_form(model, rt, dev, input_dtype, memory_format)
     elif use_bf16:  # any other module (a TorchScript export): bf16 by autocast
         autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
     flips = _flip_sets(cfg.tta_axes if spatial_dims == 3 else [a for a in cfg.tta_axes if a != 0]) if cfg.tta \
         else [()]
     batches: list[list[tuple[tuple[int, int, int], tuple[int, ...]]]] = []
     for item in sized:
-        if batches and batches[-1][0][1] == item[1] and len(batches[-1]) < max(int(cfg.batch_windows), 1):
+        if batches and batches[-1][0][1] == item[1] and len(batches[-1]) < max(int(rt.batch_windows), 1):
             batches[-1].append(item)
         else:
             batches.append([item])

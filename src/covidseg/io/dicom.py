@@ -1,4 +1,4 @@
-"""DICOM series (a folder) read with SimpleITK's ``ImageSeriesReader``, checked slice by slice.
+"""DICOM series (a folder) read with SimpleITK's ``ImageSeriesReader``, checked slice by slice, and named.
 
 A folder may hold several series: the one with most slices is read, and the choice is logged. Before reading,
 the slice positions (Image Position Patient projected on the slice normal) are checked: duplicated positions,
@@ -7,6 +7,9 @@ the fix, because a volume stacked from such a series would silently have wrong g
 
 ITK stores geometry in LPS (origin, direction, spacing); it is converted into the RAS affine nibabel would give
 the same volume written as NIfTI, so a DICOM series and its NIfTI twin read to the same voxels and geometry.
+
+:func:`series_name` names a series from its metadata (``PatientID_seriesN`` from PatientID and SeriesNumber),
+read with pydicom from the folder's first DICOM file: folders exported from a PACS are often all called ``DICOM``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from covidseg.errors import InputError
-from covidseg.io.image import CTImage, check_voxel_count, make_ct_image
+from covidseg.io.formats import safe_file_name
+from covidseg.io.volume import CTImage, check_voxel_count, make_ct_image
 
 log = logging.getLogger("covidseg")
 
@@ -30,6 +34,10 @@ DUPLICATE_TOL_MM = 1e-3
 SPACING_REL_TOL = 0.05
 """Slice gaps may vary by this fraction of the median gap before the spacing counts as uneven."""
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+NAME_TAGS = ("PatientID", "SeriesNumber")
+"""DICOM keywords a series is named from."""
+NAME_PROBE_FILES = 32
+"""How many files (in name order) :func:`series_name` tries before it gives up on a folder without DICOM files."""
 
 
 def itk_to_ras_affine(origin: tuple[float, ...], spacing: tuple[float, ...], direction: tuple[float, ...]) \
@@ -73,6 +81,33 @@ def choose_series(folder: Path) -> tuple[str, list[str]]:
         log.warning("%s: %d DICOM series; using %s (%d slices), the one with most slices; also found: %s",
                     folder, len(series_ids), chosen, len(files[chosen]), others)
     return chosen, files[chosen]
+
+
+def series_name(folder: str | Path) -> str:
+    """The name of the DICOM series in ``folder``: ``PatientID_seriesN`` (PatientID and SeriesNumber of the first
+    DICOM file in name order), made safe as a file name by :func:`covidseg.io.formats.safe_file_name`.
+
+    The folder's own name stands in for a missing PatientID, and is the whole name when no file of the first
+    :data:`NAME_PROBE_FILES` is DICOM. Reads two tags of one file, so a cohort of series is named in milliseconds.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    folder = Path(folder)
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    except OSError:
+        files = []
+    for path in files[:NAME_PROBE_FILES]:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(NAME_TAGS))
+        except (InvalidDicomError, OSError, ValueError, TypeError, EOFError, AttributeError, KeyError):
+            continue
+        patient = str(header.get("PatientID", "") or "").strip()
+        series = str(header.get("SeriesNumber", "") or "").strip()
+        parts = [patient or folder.name] + ([f"series{series}"] if series else [])
+        return safe_file_name("_".join(parts), fallback=safe_file_name(folder.name))
+    return safe_file_name(folder.name)
 
 
 def _numbers(text: str, count: int, name: str, what: str) -> list[float]:

@@ -11,7 +11,7 @@ instead of the training module:
 - for a 3D network, weights in ``channels_last_3d`` like the windows fed to it: oneDNN then runs its
   channels-last kernels without reordering the weights around every convolution.
 
-``kernels="onednn"`` (``inference.cpu_kernels``, CPU only) adds the forms of :mod:`covidseg.models.onednn`.
+``kernels="onednn"`` (``runtime.cpu_kernels``, CPU only) adds the forms of :mod:`covidseg.models.onednn`.
 The copy is for inference only (``eval`` mode, batch norm statistics frozen); the original is left untouched.
 Figures: docs/performance.md.
 """

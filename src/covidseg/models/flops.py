@@ -17,6 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from covidseg.config import ModelConfig
+from covidseg.models.heads import set_heads
 from covidseg.models.registry import MODELS, create_model, variant_config
 
 DEFAULT_PATCH: tuple[int, int, int] = (8, 128, 128)
@@ -72,7 +73,7 @@ def measure(cfg: ModelConfig, patch: tuple[int, int, int] = DEFAULT_PATCH) -> Mo
     with torch.device("meta"):
         model = create_model(cfg)
     params = count_parameters(model)
-    model.set_deep_supervision(False)
+    set_heads(model, False)
     spatial = tuple(patch) if model.spatial_dims == 3 else tuple(patch[1:])
     shape = (1, model.config.in_channels, *spatial)
     model.check_input_shape(shape)

@@ -1,4 +1,4 @@
-"""The CPU-only inference form ``inference.cpu_kernels=onednn``: oneDNN's fused operators and the FV gates folded
+"""The CPU-only inference form ``runtime.cpu_kernels=onednn``: oneDNN's fused operators and the FV gates folded
 into the fusion convolution, on top of the public form of :mod:`covidseg.models.deploy`.
 
 - each FV block's channel gate folded into its fusion convolution (:class:`GateFoldedFV`): two C -> C convolutions

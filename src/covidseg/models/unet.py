@@ -27,9 +27,7 @@ from covidseg.models.blocks import (
     conv_nd,
     conv_transpose_nd,
 )
-
-POOL = 2
-"""Pooling (and upsampling) factor of every pooled axis."""
+from covidseg.models.shapes import POOL, check_fits, pool_factors, size_divisor
 
 
 def _is_tracing() -> bool:
@@ -86,7 +84,7 @@ class UNet(nn.Module):
         dims: SpatialDims = 3 if cfg.spatial_dims == 3 else 2
         self.spatial_dims = dims
         widths = [cfg.base_width * POOL**level for level in range(cfg.depth + 1)]
-        self.pool_factors: list[tuple[int, ...]] = [self._pool_factor(level) for level in range(cfg.depth)]
+        self.pool_factors: list[tuple[int, ...]] = pool_factors(cfg)
         pool = nn.MaxPool3d if dims == 3 else nn.MaxPool2d
 
         self.encoders = nn.ModuleList()
@@ -116,18 +114,10 @@ class UNet(nn.Module):
         ) if cfg.deep_supervision else nn.ModuleList()
         self.deep_supervision = cfg.deep_supervision
 
-    def _pool_factor(self, level: int) -> tuple[int, ...]:
-        if self.spatial_dims == 2:
-            return (POOL, POOL)
-        return (POOL if level < self.config.slice_poolings else 1, POOL, POOL)
-
     @property
     def size_divisor(self) -> tuple[int, ...]:
         """Per-axis divisor of valid input sizes: ``(D, H, W)`` in 3D, ``(H, W)`` in 2D."""
-        out = [1] * self.spatial_dims
-        for factor in self.pool_factors:
-            out = [o * f for o, f in zip(out, factor, strict=True)]
-        return tuple(out)
+        return size_divisor(self.config)
 
     @property
     def num_heads(self) -> int:
@@ -150,8 +140,6 @@ class UNet(nn.Module):
 
     def check_input_shape(self, shape: tuple[int, ...] | torch.Size) -> None:
         """Raise :class:`InputError` naming a valid size when ``shape`` (``(B, C, *S)``) does not fit the poolings."""
-        spatial = tuple(int(s) for s in shape[2:])
-        div = self.size_divisor
         if len(shape) != 2 + self.spatial_dims:
             axes = "(B, C, D, H, W)" if self.spatial_dims == 3 else "(B, C, H, W)"
             raise InputError(f"model input of shape {tuple(shape)}: expected {axes} for a {self.spatial_dims}D model")
@@ -159,13 +147,9 @@ class UNet(nn.Module):
             raise InputError(
                 f"model input of shape {tuple(shape)}: expected {self.config.in_channels} channel(s), got {shape[1]}"
             )
-        if any(s % d or s < d for s, d in zip(spatial, div, strict=True)):
-            fit = tuple(max(d, -(-s // d) * d) for s, d in zip(spatial, div, strict=True))
-            raise InputError(
-                f"model input size {'x'.join(map(str, spatial))} does not fit the poolings of model "
-                f"'{self.config.name}' (each axis must be a multiple of {'x'.join(map(str, div))}); "
-                f"use {'x'.join(map(str, fit))} (pad or crop), or lower model.depth / model.slice_poolings"
-            )
+        check_fits(f"model '{self.config.name}': input size", tuple(int(s) for s in shape[2:]), self.size_divisor,
+                   use="{fit}: pad or crop", fewer="or fewer poolings (model.depth, model.slice_poolings)",
+                   error=InputError)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Logits of the segmentation.

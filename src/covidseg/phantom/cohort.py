@@ -142,9 +142,9 @@ def write_cohort(out_dir: Path | str, cases: int, seed: int, style: str, scale: 
             raise OutputExistsError(
                 f"{existing[0]} already exists ({len(existing)} case file(s) of this cohort do); "
                 "use --force to overwrite them or choose another OUT_DIR")
-    from tqdm import tqdm
+    from covidseg.progress import progress_bar
 
-    bar = tqdm(plan, desc="phantoms", unit="case", disable=not progress)
+    bar = progress_bar(plan, desc="phantoms", unit="case", disable=not progress)
     for i, files in enumerate(bar):
         bar.set_postfix_str(files.case_id)
         assert files.style in STYLES

@@ -44,6 +44,18 @@ def pick_slices(lungs: np.ndarray, infection: np.ndarray, count: int) -> list[in
     return sorted(picks)[:count]
 
 
+def coronal_row(hu: np.ndarray, lungs: np.ndarray, tissue_hu: float = -500.0) -> int:
+    """Row (anterior-posterior index) of the coronal view: the one crossing most lung voxels, so the view cuts
+    through the lungs; without lungs, the middle of the rows holding tissue (above ``tissue_hu``) in most slices,
+    the body's rather than the image's middle (a couch or the air under it is not what to show)."""
+    rows_area = (lungs > 0).sum(axis=(0, 2))
+    if rows_area.any():
+        return int(np.argmax(rows_area))
+    per_row = (hu > tissue_hu).mean(axis=(0, 2))
+    rows = np.flatnonzero(per_row >= 0.5 * per_row.max()) if per_row.any() else np.array([hu.shape[1] // 2])
+    return int(round(0.5 * (rows[0] + rows[-1])))
+
+
 def _outline(ax: Any, mask: np.ndarray, colour: str, width: float = 0.9) -> None:
     if mask.any():
         ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=width)
@@ -93,9 +105,7 @@ def render_overview(
         _outline(ax, infection[k] > 0, INFECTION_COLOUR, 1.1)
         ax.set_title(f"axial {k}", fontsize=7, pad=2)
         ax.set_axis_off()
-    # coronal view through the row where the lungs are widest
-    rows_area = (lungs > 0).sum(axis=(0, 2))
-    row = int(np.argmax(rows_area)) if rows_area.any() else hu.shape[1] // 2
+    row = coronal_row(hu, lungs)
     ax = fig.add_subplot(grid[:, cols:])
     aspect = float(spacing[0]) / float(spacing[2])
     ax.imshow(hu[::-1, row, :], cmap="gray", vmin=vmin, vmax=vmax, aspect=aspect, interpolation="bilinear")

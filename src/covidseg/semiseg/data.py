@@ -170,6 +170,45 @@ def load_folder(root: Path | str) -> list[Slice]:
     return out
 
 
+PSEUDO_NAME = re.compile(r"Data-1_(?P<case>.+)_(?P<k>\d+)")
+"""Stem of a slice of Inf-Net's pseudo-labelled set: ``Data-1_<case>_<k>`` (``<case>`` the Zenodo volume's stem,
+``k`` = 1..n within the case)."""
+
+
+def pseudo_case(name: str) -> tuple[str, int]:
+    """``(case, k)`` of a pseudo-labelled slice's stem, e.g. ``("coronacases_org_001", 7)``.
+
+    Raises:
+        InputError: the stem is not of the form ``Data-1_<case>_<k>``.
+    """
+    m = PSEUDO_NAME.fullmatch(name)
+    if m is None:
+        raise InputError(f"{name!r}: not a slice name of the pseudo-labelled layout (Data-1_<case>_<k>)")
+    return m["case"], int(m["k"])
+
+
+def load_pseudo_folder(root: Path | str) -> list[Slice]:
+    """Read Inf-Net's pseudo-labelled slices: ``Imgs/Data-1_<case>_<k>.jpg`` + ``GT/Data-1_<case>_<k>.png``.
+
+    The masks are machine-made (Semi-Inf-Net's predictions): training material, never a reference for a score.
+
+    Args:
+        root: e.g. ``../shared/data/covid-semiseg/pseudo``.
+
+    Returns:
+        The slices sorted by case, then by ``k`` (numerically).
+
+    Raises:
+        InputError: as :func:`load_folder`; a file whose stem is not ``Data-1_<case>_<k>`` (naming it).
+    """
+    slices = load_folder(root)
+    for s in slices:
+        if PSEUDO_NAME.fullmatch(s.name) is None:
+            raise InputError(f"{s.image_path}: not named Data-1_<case>_<k>; {root} is not the pseudo-labelled "
+                             "layout (for Imgs/N.jpg folders use the labelled loader)")
+    return sorted(slices, key=lambda s: pseudo_case(s.name))
+
+
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of one ``(H, W)`` slice to ``size`` -> ``(1, h, w)`` float32 tensor.
 

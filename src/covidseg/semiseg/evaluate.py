@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from covidseg.errors import InputError
+from covidseg.runtime import resolve_device
 from covidseg.semiseg.data import load_folder
 from covidseg.semiseg.metric import METRIC_KEYS, summarize
-from covidseg.semiseg.train import TRAIN_SIZE, heads_off, predict_slices, resolve_device, score_slices
+from covidseg.semiseg.train import TRAIN_SIZE, heads_off, predict_slices, score_slices
 
 DEFAULT_WEIGHTS = "semiseg-2d.pt"
 """File name of the shipped model inside ``covidseg/weights/``."""
@@ -77,7 +78,8 @@ def evaluate_folder(
     model, meta = load_semiseg_model(checkpoint, dev)
     size = tuple(int(s) for s in meta.get("input_size", TRAIN_SIZE))
     t0 = time.perf_counter()
-    probs = predict_slices(model, slices, (size[0], size[1]), dev, amp=amp)
+    flip_tta = bool(meta.get("flip_tta", False))
+    probs = predict_slices(model, slices, (size[0], size[1]), dev, amp=amp, flip_tta=flip_tta)
     rows = score_slices(probs, slices)
     result: dict[str, Any] = {"n_images": len(rows), **summarize(rows)}
     result.update({
@@ -85,6 +87,7 @@ def evaluate_folder(
         "checkpoint": meta["checkpoint"],
         "variant": meta["variant"],
         "input_size": list(size),
+        "flip_tta": flip_tta,
         "data": str(Path(data)),
         "device": str(dev),
         "seconds": round(time.perf_counter() - t0, 3),

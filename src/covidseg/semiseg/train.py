@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from covidseg.errors import ConfigError, UserError
+from covidseg.runtime import autocast_dtype
 from covidseg.semiseg.augment import AugmentConfig, SliceAugment
 from covidseg.semiseg.data import Slice, resize_image, resize_stack
 from covidseg.semiseg.metric import slice_metrics, summarize
@@ -40,6 +41,12 @@ DEFAULT_VARIANT = "unet-fv-paspp-ds-2d"
 TRAIN_SIZE = (352, 352)
 """Slices are resized to 352x352 (H, W) pixels for training and prediction, Inf-Net's ``trainsize``."""
 POLY_EXPONENT = 0.9
+INPUT_CONVENTION = (
+    "one channel: the 8-bit greyscale slice / 255 (values in [0, 1]), windowed and cropped around the lungs and "
+    "oriented as the COVID-SemiSeg jpgs are stored (rotated relative to radiological display), resized "
+    "bilinearly to input_size (H, W); the logits are resized back to the slice's size before the sigmoid"
+)
+"""What a 2D checkpoint's input is (written into its meta for the inference side)."""
 """Exponent of the polynomial learning-rate decay (nnU-Net)."""
 
 
@@ -65,10 +72,22 @@ class SemisegConfig:
     folds: int = 5
     seed: int = 0
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    """``auto``: bf16 on CUDA GPUs that have it, fp16 on older ones, off on the CPU."""
+    """Mixed precision, :func:`covidseg.runtime.autocast_dtype`: ``auto`` = bf16 on CUDA GPUs that have it, fp16 on
+    older ones, off on the CPU."""
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    pretrain_epochs: int = 0
+    """Epochs on the pseudo-labelled slices alone before training on the labelled ones (0 = no such stage)."""
+    pretrain_lr: float = 1e-3
+    """Peak learning rate of the pseudo-label stage (same polynomial decay)."""
+    pseudo_per_batch: int = 0
+    """Pseudo-labelled slices mixed into every batch of the labelled stage (the rest of ``batch_size`` is
+    labelled slices); 0 = labelled slices only."""
+    flip_tta: bool = False
+    """Prediction averages the logits of the slice and of its left-right mirror (the shipped model's setting)."""
+    threshold: float = 0.5
+    """Probability at or above which a pixel is infection (the binary masks; Inf-Net's mean Dice sweeps it)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists) for JSON and checkpoints."""
@@ -79,33 +98,6 @@ class SemisegConfig:
                 return {k: plain(x) for k, x in v.items()}
             return v
         return plain(dataclasses.asdict(self))
-
-
-# --------------------------------------------------------------------------------------------- devices
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; raise a UserError for a CUDA request without a GPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is visible to torch; use --device cpu")
-    return device
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` on ``device`` (``None`` = float32)."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -169,6 +161,94 @@ def build_model(cfg: SemisegConfig) -> nn.Module:
     return model
 
 
+def pretrain_config(cfg: SemisegConfig) -> SemisegConfig:
+    """The settings of the pseudo-label stage: ``cfg`` with its ``pretrain_*`` epochs and learning rate, no mix."""
+    return dataclasses.replace(cfg, epochs=cfg.pretrain_epochs, learning_rate=cfg.pretrain_lr,
+                               pseudo_per_batch=0)
+
+
+@dataclass
+class _Run:
+    """Everything a training run needs to continue exactly where it stopped (saved by :func:`_save_run`)."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    augment: SliceAugment
+    order_gen: torch.Generator
+    pseudo_gen: torch.Generator
+    step: int = 0
+    perm: torch.Tensor | None = None
+    """The current epoch's order of the labelled slices."""
+    running: float = 0.0
+    """Sum of the losses of the current epoch so far."""
+
+
+def _save_run(path: Path, run: _Run, cfg: SemisegConfig) -> None:
+    """Write the run's state atomically (a killed write leaves the previous state intact)."""
+    state = {
+        "config": cfg.to_dict(), "step": run.step, "perm": run.perm, "running": run.running,
+        "model": run.model.state_dict(), "opt": run.opt.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "order": run.order_gen.get_state(),
+                "pseudo": run.pseudo_gen.get_state(), "augment": run.augment.generator.get_state()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _load_run(path: Path, run: _Run, cfg: SemisegConfig) -> None:
+    """Restore a state written by :func:`_save_run` for the same settings."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or foreign file
+        raise UserError(f"{path}: not a readable training state ({exc}); delete it to start this stage again") \
+            from None
+    if state.get("config") != cfg.to_dict():
+        raise ConfigError(f"{path}: saved by a run with other settings; rerun with the same settings or delete "
+                          "the file to start this stage again")
+    run.model.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["opt"])
+    run.step, run.perm, run.running = int(state["step"]), state["perm"], float(state["running"])
+    torch.set_rng_state(state["rng"]["torch"])
+    run.order_gen.set_state(state["rng"]["order"])
+    run.pseudo_gen.set_state(state["rng"]["pseudo"])
+    run.augment.generator.set_state(state["rng"]["augment"])
+
+
+def _batch(
+    run: _Run, images: torch.Tensor, masks: torch.Tensor, pseudo: tuple[torch.Tensor, torch.Tensor] | None,
+    n_labelled: int, n_pseudo: int, steps_per_epoch: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next augmented batch: ``n_labelled`` slices in epoch order, plus ``n_pseudo`` drawn at random."""
+    n = int(images.shape[0])
+    b = run.step % steps_per_epoch
+    if b == 0 or run.perm is None:
+        run.perm = torch.randperm(n, generator=run.order_gen)
+    idx = run.perm[b * n_labelled:(b + 1) * n_labelled]
+    x, y = images[idx.to(images.device)], masks[idx.to(masks.device)]
+    if pseudo is not None and n_pseudo > 0:
+        pidx = torch.randint(int(pseudo[0].shape[0]), (n_pseudo,), generator=run.pseudo_gen)
+        x = torch.cat([x, pseudo[0][pidx.to(x.device)]])
+        y = torch.cat([y, pseudo[1][pidx.to(y.device)]])
+    return run.augment(x, y)  # (B, 1, H, W) each
+
+
+def _start_run(cfg: SemisegConfig, device: torch.device, seed: int, init: dict[str, torch.Tensor] | None) -> _Run:
+    """A fresh run: the model seeded by ``seed`` (or ``init``'s weights) on ``device``, Adam, seeded generators."""
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    if init is not None:
+        model.load_state_dict(init)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return _Run(model=model,
+                opt=torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
+                augment=SliceAugment(cfg.augment, seed=seed + 1), order_gen=torch.Generator().manual_seed(seed + 2),
+                pseudo_gen=torch.Generator().manual_seed(seed + 3))
+
+
 def train_model(
     images: torch.Tensor,
     masks: torch.Tensor,
@@ -179,18 +259,29 @@ def train_model(
     desc: str = "train",
     progress: bool = True,
     log: Callable[[dict[str, Any]], None] | None = None,
+    init: dict[str, torch.Tensor] | None = None,
+    pseudo: tuple[torch.Tensor, torch.Tensor] | None = None,
+    state_path: Path | None = None,
+    save_every_s: float = 300.0,
 ) -> nn.Module:
-    """Train a fresh model on resized slices.
+    """Train a model on resized slices, optionally from given weights, mixed with pseudo-labelled slices, resumably.
 
     Args:
         images: ``(N, 1, H, W)`` float32 in [0, 1] at ``cfg.size``.
         masks: ``(N, 1, H, W)`` float32 in {0, 1}.
-        cfg: the run's settings (``epochs``, ``batch_size``, ``learning_rate`` ...).
+        cfg: the run's settings (``epochs``, ``batch_size``, ``learning_rate``, ``pseudo_per_batch`` ...).
         device: where to train; the data is moved there once.
         seed: seeds the weights, the batch order and the augmentation (default ``cfg.seed``).
-        desc: progress-bar label.
+        desc: progress-bar and log label.
         progress: show a tqdm bar on stderr.
-        log: called with ``{"epoch", "loss", "lr", "seconds"}`` after every epoch.
+        log: called with ``{"epoch", "step", "loss", "lr", "seconds"}`` after every epoch.
+        init: a state dict to start from (a pretrained model) instead of fresh weights.
+        pseudo: ``(M, 1, H, W)`` images and masks of pseudo-labelled slices; each batch then holds
+            ``cfg.pseudo_per_batch`` of them (drawn at random) and ``cfg.batch_size - cfg.pseudo_per_batch``
+            labelled slices (one epoch = every labelled slice once).
+        state_path: where the run's state is saved every ``save_every_s`` seconds and at the end; when the file
+            exists the run continues from it and ends with the same weights as an uninterrupted run.
+        save_every_s: seconds between two saves of the state (0 = after every step).
 
     Returns:
         The trained model in eval mode with deep supervision switched off.
@@ -198,53 +289,55 @@ def train_model(
     from covidseg.losses import DeepSupervisionLoss, SegmentationLoss
 
     seed = cfg.seed if seed is None else seed
-    torch.manual_seed(seed)
-    model = build_model(cfg).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    run = _start_run(cfg, device, seed, init)
+    model = run.model
     n = int(images.shape[0])
-    batch = min(cfg.batch_size, n)
-    steps_per_epoch = max(1, n // batch)
+    n_pseudo = min(cfg.pseudo_per_batch, cfg.batch_size - 1) if pseudo is not None else 0
+    n_labelled = min(cfg.batch_size - n_pseudo, n)
+    steps_per_epoch = max(1, n // n_labelled)
     total = max(1, cfg.epochs * steps_per_epoch)
     images, masks = images.to(device), masks.to(device)
+    if pseudo is not None:
+        pseudo = (pseudo[0].to(device), pseudo[1].to(device))
     loss_fn = DeepSupervisionLoss(SegmentationLoss(cfg.bce_weight, cfg.dice_weight))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    dtype = amp_dtype(cfg.amp, device)
+    if state_path is not None and Path(state_path).is_file():
+        _load_run(Path(state_path), run, cfg)
+    dtype = autocast_dtype(cfg.amp, device, setting="--amp")
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16 and device.type == "cuda")
-    augment = SliceAugment(cfg.augment, seed=seed + 1)
-    order_gen = torch.Generator().manual_seed(seed + 2)
     bar = _progress(total, desc, progress)
+    bar.update(run.step)
     model.train()
-    step = 0
-    start = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        perm = torch.randperm(n, generator=order_gen)
-        running = 0.0
-        for b in range(steps_per_epoch):
-            idx = perm[b * batch:(b + 1) * batch].to(device)
-            x, y = augment(images[idx], masks[idx])  # (B, 1, H, W) each
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            lr = cfg.learning_rate * ((1.0 - step / total) ** POLY_EXPONENT if cfg.poly_lr else 1.0)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                out = model(x)
-            loss = loss_fn(out, y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise UserError(f"{desc}: the loss became {value} at step {step}; lower the learning rate")
-            running += value
-            step += 1
-            bar.update(1)
-        bar.set_postfix(loss=f"{running / steps_per_epoch:.3f}")
-        if log is not None:
-            log({"epoch": epoch + 1, "loss": running / steps_per_epoch, "lr": lr,
-                 "seconds": time.perf_counter() - start})
+    start = last_save = time.perf_counter()
+    while run.step < total:
+        x, y = _batch(run, images, masks, pseudo, n_labelled, n_pseudo, steps_per_epoch)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        lr = cfg.learning_rate * ((1.0 - run.step / total) ** POLY_EXPONENT if cfg.poly_lr else 1.0)
+        for group in run.opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = model(x)
+        loss = loss_fn(out, y)
+        run.opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(run.opt)
+        scaler.update()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise UserError(f"{desc}: the loss became {value} at step {run.step}; lower the learning rate")
+        run.running += value
+        run.step += 1
+        bar.update(1)
+        epoch_done = run.step % steps_per_epoch == 0
+        if epoch_done:
+            bar.set_postfix(loss=f"{run.running / steps_per_epoch:.3f}")
+            if log is not None:
+                log({"epoch": run.step // steps_per_epoch, "step": run.step, "loss": run.running / steps_per_epoch,
+                     "lr": lr, "seconds": time.perf_counter() - start})
+            run.running = 0.0
+        if state_path is not None and (run.step == total or time.perf_counter() - last_save >= save_every_s):
+            _save_run(Path(state_path), run, cfg)
+            last_save = time.perf_counter()
     bar.close()
     model.eval()
     heads_off(model)
@@ -257,12 +350,13 @@ def train_model(
 @torch.no_grad()
 def predict_slices(
     model: nn.Module, slices: Sequence[Slice], size: tuple[int, int], device: torch.device,
-    amp: str = "auto", batch: int = 8,
+    amp: str = "auto", batch: int = 8, flip_tta: bool = False,
 ) -> list[np.ndarray]:
     """Sigmoid probability maps of ``slices``, each at its own GT size.
 
     The slice is resized to ``size``, the logits are resized back bilinearly to the slice's size and then passed
-    through the sigmoid (Inf-Net's test script upsamples its logits the same way).
+    through the sigmoid (Inf-Net's test script upsamples its logits the same way). With ``flip_tta`` the logits
+    are the mean of those of the slice and of its left-right mirror (mirrored back).
 
     Returns:
         One ``(H_i, W_i)`` float32 array per slice.
@@ -271,13 +365,15 @@ def predict_slices(
 
     model.eval()
     heads_off(model)
-    dtype = amp_dtype(amp, device)
+    dtype = autocast_dtype(amp, device, setting="--amp")
     out: list[np.ndarray] = []
     for start in range(0, len(slices), batch):
         chunk = slices[start:start + batch]
         x = torch.stack([resize_image(s.image, size) for s in chunk]).to(device)  # (b, 1, h, w)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x)
+            if flip_tta:
+                logits = 0.5 * (logits + model(x.flip(-1)).flip(-1))
         logits = logits.float()  # (b, 1, h, w)
         for i, s in enumerate(chunk):
             full = F.interpolate(logits[i:i + 1], size=s.shape, mode="bilinear", align_corners=False)
@@ -293,6 +389,22 @@ def score_slices(probs: Sequence[np.ndarray], slices: Sequence[Slice]) -> list[d
 # --------------------------------------------------------------------------------------------- protocols
 
 
+def pretrain(
+    pseudo: tuple[torch.Tensor, torch.Tensor], cfg: SemisegConfig, device: torch.device, *,
+    progress: bool = True, log: Callable[[dict[str, Any]], None] | None = None,
+    state_path: Path | None = None, save_every_s: float = 300.0,
+) -> dict[str, torch.Tensor]:
+    """Train on the pseudo-labelled slices alone (:func:`pretrain_config`); returns the weights (float32, CPU).
+
+    The pseudo-labelled slices are never scored, so one pretrained model can start every fold of a
+    cross-validation without any held-out labelled slice having been seen in this stage.
+    """
+    model = train_model(pseudo[0], pseudo[1], pretrain_config(cfg), device, seed=cfg.seed + 100,
+                        desc=f"{cfg.variant} pretrain", progress=progress, log=log, state_path=state_path,
+                        save_every_s=save_every_s)
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def cross_validate(
     slices: Sequence[Slice],
     cfg: SemisegConfig,
@@ -301,11 +413,17 @@ def cross_validate(
     progress: bool = True,
     on_fold: Callable[[dict[str, Any]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    init: dict[str, torch.Tensor] | None = None,
+    pseudo: tuple[torch.Tensor, torch.Tensor] | None = None,
+    work_dir: Path | None = None,
+    log: Callable[[dict[str, Any]], None] | None = None,
+    save_every_s: float = 300.0,
 ) -> dict[str, Any]:
     """``cfg.folds``-fold cross-validation of ``cfg.variant`` over ``slices`` (folds from :func:`make_folds`).
 
-    Each fold trains a fresh model (seed ``cfg.seed + fold``) on the other folds for ``cfg.epochs`` epochs and
-    scores the final model on its held-out slices.
+    Each fold trains a model (seed ``cfg.seed + fold``; from ``init`` when given, else fresh) on the other folds
+    for ``cfg.epochs`` epochs, with ``pseudo`` slices mixed into its batches when given (they are never held out
+    nor scored), and scores the final model on its held-out slices.
 
     Args:
         slices: the labelled slices.
@@ -314,28 +432,47 @@ def cross_validate(
         progress: tqdm bars on stderr.
         on_fold: called with each finished fold (to write partial results).
         should_stop: checked before each fold; ``True`` ends the run early (a time limit).
+        init: weights every fold starts from (e.g. :func:`pretrain`'s).
+        pseudo: ``(M, 1, H, W)`` pseudo-labelled images and masks at ``cfg.size``.
+        work_dir: when given, each finished fold is kept as ``fold<k>.json`` and each running fold's state as
+            ``fold<k>.state.pt``; a rerun skips the finished folds and continues the running one.
+        log: passed to :func:`train_model` (per-epoch records, with ``"fold"`` added).
+        save_every_s: seconds between two saves of a fold's state.
 
     Returns:
         ``{"variant", "folds": [{"fold", "test", "metrics", "rows", "seconds"}], "mean", "sd", "pooled",
         "complete"}``: per-fold means, their mean and sample sd over folds, the mean over all held-out slices,
         and whether every fold ran.
     """
+    import json
+
     slices = list(slices)
     images, masks = resize_stack(slices, cfg.size)
     folds = make_folds(len(slices), cfg.folds, cfg.seed)
     results = []
     for k, test_idx in enumerate(folds):
+        done = work_dir / f"fold{k}.json" if work_dir is not None else None
+        if done is not None and done.is_file():
+            results.append(json.loads(done.read_text()))
+            continue
         if should_stop is not None and should_stop():
             break
         t0 = time.perf_counter()
         held_out = set(test_idx)
         train_idx = [i for i in range(len(slices)) if i not in held_out]
+        fold_log = None if log is None else (lambda rec, k=k: log({"fold": k, **rec}))
         model = train_model(images[train_idx], masks[train_idx], cfg, device, seed=cfg.seed + k,
-                            desc=f"{cfg.variant} fold {k + 1}/{len(folds)}", progress=progress)
+                            desc=f"{cfg.variant} fold {k + 1}/{len(folds)}", progress=progress, init=init,
+                            pseudo=pseudo, log=fold_log, save_every_s=save_every_s,
+                            state_path=None if work_dir is None else work_dir / f"fold{k}.state.pt")
         test = [slices[i] for i in test_idx]
-        rows = score_slices(predict_slices(model, test, cfg.size, device, cfg.amp), test)
+        rows = score_slices(predict_slices(model, test, cfg.size, device, cfg.amp, flip_tta=cfg.flip_tta), test)
         fold = {"fold": k, "test": [s.name for s in test], "metrics": summarize(rows), "rows": rows,
                 "seconds": time.perf_counter() - t0}
+        if done is not None:
+            from covidseg.io.atomic import atomic_write_text
+
+            atomic_write_text(done, json.dumps(fold, indent=2) + "\n")
         results.append(fold)
         if on_fold is not None:
             on_fold(fold)
@@ -357,11 +494,15 @@ def summarize_cv(variant: str, folds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def train_final(
-    slices: Sequence[Slice], cfg: SemisegConfig, device: torch.device, *, progress: bool = True
+    slices: Sequence[Slice], cfg: SemisegConfig, device: torch.device, *, progress: bool = True,
+    init: dict[str, torch.Tensor] | None = None, pseudo: tuple[torch.Tensor, torch.Tensor] | None = None,
+    state_path: Path | None = None, log: Callable[[dict[str, Any]], None] | None = None,
+    save_every_s: float = 300.0,
 ) -> nn.Module:
-    """Train ``cfg.variant`` on every slice (seed ``cfg.seed``) for the shipped model."""
+    """Train ``cfg.variant`` on every slice (seed ``cfg.seed``) for the shipped model (arguments of :func:`train_model`)."""
     images, masks = resize_stack(list(slices), cfg.size)
-    return train_model(images, masks, cfg, device, seed=cfg.seed, desc=f"{cfg.variant} final", progress=progress)
+    return train_model(images, masks, cfg, device, seed=cfg.seed, desc=f"{cfg.variant} final", progress=progress,
+                       init=init, pseudo=pseudo, state_path=state_path, log=log, save_every_s=save_every_s)
 
 
 def save_semiseg_checkpoint(
@@ -380,4 +521,5 @@ def save_semiseg_checkpoint(
     if half:
         bare = bare.half()
     return save_checkpoint(path, bare, Config(), task="semiseg-infection-2d", semiseg=cfg.to_dict(),
-                           input_size=list(cfg.size), weights_dtype="float16" if half else "float32", **meta)
+                           input_size=list(cfg.size), weights_dtype="float16" if half else "float32",
+                           input=INPUT_CONVENTION, threshold=cfg.threshold, flip_tta=cfg.flip_tta, **meta)

@@ -283,10 +283,10 @@ def prepare_cases(
     progress: bool = True,
 ) -> list[CachedCase]:
     """:func:`prepare_case` for every case, with a progress bar while anything is being built."""
-    from tqdm import tqdm
+    from covidseg.progress import progress_bar
 
     out = []
-    bar = tqdm(cases, desc="cache", unit="case", disable=not progress, leave=False)
+    bar = progress_bar(cases, desc="cache", unit="case", disable=not progress, leave=False)
     for case in bar:
         bar.set_postfix_str(case.case_id)
         out.append(prepare_case(case, root, intensity, target_spacing))

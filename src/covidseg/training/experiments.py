@@ -31,20 +31,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from covidseg.config import Config, config_to_dict, load_config
+from covidseg.config import Config, RuntimeConfig, load_config
 from covidseg.errors import ConfigError, InputError
 from covidseg.io.atomic import atomic_write_text
 from covidseg.metrics import METRIC_KEYS, NSD_TOLERANCE_MM, binary_metrics, mean_sd
 from covidseg.training.tables import PERCENT_KEYS, Table, mean_sd_text, metric_columns, write_table
 from covidseg.training.trainer import (
-    CONFIG_FILE,
+    cache_cases,
+    code_version,
+    ensure_trained,
     find_dataset,
     machine_description,
     model_config_for,
     predict_case,
     resolve_split,
-    run_progress,
-    train,
 )
 
 FIVE_FOLD = "benchmark-5fold"
@@ -128,41 +128,21 @@ def row_config(base: Config, row: Row) -> Config:
     return model_config_for(dataclasses.replace(base, model=model, train=train_cfg))
 
 
-def _same_config(run_dir: Path, config: Config) -> None:
-    saved = load_config(run_dir / CONFIG_FILE)
-    a, b = config_to_dict(saved), config_to_dict(config)
-    if a != b:
-        diff = sorted(f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b.get(s, {}).get(k))
-        raise ConfigError(
-            f"{run_dir}: holds a run with other settings ({', '.join(diff[:6])}); use another --out or the "
-            "settings that run was started with"
-        )
-
-
-def ensure_trained(run_dir: Path, config: Config, data: Path, split: str, progress: bool, command: str) -> None:
-    """Train ``run_dir`` unless it is complete (resume it when interrupted)."""
-    state = run_progress(run_dir)
-    if (run_dir / CONFIG_FILE).is_file():
-        _same_config(run_dir, config)
-        if state is not None and state["complete"]:
-            return
-        train(run_dir, data=data, split=split, resume=True, progress=progress, command=command)
-        return
-    train(run_dir, config=config, data=data, split=split, resume=False, progress=progress, command=command)
-
-
 def evaluate_run(
-    run_dir: Path, cases: Sequence[Any], data_cases: dict[str, Any], progress: bool = True
+    run_dir: Path, cases: Sequence[Any], data_cases: dict[str, Any], progress: bool = True,
+    runtime: RuntimeConfig | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per-case metrics of ``run_dir/best.pt`` on the cached ``cases`` (reused from ``test_metrics.json``).
+
+    The model, its input and its window come from the checkpoint; ``runtime`` (default
+    :class:`~covidseg.config.RuntimeConfig`: a GPU when there is one) says where and how the windows run.
 
     Returns:
         ``case_id -> {dice, iou, sensitivity, precision, nsd, hd95, resolution}`` (fractions; hd95 in mm).
     """
-    import torch
-    from tqdm import tqdm
-
     from covidseg.checkpoint import load_checkpoint
+    from covidseg.progress import progress_bar
+    from covidseg.runtime import resolve_device
 
     best = run_dir / "best.pt"
     if not best.is_file():
@@ -174,12 +154,13 @@ def evaluate_run(
         saved = json.loads(cache_file.read_text(encoding="utf-8"))
         if saved.get("best_mtime_ns") == stamp and list(saved.get("cases", {})) == ids:
             return saved["cases"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rt = runtime or RuntimeConfig()
+    device = resolve_device(rt.device, setting="runtime.device")
     model, config, _ = load_checkpoint(best, device=device)
     tol = NSD_TOLERANCE_MM["infection"]
     out: dict[str, dict[str, Any]] = {}
-    for case in tqdm(cases, desc=f"test {run_dir.name}", unit="case", disable=not progress, leave=False):
-        probs = predict_case(model, case, config, device)
+    for case in progress_bar(cases, desc=f"test {run_dir.name}", unit="case", disable=not progress, leave=False):
+        probs = predict_case(model, case, config, device, runtime=rt)
         pred = probs[0] >= config.inference.threshold
         gt = case.infection(mmap=False) > 0
         metrics = binary_metrics(pred, gt, spacing=case.spacing, tolerance_mm=tol)
@@ -234,8 +215,6 @@ def run_experiment(
     data_cases = find_dataset(data)
     t0 = time.perf_counter()
     results: list[tuple[Row, dict[str, dict[str, Any]]]] = []
-    from covidseg.training.trainer import cache_cases
-
     for row in exp.rows:
         config = row_config(base, row)
         per_case: dict[str, dict[str, Any]] = {}
@@ -246,7 +225,7 @@ def run_experiment(
             run_dir = out / "runs" / f"{row.model}-{row.input}-{fold}"
             ensure_trained(run_dir, config, data, fold, progress, command)
             test_cases = cache_cases(config, [data_cases[c] for c in lists["test"]], progress=progress)
-            per_case.update(evaluate_run(run_dir, test_cases, data_cases, progress))
+            per_case.update(evaluate_run(run_dir, test_cases, data_cases, progress, runtime=base.runtime))
         results.append((row, per_case))
     table = build_table(name, exp, results, split, data, command, time.perf_counter() - t0, base)
     md, _ = write_table(table, out)
@@ -270,8 +249,6 @@ def build_table(
     command: str, seconds: float, base: Config,
 ) -> Table:
     """The :class:`Table` of an experiment from per-case results."""
-    from covidseg.training.trainer import code_version
-
     version = code_version()
     notes = [
         f"{exp.table} of the report, reproduced: {exp.title}. Binary infection mask on whole test volumes, split "

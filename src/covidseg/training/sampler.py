@@ -26,37 +26,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from covidseg.config import IntensityConfig
 from covidseg.errors import ConfigError
+from covidseg.targets import make_target
 from covidseg.training.cache import CachedCase
 
 PAD_IMAGE_VALUE = 0.0
 """Normalised intensity of padding (the window's bottom, -1250 HU: air)."""
-
-TARGET_CHANNELS: dict[str, tuple[str, ...]] = {
-    "infection": ("infection",),
-    "lung": ("left lung", "right lung"),
-    "joint": ("left lung", "right lung", "infection"),
-}
-"""Output channels of each target (all sigmoid, multi-label)."""
-
 
 def num_foreground_rows(batch_size: int, foreground_fraction: float) -> int:
     """How many rows of a global batch are centred on foreground."""
     if not 0.0 <= foreground_fraction <= 1.0:
         raise ConfigError(f"train.foreground_fraction: expected a share in [0, 1], got {foreground_fraction}")
     return int(round(foreground_fraction * batch_size))
-
-
-def make_target(lung: np.ndarray, infection: np.ndarray, target: str) -> np.ndarray:
-    """``(K, *S)`` float32 multi-label target from lung labels (1 left, 2 right) and the infection mask."""
-    if target == "infection":
-        chans = [infection > 0]
-    elif target == "lung":
-        chans = [lung == 1, lung == 2]
-    elif target == "joint":
-        chans = [lung == 1, lung == 2, infection > 0]
-    else:
-        raise ConfigError(f"train.target: expected one of {', '.join(TARGET_CHANNELS)}, got {target!r}")
-    return np.stack(chans).astype(np.float32)
 
 
 def model_input(image: np.ndarray, lung: np.ndarray, mode: str, intensity: IntensityConfig) -> np.ndarray:

@@ -1,12 +1,7 @@
 """One training loop for every variant of the report (the variant is configuration, never a subclass).
 
-A run folder holds everything needed to reproduce and to continue the run::
-
-    RUN/config.yaml    the resolved Config (defaults + --config + --set)
-    RUN/run.json       covidseg version, git commit, seed, data folder, split and its case lists, machine, command
-    RUN/metrics.csv    one row per epoch: loss, validation Dice, patches/s, data-wait share, time
-    RUN/last.pt        weights + optimizer + RNG + step (written atomically at the end of every epoch)
-    RUN/best.pt        weights of the epoch with the best validation Dice (the report keeps this one)
+The run folder (:mod:`covidseg.training.runs`) holds the resolved config, the record of the run, the metrics and
+the checkpoints ``last.pt`` and ``best.pt``.
 
 Resuming (``covidseg train --resume RUN``) reloads ``last.pt`` and continues from its step. Patches are a pure
 function of ``(seed, step, row)`` (:mod:`covidseg.training.sampler`), and model, optimizer, grad-scaler and RNG
@@ -16,18 +11,18 @@ the same step, with the same weights on CPU as an uninterrupted run; at most the
 Validation runs whole validation volumes (from the cache) through
 :func:`covidseg.inference.sliding_window.predict_volume`, the same Gaussian-blended sliding window ``segment``
 uses, with the window set to the training patch, and reports the mean Dice over channels and cases.
+
+:func:`train` reads like the run: :func:`check_trainable` (before any case is read), the cases
+(:func:`resolve_split`, :func:`cache_cases`), the model and its optimizer (:class:`Engine`), then one loop of
+:func:`train_step` with :func:`end_epoch` (validation, ``best.pt``, ``last.pt``, ``metrics.csv``) at every epoch's
+last step.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import dataclasses
-import io
 import json
 import math
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -38,35 +33,39 @@ import numpy as np
 import torch
 from torch import nn
 
-from covidseg import __version__
-from covidseg.config import Config, load_config, save_config
+from covidseg.config import Config, RuntimeConfig, load_config
 from covidseg.errors import ConfigError, InputError, OutputExistsError
-from covidseg.io.atomic import atomic_write_text
+from covidseg.runtime import autocast_dtype, process_rank, resolve_device
+from covidseg.targets import TARGET_CHANNELS, make_target
 from covidseg.training import distributed as ddp
 from covidseg.training.cache import CachedCase, default_cache_root, prepare_cases
+from covidseg.training.runs import (
+    BEST_FILE,
+    CONFIG_FILE,
+    LAST_FILE,
+    METRICS_FILE,
+    RUN_FILE,
+    check_same_config,
+    code_version,
+    cpu_model,
+    machine_description,
+    run_progress,
+    start_run_folder,
+    write_metrics,
+)
 from covidseg.training.sampler import (
-    TARGET_CHANNELS,
     PatchDataset,
     StepBatchSampler,
     make_loader,
-    make_target,
     measure_loader,
     model_input,
 )
 
-CONFIG_FILE = "config.yaml"
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.csv"
-LAST_FILE = "last.pt"
-BEST_FILE = "best.pt"
 SPLIT_SEED = 0
 """Seed of the case split and of the validation cases carved out of a split without ``val`` (fixed, so that
 models trained with other seeds are compared on the same cases)."""
-METRIC_COLUMNS = (
-    "epoch", "step", "train_loss", "val_dice", "best_dice", "lr", "epoch_time_s", "train_patches_per_s",
-    "data_wait_share",
-)
-"""Columns of ``metrics.csv``."""
+PATCH_FIT_HINT = "or fewer poolings (model.depth, model.slice_poolings)"
+"""The other way out of a training patch that does not fit the model's poolings."""
 
 
 @dataclasses.dataclass
@@ -99,45 +98,38 @@ def total_steps(config: Config) -> int:
     return steps_per_epoch(config) * config.train.epochs
 
 
-def code_version() -> dict[str, str | None]:
-    """covidseg version and the git commit of the source tree (``None`` outside a git checkout)."""
-    commit = None
-    with contextlib.suppress(Exception):
-        here = Path(__file__).resolve().parent
-        res = subprocess.run(
-            ["git", "-C", str(here), "describe", "--always", "--dirty", "--abbrev=12"],
-            capture_output=True, text=True, timeout=5, check=False,
-        )
-        if res.returncode == 0:
-            commit = res.stdout.strip() or None
-    return {"covidseg": __version__, "git": commit, "torch": torch.__version__}
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``'s, as ``lscpu`` shows it), else what ``platform`` knows."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def machine_description(device: torch.device | str = "cpu") -> str:
-    """One line naming the CPU/GPU, core count and OS."""
-    import os
-
-    text = f"{cpu_model()}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        text = f"{torch.cuda.get_device_name(torch.device(device))}; {text}"
-    return text
-
-
 def model_config_for(config: Config) -> Config:
     """``config`` with the model's channels set by the target (1 input; 1, 2 or 3 outputs)."""
     out_channels = len(TARGET_CHANNELS[config.train.target])
     return dataclasses.replace(
         config, model=dataclasses.replace(config.model, in_channels=1, out_channels=out_channels)
     )
+
+
+def check_trainable(config: Config) -> None:
+    """Refuse, before any case is read, what :func:`train` cannot train: an unknown or contradicting variant, a
+    2D variant (they train on slices, ``covidseg semiseg train``), counts below 1, a patch that does not fit.
+
+    Raises:
+        ConfigError: naming the setting and the fix.
+    """
+    from covidseg.models.registry import MODELS, resolve_model_config
+    from covidseg.models.shapes import check_fits, size_divisor
+
+    model = resolve_model_config(config.model)
+    if model.spatial_dims != 3:
+        name = model.name
+        variant = name if name in MODELS else "unet-fv-paspp-ds-2d"
+        three_d = f"model.name={name.removesuffix('-2d')}" if name.endswith("-2d") else "model.spatial_dims=3"
+        raise ConfigError(
+            f"model.name={name}: a 2D model; 'covidseg train' trains 3D models on CT volumes. Train 2D models on "
+            f"CT slices with 'covidseg semiseg train --variant {variant} --data DIR --out RUN', or set {three_d}"
+        )
+    tcfg = config.train
+    if tcfg.batch_size < 1 or tcfg.epochs < 1 or tcfg.patches_per_epoch < 1:
+        raise ConfigError("train.batch_size, train.epochs and train.patches_per_epoch must be positive integers")
+    # rounded down: a patch that fits the memory planned for the one asked for
+    check_fits("train.patch_size", tcfg.patch_size, size_divisor(model), rounding="down", fewer=PATCH_FIT_HINT)
 
 
 def resolve_split(case_ids: Sequence[str], split: str, val_cases: int) -> dict[str, list[str]]:
@@ -170,7 +162,7 @@ def cache_cases(
 ) -> list[CachedCase]:
     """Preprocess ``cases`` into the cache (rank 0 first; the other ranks then only read the entries)."""
     info = info or ddp.DistInfo()
-    root = default_cache_root(config.train.cache_dir)
+    root = default_cache_root(config.runtime.cache_dir)
     args = (root, config.intensity, config.train.target_spacing)
     if info.is_main:
         out = prepare_cases(cases, *args, progress=progress)
@@ -180,52 +172,22 @@ def cache_cases(
     return out
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp`` on ``device`` (``None`` = full float32)."""
-    if amp == "off":
-        return None
-    if device.type == "cuda":
-        if amp == "fp16":
-            return torch.float16
-        if amp == "bf16" or torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        raise ConfigError("train.amp=fp16 needs a CUDA GPU; on CPUs use train.amp=bf16 or off")
-    return None  # auto on CPU: float32
-
-
-def _set_heads(model: nn.Module, enabled: bool) -> None:
-    heads = getattr(model, "ds_heads", None)
-    if isinstance(heads, nn.ModuleList) and len(heads):
-        model.set_deep_supervision(enabled)  # type: ignore[operator]
-
-
-def predict_case(model: nn.Module, case: CachedCase, config: Config, device: torch.device) -> np.ndarray:
+def predict_case(model: nn.Module, case: CachedCase, config: Config, device: torch.device,
+                 runtime: RuntimeConfig | None = None) -> np.ndarray:
     """Sigmoid probabilities ``(K, D, H, W)`` of a whole cached volume by the sliding window ``segment`` uses.
 
-    The lung-only input is made from the case's ground-truth lung mask (the report's protocol).
+    The lung-only input is made from the case's ground-truth lung mask (the report's protocol). ``config`` is the
+    model's (input, intensity, window = its training patch); ``runtime`` (default ``config.runtime``) says how
+    the windows run.
     """
-    from covidseg.checkpoint import unwrap_model
     from covidseg.inference.sliding_window import predict_volume
+    from covidseg.models.heads import heads_off
 
-    bare = unwrap_model(model)
-    was_training = bare.training
-    had_heads = bool(getattr(bare, "deep_supervision", False))
-    _set_heads(bare, False)
-    bare.eval()
-    icfg = dataclasses.replace(config.inference, window=config.train.patch_size, device=str(device))
-    try:
-        image = case.image(mmap=False).astype(np.float32)
-        x = model_input(image, case.lung(mmap=False), config.train.input, config.intensity)
-        with torch.no_grad():
-            probs = predict_volume(bare, x, icfg, device=device)
-    finally:
-        if had_heads:
-            _set_heads(bare, True)
-        bare.train(was_training)
+    icfg = dataclasses.replace(config.inference, window=config.train.patch_size)
+    image = case.image(mmap=False).astype(np.float32)
+    x = model_input(image, case.lung(mmap=False), config.train.input, config.intensity)
+    with heads_off(model) as bare, torch.no_grad():
+        probs = predict_volume(bare, x, icfg, device=device, runtime=runtime or config.runtime)
     return np.asarray(probs, dtype=np.float32)
 
 
@@ -242,33 +204,222 @@ def validate(model: nn.Module, cases: Sequence[CachedCase], config: Config, devi
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def _write_metrics(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(METRIC_COLUMNS), extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
-
-
 def _optimizer_state(raw: dict[str, Any]) -> dict[str, Any]:
     """Undo the checkpoint's string keys of ``optimizer.state_dict()['state']``."""
     return {"state": {int(k): v for k, v in raw["state"].items()}, "param_groups": raw["param_groups"]}
 
 
-def run_progress(run_dir: Path) -> dict[str, Any] | None:
-    """``{"step", "total_steps", "complete", "best_dice"}`` of a run folder's ``last.pt``; ``None`` if absent."""
+# ------------------------------------------------------------------------------------------------ state
+
+
+@dataclasses.dataclass
+class Engine:
+    """The model and what one optimizer step needs.
+
+    Attributes:
+        model: the bare model (saved and validated).
+        net: what a step calls (``model`` itself, or its DistributedDataParallel wrapper under torchrun).
+        channels_last: batches and weights in ``channels_last_3d`` (3D models on GPUs).
+    """
+
+    model: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    device: torch.device
+
+
+@dataclasses.dataclass
+class RunState:
+    """Where the run stands: saved in ``last.pt``, restored on resume."""
+
+    step: int = 0
+    best_dice: float = -math.inf
+    best_epoch: int = 0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def best(self) -> float | None:
+        """The best validation Dice so far, ``None`` before the first validation."""
+        return None if self.best_dice == -math.inf else self.best_dice
+
+
+@dataclasses.dataclass
+class EpochMeter:
+    """Loss, batches and data-wait time of the epoch in progress."""
+
+    loss: float = 0.0
+    batches: int = 0
+    wait_s: float = 0.0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+def build_engine(config: Config, device: torch.device) -> Engine:
+    """The model (seeded with ``train.seed``), Adam, the grad scaler and the deep-supervision loss on ``device``."""
+    from covidseg.losses import DeepSupervisionLoss, SegmentationLoss
+    from covidseg.models import create_model
+
+    tcfg = config.train
+    torch.manual_seed(tcfg.seed)
+    model = create_model(config.model)
+    model.to(device)
+    channels_last = device.type == "cuda" and config.model.spatial_dims == 3
+    if channels_last:
+        model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.learning_rate)
+    amp_dtype = autocast_dtype(config.runtime.amp, device, setting="runtime.amp")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16 and device.type == "cuda")
+    criterion = DeepSupervisionLoss(SegmentationLoss(tcfg.bce_weight, tcfg.dice_weight))
+    return Engine(model, model, optimizer, scaler, criterion, amp_dtype, channels_last, device)
+
+
+def distribute(engine: Engine, config: Config, info: ddp.DistInfo) -> None:
+    """Wrap the model for DDP when torchrun started several processes (SyncBatchNorm on GPUs); train mode."""
+    if info.enabled:
+        device = engine.device
+        if device.type == "cuda" and config.runtime.sync_batchnorm:
+            engine.model = nn.SyncBatchNorm.convert_sync_batchnorm(engine.model)
+        engine.net = nn.parallel.DistributedDataParallel(
+            engine.model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    engine.net.train()
+
+
+def restore(path: Path, engine: Engine) -> RunState:
+    """Model, optimizer, grad scaler and RNG states of ``last.pt``; the step, best Dice and history it saved."""
     from covidseg.checkpoint import read_checkpoint
 
-    last = Path(run_dir) / LAST_FILE
-    if not last.is_file():
-        return None
-    meta = read_checkpoint(last).get("meta") or {}
-    step, total = int(meta.get("step", 0)), int(meta.get("total_steps", -1))
-    return {"step": step, "total_steps": total, "complete": step >= total > 0, "best_dice": meta.get("best_dice")}
+    payload = read_checkpoint(path, device="cpu")
+    meta = payload.get("meta") or {}
+    saved = meta.get("train_state") or {}
+    engine.model.load_state_dict(payload["state_dict"])
+    engine.optimizer.load_state_dict(_optimizer_state(saved["optimizer"]))
+    if saved.get("scaler"):
+        engine.scaler.load_state_dict(saved["scaler"])
+    torch.set_rng_state(saved["torch_rng"])
+    return RunState(
+        step=int(meta["step"]),
+        best_dice=float(meta["best_dice"]) if meta.get("best_dice") is not None else -math.inf,
+        best_epoch=int(meta.get("best_epoch", 0)),
+        history=list(meta.get("history") or []),
+    )
+
+
+def save_last(path: Path, engine: Engine, config: Config, state: RunState, epoch: int, n_steps: int) -> None:
+    """``last.pt``: weights, the run state and what :func:`restore` needs (atomically)."""
+    from covidseg.checkpoint import save_checkpoint
+
+    tcfg = config.train
+    save_checkpoint(
+        path, engine.model, config, epoch=epoch, step=state.step, total_steps=n_steps, best_dice=state.best,
+        best_epoch=state.best_epoch, target=tcfg.target, input=tcfg.input, seed=tcfg.seed, history=state.history,
+        train_state={
+            "optimizer": engine.optimizer.state_dict(),
+            "scaler": engine.scaler.state_dict() if engine.scaler.is_enabled() else None,
+            "torch_rng": torch.get_rng_state(),
+        },
+    )
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+
+def train_step(engine: Engine, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One optimizer step on the batch ``x`` ``(B, 1, D, H, W)``, ``y`` ``(B, K, D, H, W)``; returns its loss."""
+    device = engine.device
+    x = x.to(device, non_blocking=True)
+    y = y.to(device, non_blocking=True)
+    if engine.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    engine.optimizer.zero_grad(set_to_none=True)
+    amp = engine.amp_dtype
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        outputs = engine.net(x)
+    loss = engine.criterion(outputs, y)
+    engine.scaler.scale(loss).backward()
+    engine.scaler.step(engine.optimizer)
+    engine.scaler.update()
+    return float(loss.detach())
+
+
+def _mean_loss(meter: EpochMeter, device: torch.device, info: ddp.DistInfo) -> float:
+    """The epoch's mean training loss, averaged over the DDP ranks."""
+    loss = meter.loss / max(meter.batches, 1)
+    if info.enabled:
+        t = torch.tensor([loss], device=device)
+        torch.distributed.all_reduce(t)
+        loss = float(t.item()) / info.world_size
+    return loss
+
+
+def _validate_and_keep_best(out: Path, engine: Engine, config: Config, state: RunState, epoch: int,
+                            val_cases: Sequence[CachedCase], last_step: bool) -> float:
+    """Validate when due; write ``best.pt`` when the Dice improves (or at the end, without validation cases)."""
+    from covidseg.checkpoint import save_checkpoint
+
+    tcfg = config.train
+    kept = {"target": tcfg.target, "input": tcfg.input, "seed": tcfg.seed}
+    val_dice = float("nan")
+    if val_cases and (epoch % max(tcfg.val_every, 1) == 0 or last_step):
+        val_dice = validate(engine.model, val_cases, config, engine.device)
+        if val_dice > state.best_dice:
+            state.best_dice, state.best_epoch = val_dice, epoch
+            save_checkpoint(out / BEST_FILE, engine.model, config, epoch=epoch, step=state.step,
+                            best_dice=state.best_dice, val_dice=val_dice, **kept)
+    if not val_cases and last_step:  # no validation cases: keep the last weights as "best"
+        save_checkpoint(out / BEST_FILE, engine.model, config, epoch=epoch, step=state.step, best_dice=None, **kept)
+    return val_dice
+
+
+def end_epoch(out: Path, engine: Engine, config: Config, state: RunState, meter: EpochMeter,
+              val_cases: Sequence[CachedCase], info: ddp.DistInfo) -> float:
+    """At an epoch's last step: validate, keep the best, append the metrics row, write ``last.pt`` and
+    ``metrics.csv`` (rank 0). Returns the validation Dice (NaN when not validated, and on other ranks)."""
+    per_epoch, n_steps = steps_per_epoch(config), total_steps(config)
+    epoch = math.ceil(state.step / per_epoch)
+    loss = _mean_loss(meter, engine.device, info)
+    elapsed = time.perf_counter() - meter.start
+    if not info.is_main:
+        return float("nan")
+    val_dice = _validate_and_keep_best(out, engine, config, state, epoch, val_cases, state.step == n_steps)
+    state.history.append({
+        "epoch": epoch, "step": state.step, "train_loss": loss, "val_dice": val_dice,
+        "best_dice": state.best_dice if state.best_dice > -math.inf else float("nan"),
+        "lr": engine.optimizer.param_groups[0]["lr"], "epoch_time_s": elapsed,
+        "train_patches_per_s": meter.batches * config.train.batch_size / elapsed if elapsed > 0 else 0.0,
+        "data_wait_share": meter.wait_s / elapsed if elapsed > 0 else 0.0,
+    })
+    save_last(out / LAST_FILE, engine, config, state, epoch, n_steps)
+    write_metrics(out / METRICS_FILE, state.history)
+    return val_dice
 
 
 # ------------------------------------------------------------------------------------------------ train
+
+
+def _run_inputs(out: Path, config: Config | None, data: Path | str | None, split: str | None,
+                resume: bool) -> tuple[Config, Path, str]:
+    """Config, data folder and split of a new run, or those a resumed run recorded."""
+    run_file = out / RUN_FILE
+    if resume:
+        if not (out / CONFIG_FILE).is_file() or not run_file.is_file():
+            raise InputError(f"{out}: not a run folder (no {CONFIG_FILE} / {RUN_FILE}); give the folder of a "
+                             "'covidseg train' run to --resume, or start a new run with --out")
+        config = load_config(out / CONFIG_FILE)
+        record = json.loads(run_file.read_text(encoding="utf-8"))
+        data = data or record["data"]
+        split = split or record["split"]
+    else:
+        if (out / CONFIG_FILE).exists() or (out / LAST_FILE).exists():
+            raise OutputExistsError(f"{out}: already holds a run; continue it with --resume {out} or give a new --out")
+        if config is None:
+            config = Config()
+    if data is None:
+        raise InputError("no dataset folder given; use --data DIR")
+    return config, Path(data), split or "report"
 
 
 def train(
@@ -296,39 +447,18 @@ def train(
 
     Raises:
         OutputExistsError: ``out`` already holds a run and ``resume`` is false.
-        InputError / ConfigError: bad dataset, split or settings.
+        InputError / ConfigError: bad dataset, split or settings (a 2D variant: they train with
+            ``covidseg semiseg train``).
     """
     out = Path(out)
-    run_file = out / RUN_FILE
-    if resume:
-        if not (out / CONFIG_FILE).is_file() or not run_file.is_file():
-            raise InputError(f"{out}: not a run folder (no {CONFIG_FILE} / {RUN_FILE}); give the folder of a "
-                             "'covidseg train' run to --resume, or start a new run with --out")
-        config = load_config(out / CONFIG_FILE)
-        record = json.loads(run_file.read_text(encoding="utf-8"))
-        data = data or record["data"]
-        split = split or record["split"]
-    else:
-        if (out / CONFIG_FILE).exists() or (out / LAST_FILE).exists():
-            raise OutputExistsError(f"{out}: already holds a run; continue it with --resume {out} or give a new --out")
-        if config is None:
-            config = Config()
-    if data is None:
-        raise InputError("no dataset folder given; use --data DIR")
-    split = split or "report"
+    config, data_dir, split_name = _run_inputs(out, config, data, split, resume)
     config = model_config_for(config)
-    from covidseg.models.registry import resolve_model_config
-
-    resolve_model_config(config.model)  # a bad model.name or a contradicting switch fails now, not after caching
-    tcfg = config.train
-    if tcfg.batch_size < 1 or tcfg.epochs < 1 or tcfg.patches_per_epoch < 1:
-        raise ConfigError("train.batch_size, train.epochs and train.patches_per_epoch must be positive integers")
-
-    info = ddp.env_info()
-    device = ddp.resolve_device(tcfg.device, info)
+    check_trainable(config)  # a bad model.name, a 2D variant or a patch that does not fit fails now, not after caching
+    info = process_rank()
+    device = resolve_device(config.runtime.device, info.local_rank, setting="runtime.device", bind=True)
     ddp.init_distributed(device, info)
     try:
-        return _train(out, config, Path(data), split, resume, progress and info.is_main, command, info, device)
+        return _train(out, config, data_dir, split_name, resume, progress and info.is_main, command, info, device)
     finally:
         ddp.cleanup(info)
 
@@ -337,185 +467,95 @@ def _train(
     out: Path, config: Config, data: Path, split: str, resume: bool, progress: bool, command: str | None,
     info: ddp.DistInfo, device: torch.device,
 ) -> TrainResult:
-    from tqdm import tqdm
+    from covidseg.progress import progress_bar
 
-    from covidseg.checkpoint import read_checkpoint, save_checkpoint
-    from covidseg.losses import DeepSupervisionLoss, SegmentationLoss
-    from covidseg.models import create_model
-
-    tcfg = config.train
-    if tcfg.deterministic:
+    tcfg, rt = config.train, config.runtime
+    if rt.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     dataset_cases = find_dataset(data)
     lists = resolve_split(sorted(dataset_cases), split, tcfg.val_cases)
-    needed = lists["train"] + lists["val"]
-    cached = cache_cases(config, [dataset_cases[c] for c in needed], info, progress)
-    by_id = {c.case_id: c for c in cached}
-    train_cases = [by_id[c] for c in lists["train"]]
-    val_cases = [by_id[c] for c in lists["val"]]
+    by_id = {c.case_id: c for c in cache_cases(config, [dataset_cases[c] for c in lists["train"] + lists["val"]],
+                                                info, progress)}
+    train_cases, val_cases = [by_id[c] for c in lists["train"]], [by_id[c] for c in lists["val"]]
 
-    torch.manual_seed(tcfg.seed)
-    model = create_model(config.model)
-    div = model.size_divisor
-    if any(p % d for p, d in zip(tcfg.patch_size, div, strict=True)):
-        fit = "x".join(str(max(d, p // d * d)) for p, d in zip(tcfg.patch_size, div, strict=True))
-        raise ConfigError(
-            f"train.patch_size {'x'.join(map(str, tcfg.patch_size))} (D x H x W) does not fit the poolings of "
-            f"model '{config.model.name}' (multiples of {'x'.join(map(str, div))}); use e.g. {fit} or lower "
-            "model.depth / model.slice_poolings"
-        )
-    model.to(device)
-    channels_last = device.type == "cuda" and config.model.spatial_dims == 3
-    if channels_last:
-        model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.learning_rate)
-    amp_dtype = autocast_dtype(tcfg.amp, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16 and device.type == "cuda")
-    criterion = DeepSupervisionLoss(SegmentationLoss(tcfg.bce_weight, tcfg.dice_weight))
-
+    engine = build_engine(config, device)
     n_steps, per_epoch = total_steps(config), steps_per_epoch(config)
-    step, best_dice, best_epoch = 0, -math.inf, 0
-    history: list[dict[str, Any]] = []
-    last_path, best_path = out / LAST_FILE, out / BEST_FILE
-    if resume and last_path.is_file():
-        payload = read_checkpoint(last_path, device="cpu")
-        meta = payload.get("meta") or {}
-        state = meta.get("train_state") or {}
-        model.load_state_dict(payload["state_dict"])
-        optimizer.load_state_dict(_optimizer_state(state["optimizer"]))
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        step = int(meta["step"])
-        best_dice = float(meta["best_dice"]) if meta.get("best_dice") is not None else -math.inf
-        best_epoch = int(meta.get("best_epoch", 0))
-        history = list(meta.get("history") or [])
-    elif info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        record = {
-            "version": code_version(),
-            "seed": tcfg.seed,
-            "data": str(data.resolve()),
-            "split": split,
-            "cases": lists,
-            "world_size": info.world_size,
-            "device": str(device),
-            "machine": machine_description(device),
-            "command": command or " ".join(sys.argv),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        atomic_write_text(out / RUN_FILE, json.dumps(record, indent=1))
-        # config.yaml last: a folder holding it is a run that --resume can continue (a kill between the two
-        # writes leaves only run.json, and a new run with the same --out is still allowed)
-        save_config(config, out / CONFIG_FILE)
+    if resume and (out / LAST_FILE).is_file():
+        state = restore(out / LAST_FILE, engine)
+    else:
+        state = RunState()
+        if info.is_main:
+            start_run_folder(out, config, data, split, lists, info.world_size, device, command)
+    distribute(engine, config, info)
 
-    train_model: nn.Module = model
-    if info.enabled:
-        if device.type == "cuda" and tcfg.sync_batchnorm:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    train_model.train()
-
-    dataset = PatchDataset(
-        train_cases, tcfg.patch_size, tcfg.batch_size, tcfg.foreground_fraction, tcfg.target, tcfg.input,
-        config.intensity, tcfg.seed,
-    )
-    sampler = StepBatchSampler(step, n_steps, tcfg.batch_size, info.rank, info.world_size)
+    dataset = PatchDataset(train_cases, tcfg.patch_size, tcfg.batch_size, tcfg.foreground_fraction, tcfg.target,
+                           tcfg.input, config.intensity, tcfg.seed)
     loader_rate = float("nan")
-    if info.is_main and step < n_steps and tcfg.loader_benchmark_batches > 0:
-        loader_rate = measure_loader(dataset, tcfg.loader_benchmark_batches, tcfg.num_workers)
+    if info.is_main and state.step < n_steps and rt.loader_benchmark_batches > 0:
+        loader_rate = measure_loader(dataset, rt.loader_benchmark_batches, rt.num_workers)
         if progress:
-            tqdm.write(
-                f"loader: {loader_rate:.1f} patches/s with {tcfg.num_workers} worker(s) "
-                f"(patch {'x'.join(map(str, tcfg.patch_size))}, {len(train_cases)} training cases)",
-                file=sys.stderr,
-            )
+            print(f"loader: {loader_rate:.1f} patches/s with {rt.num_workers} worker(s) (patch "
+                  f"{'x'.join(map(str, tcfg.patch_size))}, {len(train_cases)} training cases)", file=sys.stderr,
+                  flush=True)
 
-    def save_last(epoch: int) -> None:
-        meta = {
-            "epoch": epoch, "step": step, "total_steps": n_steps, "best_dice": None if best_dice == -math.inf
-            else best_dice, "best_epoch": best_epoch, "target": tcfg.target, "input": tcfg.input, "seed": tcfg.seed,
-            "history": history,
-            "train_state": {
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "torch_rng": torch.get_rng_state(),
-            },
-        }
-        save_checkpoint(last_path, model, config, **meta)
-
-    bar = tqdm(total=n_steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True,
-               desc=f"{config.model.name} epoch {min(step // per_epoch + 1, tcfg.epochs)}/{tcfg.epochs}")
+    bar = progress_bar(total=n_steps, initial=state.step, unit="step", disable=not progress,
+                       desc=f"{config.model.name} epoch {min(state.step // per_epoch + 1, tcfg.epochs)}/{tcfg.epochs}")
     postfix: dict[str, str] = {}
-    if history:
-        postfix["val_dice"] = f"{history[-1].get('val_dice', float('nan')):.4f}"
-    loader = make_loader(dataset, sampler, tcfg.num_workers, pin_memory=device.type == "cuda")
-    epoch_loss, epoch_batches, wait, t_epoch = 0.0, 0, 0.0, time.perf_counter()
-    t_wait = time.perf_counter()
+    if state.history:
+        postfix["val_dice"] = f"{state.history[-1].get('val_dice', float('nan')):.4f}"
+    sampler = StepBatchSampler(state.step, n_steps, tcfg.batch_size, info.rank, info.world_size)
+    loader = make_loader(dataset, sampler, rt.num_workers, pin_memory=device.type == "cuda")
+    meter, t_wait = EpochMeter(), time.perf_counter()
     for x, y in loader:
-        wait += time.perf_counter() - t_wait
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            outputs = train_model(x)
-        loss = criterion(outputs, y)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        step += 1
-        epoch_loss += float(loss.detach())
-        epoch_batches += 1
-        postfix["loss"] = f"{epoch_loss / epoch_batches:.4f}"
+        meter.wait_s += time.perf_counter() - t_wait
+        meter.loss += train_step(engine, x, y)
+        meter.batches += 1
+        state.step += 1
+        postfix["loss"] = f"{meter.loss / meter.batches:.4f}"
         bar.set_postfix(postfix, refresh=False)
         bar.update(1)
-        if step % per_epoch == 0 or step == n_steps:
-            epoch = math.ceil(step / per_epoch)
-            loss_mean = epoch_loss / max(epoch_batches, 1)
-            if info.enabled:
-                t = torch.tensor([loss_mean], device=device)
-                torch.distributed.all_reduce(t)
-                loss_mean = float(t.item()) / info.world_size
-            elapsed = time.perf_counter() - t_epoch
-            if info.is_main:
-                val_dice = float("nan")
-                if val_cases and (epoch % max(tcfg.val_every, 1) == 0 or step == n_steps):
-                    val_dice = validate(model, val_cases, config, device)
-                    if val_dice > best_dice:
-                        best_dice, best_epoch = val_dice, epoch
-                        save_checkpoint(best_path, model, config, epoch=epoch, step=step, best_dice=best_dice,
-                                        val_dice=val_dice, target=tcfg.target, input=tcfg.input, seed=tcfg.seed)
-                if not val_cases and step == n_steps:  # no validation cases: keep the last weights as "best"
-                    save_checkpoint(best_path, model, config, epoch=epoch, step=step, best_dice=None,
-                                    target=tcfg.target, input=tcfg.input, seed=tcfg.seed)
-                history.append({
-                    "epoch": epoch, "step": step, "train_loss": loss_mean, "val_dice": val_dice,
-                    "best_dice": best_dice if best_dice > -math.inf else float("nan"),
-                    "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": elapsed,
-                    "train_patches_per_s": epoch_batches * tcfg.batch_size / elapsed if elapsed > 0 else 0.0,
-                    "data_wait_share": wait / elapsed if elapsed > 0 else 0.0,
-                })
-                save_last(epoch)
-                _write_metrics(out / METRICS_FILE, history)
-                if not math.isnan(val_dice):
-                    postfix["val_dice"] = f"{val_dice:.4f}"
-                bar.set_description(f"{config.model.name} epoch {min(epoch + 1, tcfg.epochs)}/{tcfg.epochs}")
+        if state.step % per_epoch == 0 or state.step == n_steps:
+            val_dice = end_epoch(out, engine, config, state, meter, val_cases, info)
+            if not math.isnan(val_dice):
+                postfix["val_dice"] = f"{val_dice:.4f}"
+            epoch = math.ceil(state.step / per_epoch)
+            bar.set_description(f"{config.model.name} epoch {min(epoch + 1, tcfg.epochs)}/{tcfg.epochs}")
             ddp.barrier(info)
-            epoch_loss, epoch_batches, wait, t_epoch = 0.0, 0, 0.0, time.perf_counter()
+            meter = EpochMeter()
         t_wait = time.perf_counter()
     bar.close()
     return TrainResult(
-        run_dir=out, step=step, total_steps=n_steps, epochs=tcfg.epochs,
-        best_dice=best_dice if best_dice > -math.inf else float("nan"), best_epoch=best_epoch,
+        run_dir=out, step=state.step, total_steps=n_steps, epochs=tcfg.epochs,
+        best_dice=state.best_dice if state.best_dice > -math.inf else float("nan"), best_epoch=state.best_epoch,
         loader_patches_per_s=loader_rate,
     )
 
 
+def ensure_trained(run_dir: Path, config: Config, data: Path, split: str = "report", progress: bool = True,
+                   command: str | None = None) -> bool:
+    """Train ``run_dir`` unless it holds a complete run of ``config``; resume it when it was interrupted.
+
+    Returns:
+        True when steps were trained now, False when the complete run was reused.
+
+    Raises:
+        ConfigError: ``run_dir`` holds a run of other settings (runtime settings aside).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        train(run_dir, config=config, data=data, split=split, progress=progress, command=command)
+        return True
+    check_same_config(run_dir, model_config_for(config))
+    state = run_progress(run_dir)
+    if state is not None and state["complete"]:
+        return False
+    train(run_dir, data=data, split=split, resume=True, progress=progress, command=command)
+    return True
+
+
 __all__ = [
-    "TrainResult", "cache_cases", "code_version", "find_dataset", "machine_description", "predict_case",
-    "resolve_split", "run_progress", "steps_per_epoch", "total_steps", "train", "validate",
+    "BEST_FILE", "CONFIG_FILE", "LAST_FILE", "METRICS_FILE", "RUN_FILE", "Engine", "RunState", "TrainResult",
+    "cache_cases", "check_trainable", "code_version", "cpu_model", "ensure_trained", "find_dataset",
+    "machine_description", "model_config_for", "predict_case", "resolve_split", "run_progress", "steps_per_epoch",
+    "total_steps", "train", "validate",
 ]

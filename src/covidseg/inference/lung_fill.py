@@ -1,0 +1,173 @@
+"""Per axial slice, each lung's mask made whole: vessels, nodules and lesions against the pleura put back.
+
+A threshold keeps the aerated lung only: vessels, nodules and any dense lesion (tumour, consolidation) are holes in
+it or bites out of it. :func:`fill_lung_slices` fills, per axial slice and per lung, the holes, closes the outline
+with a disk, and fills the concavities of the convex hull that open towards the chest wall. Two structures are
+holes or bites of the lung too and must stay out: the diaphragm's dome (the liver or spleen seen through the basal
+crescent of the lung, first as an island, lower down as a wide bite) and the heart and mediastinum. What tells a
+lesion from the dome is the third dimension: a lesion inside the lung has aerated lung above it *and* below it
+(within ``LungConfig.enclosure_mm``), the dome has lung above it only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from covidseg.config import LungConfig
+from covidseg.inference.lung_grid import SLICE_2D, bbox, convex_hulls, fill_holes_2d, octagon_closing
+
+MIN_COVER = 0.5
+"""Share of a hole's or bite's pixels that must have lung above (below) it for it to count as covered."""
+
+
+def lung_cover(lung: np.ndarray, slices: int, cut: tuple[bool, bool] = (False, False)) -> tuple[np.ndarray, np.ndarray]:
+    """Where ``lung`` lies above and below each voxel: ``(above, below)``, ``(D, H, W)`` bool, ``above[z, y, x]``
+    when one of the ``slices`` slices above ``z`` holds lung at ``(y, x)`` (``below``: the slices under it).
+
+    ``cut = (low, high)`` says the scan stops inside the lung at its first (last) slice: what lies beyond is not
+    known, and a hole or a lesion there gets the benefit of the doubt: the lung is taken to go on as the outline of
+    that slice, its holes filled (a consolidation in a base that the scan cuts stays in the lung)."""
+    d = lung.shape[0]
+    low = np.repeat(fill_holes_2d(lung[:1]), slices, axis=0) if cut[0] else lung[:0]
+    high = np.repeat(fill_holes_2d(lung[-1:]), slices, axis=0) if cut[1] else lung[:0]
+    stack = np.concatenate([low, lung, high]) if cut[0] or cut[1] else lung
+    off = low.shape[0]
+    n = stack.shape[0]
+    count = np.zeros((n + 1,) + lung.shape[1:], dtype=np.int32)
+    np.cumsum(stack, axis=0, dtype=np.int32, out=count[1:])  # count[k] = lung slices among 0..k-1
+    z = np.arange(d) + off
+    hi, lo = np.minimum(z + 1 + slices, n), np.maximum(z - slices, 0)
+    above = (count[hi] - count[z + 1]) > 0
+    below = (count[z] - count[lo]) > 0
+    return above, below
+
+
+def fill_lung_slices(lung: np.ndarray, spacing: Sequence[float], cfg: LungConfig, medial_side: int) -> np.ndarray:
+    """Per axial slice: fill holes, close with a disk, and fill the convex-hull concavities that face the chest wall.
+
+    Holes (:func:`fillable_holes`) are filled unless they are the top of the diaphragm's dome; the closing does not
+    reach into the holes left open; concavities follow :func:`lateral_concavities`.
+
+    Args:
+        lung: ``(D, H, W)`` mask of one lung.
+        spacing: mm.
+        cfg: closing radius (mm), hole and concavity limits, ``enclosure_mm``.
+        medial_side: +1 when the mediastinum lies at higher column indices than this lung (the right lung),
+            -1 otherwise.
+
+    Returns:
+        ``(D, H, W)`` bool, the filled lung (a superset of ``lung``).
+    """
+    box = bbox(lung, margin=(0, 2, 2))
+    if box is None:
+        return lung
+    sub = lung[box]
+    reach = max(1, int(round(cfg.enclosure_mm / float(spacing[0]))))
+    above, below = lung_cover(sub, reach, (box[0].start == 0, box[0].stop == lung.shape[0]))
+    radius = 0.5 * (cfg.closing_radius_mm / spacing[1] + cfg.closing_radius_mm / spacing[2])
+    # holes and the closing on the whole stack at once (in-plane structures: the same as slice by slice)
+    filled = sub | fillable_holes(sub, above, below, cfg.max_hole_fraction)
+    closed = octagon_closing(filled, radius)
+    closed = filled | (closed & ~(fill_holes_2d(filled) & ~filled))  # not into the holes left open (the dome)
+    closed |= fillable_holes(closed, above, below, cfg.max_hole_fraction)
+    if cfg.fill_concavities:
+        closed |= lateral_concavities(closed, convex_hulls(closed), medial_side, cfg, above, below)
+    result = np.zeros_like(lung)
+    result[box] = closed
+    return result
+
+
+def _label_means(labels: np.ndarray, n: int, *masks: np.ndarray) -> list[np.ndarray]:
+    """Per label 1..n, the share of its voxels where each of ``masks`` is set."""
+    count = np.maximum(np.bincount(labels.ravel(), minlength=n + 1)[1:], 1)
+    return [np.bincount(labels[m], minlength=n + 1)[1:] / count for m in masks]
+
+
+def fillable_holes(m: np.ndarray, above: np.ndarray, below: np.ndarray, max_fraction: float) -> np.ndarray:
+    """The 2D holes of every slice of ``m`` that are lung (vessels, nodules, enclosed lesions).
+
+    A hole is filled when it has lung both above and below it (:data:`MIN_COVER` of its pixels, ``above`` and
+    ``below`` from :func:`lung_cover`: a lesion inside the lung), or when it is small (at most ``max_fraction`` of
+    the slice's lung) and has lung below it. A hole with lung above it but none below is the top of the
+    diaphragm's dome (the liver or the spleen rising into the lung's base), not lung; so is a large one.
+
+    Args:
+        m: ``(D, H, W)`` bool, one lung.
+        above, below: ``(D, H, W)`` bool, :func:`lung_cover` of the lung.
+        max_fraction: share of the slice's lung area.
+    """
+    holes = fill_holes_2d(m) & ~m
+    labels, n = ndimage.label(holes, structure=SLICE_2D)
+    if n == 0:
+        return holes
+    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    objects = ndimage.find_objects(labels)
+    z_of = np.array([o[0].start if o is not None else 0 for o in objects])
+    slice_area = m.sum(axis=(1, 2))[z_of]
+    up, down = _label_means(labels, n, above, below)
+    covered_below = down >= MIN_COVER
+    keep = (covered_below & (up >= MIN_COVER)) | (covered_below & (areas <= max_fraction * slice_area))
+    return np.concatenate(([False], keep))[labels]
+
+
+def lateral_concavities(lung: np.ndarray, hull: np.ndarray, medial_side: int, cfg: LungConfig,
+                        above: np.ndarray, below: np.ndarray) -> np.ndarray:
+    """Concavities (hull minus lung, per axial slice, open to the hull's border) that open towards the chest wall:
+    a lesion against the lateral, anterior or posterior pleura, paravertebral.
+
+    A concavity is left out when its centre is in the anterior-medial quadrant of its slice's lung (the heart's
+    notch), when it opens towards the mediastinum: its opening (the concavity's pixels on the hull's border) lies
+    medially of its floor (its pixels touching the lung), the cosine between that direction and the medial
+    direction above ``cfg.max_medial_cosine`` (the descending aorta, the hilum, the oesophagus, which the lung
+    wraps around medially), and when it is larger than ``cfg.max_concavity_fraction`` of the lung slice (the
+    diaphragm's dome) unless there is lung both above and below it (a lesion bulging into the lung from the chest
+    wall).
+
+    Args:
+        lung: ``(D, H, W)`` one lung.
+        hull: ``(D, H, W)`` the convex hull of each of its slices.
+        medial_side: +1 when the mediastinum lies at higher column indices, -1 otherwise.
+        cfg: ``max_concavity_fraction``, ``max_medial_cosine``.
+        above, below: ``(D, H, W)`` bool, lung above and below (:func:`lung_cover`).
+
+    Returns:
+        ``(D, H, W)`` bool, the concavities to fill.
+    """
+    defects = hull & ~lung
+    labels, n = ndimage.label(defects, structure=SLICE_2D)  # one label per concavity of each slice
+    if n == 0:
+        return defects
+    zs, ys, xs = np.nonzero(labels)  # statistics over the defects' pixels only
+    lab = labels[zs, ys, xs]
+    on_border = (hull & ~ndimage.binary_erosion(hull, structure=SLICE_2D, border_value=0))[zs, ys, xs]
+    on_floor = ndimage.binary_dilation(lung, structure=SLICE_2D)[zs, ys, xs]
+
+    def centre(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        count = np.bincount(lab[sel], minlength=n + 1)[1:]
+        safe = np.maximum(count, 1)
+        return (count, np.bincount(lab[sel], weights=ys[sel], minlength=n + 1)[1:] / safe,
+                np.bincount(lab[sel], weights=xs[sel], minlength=n + 1)[1:] / safe)
+
+    areas, cy_d, cx_d = centre(np.ones(lab.shape, dtype=bool))
+    n_open, oy, ox = centre(on_border)
+    n_floor, fy, fx = centre(on_floor)
+    z_of = np.zeros(n, dtype=np.intp)
+    z_of[lab - 1] = zs
+    lung_area = lung.sum(axis=(1, 2)).astype(np.float64)
+    grid_y, grid_x = np.arange(lung.shape[1], dtype=np.float64), np.arange(lung.shape[2], dtype=np.float64)
+    safe_area = np.maximum(lung_area, 1.0)
+    cy = (lung.sum(axis=2) @ grid_y / safe_area)[z_of]  # the lung's centre in each concavity's slice
+    cx = (lung.sum(axis=1) @ grid_x / safe_area)[z_of]
+    dy, dx = oy - fy, ox - fx
+    norm = np.hypot(dy, dx)
+    medial = np.where((n_floor > 0) & (norm > 0), dx * medial_side / np.maximum(norm, 1e-9), -1.0)
+    heart = ((cx_d - cx) * medial_side > 0) & (cy_d < cy)
+    up = np.bincount(lab[above[zs, ys, xs]], minlength=n + 1)[1:] / np.maximum(areas, 1)
+    down = np.bincount(lab[below[zs, ys, xs]], minlength=n + 1)[1:] / np.maximum(areas, 1)
+    small = areas <= cfg.max_concavity_fraction * lung_area[z_of]
+    enclosed = (up >= MIN_COVER) & (down >= MIN_COVER)
+    ok = (n_open > 0) & (small | enclosed) & ~heart & (medial <= cfg.max_medial_cosine)
+    return np.concatenate(([False], ok))[labels]

@@ -1,0 +1,116 @@
+"""Perturbations of a real CT that real scanners and protocols bring, for testing the lung stage on them.
+
+Each takes a canonical ``(D, H, W)`` CT in HU (and, where needed, its spacing or masks) and returns a new array;
+the input is never modified. They stand in for scans no one has at hand: a field of view padded with -3024 HU, a
+5 mm reconstruction, a couch moved against the patient's back or to the other side (prone), a solid tumour against
+the pleura, a colon full of gas. Crops to the bases, the apices or the abdomen are plain slicing
+(``hu[lo:hi]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+TISSUE_HU = 40.0
+"""Density of an inserted solid lesion (HU: soft tissue, a tumour or a consolidation)."""
+GAS_HU = -1000.0
+"""Density of inserted gas (HU)."""
+
+
+def pad_outside_fov(hu: np.ndarray, value: float, radius_fraction: float = 0.5) -> np.ndarray:
+    """The CT with every pixel outside a centred circle set to ``value`` (a scanner's padding outside its field of
+    view: -1024, -2048 or -3024 HU). ``radius_fraction`` is the circle's radius over the slice width."""
+    h, w = hu.shape[1:]
+    y, x = np.ogrid[:h, :w]
+    outside = (y - (h - 1) / 2.0) ** 2 + (x - (w - 1) / 2.0) ** 2 > (radius_fraction * w) ** 2
+    out = np.array(hu, dtype=np.float32, copy=True)
+    out[:, outside] = np.float32(value)
+    return out
+
+
+def thick_slices(hu: np.ndarray, spacing: Sequence[float], thickness_mm: float
+                 ) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A thick-slice reconstruction: the mean of each run of ``round(thickness_mm / spacing[0])`` slices (a slab
+    average, what a scanner's thick reconstruction is close to). Returns the CT and its spacing (mm)."""
+    k = max(1, int(round(thickness_mm / float(spacing[0]))))
+    d = hu.shape[0] // k * k
+    out = np.asarray(hu[:d], dtype=np.float32).reshape(d // k, k, *hu.shape[1:]).mean(axis=1, dtype=np.float32)
+    return out, (float(spacing[0]) * k, float(spacing[1]), float(spacing[2]))
+
+
+def _couch(hu: np.ndarray, body: np.ndarray, tissue_hu: float) -> np.ndarray:
+    return (hu > tissue_hu) & ~body
+
+
+def move_couch(hu: np.ndarray, body: np.ndarray, rows: int, tissue_hu: float = -500.0) -> np.ndarray:
+    """The couch (everything denser than ``tissue_hu`` outside ``body``) moved by ``rows`` rows (negative: up,
+    towards the anterior), air where it was; where it lands on the body, the body stays."""
+    couch = _couch(hu, body, tissue_hu)
+    out = np.array(hu, dtype=np.float32, copy=True)
+    out[couch] = np.float32(GAS_HU)
+    moved = np.roll(couch, rows, axis=1)
+    src = np.roll(np.asarray(hu, dtype=np.float32), rows, axis=1)
+    if rows < 0:
+        moved[:, rows:] = False
+    elif rows > 0:
+        moved[:, :rows] = False
+    place = moved & ~body
+    out[place] = src[place]
+    return out
+
+
+def mirror_couch(hu: np.ndarray, body: np.ndarray, tissue_hu: float = -500.0) -> np.ndarray:
+    """The couch (everything denser than ``tissue_hu`` outside ``body``) mirrored to the other side of the image
+    (top to bottom): a prone scan's couch, in front of the patient; where it lands on the body, the body stays."""
+    couch = _couch(hu, body, tissue_hu)
+    out = np.array(hu, dtype=np.float32, copy=True)
+    out[couch] = np.float32(GAS_HU)
+    flipped = couch[:, ::-1, :]
+    place = flipped & ~body
+    out[place] = np.asarray(hu, dtype=np.float32)[:, ::-1, :][place]
+    return out
+
+
+def ellipsoid(shape: Sequence[int], spacing: Sequence[float], centre: Sequence[float],
+              radii_mm: Sequence[float]) -> np.ndarray:
+    """``(D, H, W)`` bool ellipsoid around ``centre`` (voxel indices) with semi-axes ``radii_mm`` (mm)."""
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    dist = sum(((g - c) * s / r) ** 2 for g, c, s, r in zip((z, y, x), centre, spacing, radii_mm, strict=True))
+    return np.asarray(dist <= 1.0)
+
+
+def add_blob(hu: np.ndarray, blob: np.ndarray, value: float, noise_hu: float = 20.0, seed: int = 0) -> np.ndarray:
+    """The CT with ``blob`` set to ``value`` plus Gaussian noise of ``noise_hu`` (HU)."""
+    rng = np.random.default_rng(seed)
+    out = np.array(hu, dtype=np.float32, copy=True)
+    out[blob] = (value + rng.normal(0.0, noise_hu, int(blob.sum()))).astype(np.float32)
+    return out
+
+
+def pleural_lesion(lung: np.ndarray, spacing: Sequence[float], radius_mm: float, side: str = "lateral",
+                   z: int | None = None) -> np.ndarray:
+    """A sphere of ``radius_mm`` inside ``lung`` touching its pleura: in slice ``z`` (default: the lung's middle
+    slice), the lung's most lateral (``side="lateral"``, away from the image's centre) or most posterior
+    (``"posterior"``) pixel on the row (column) through the lung's centre, moved inwards by the radius. Returns the
+    sphere's voxels that lie in ``lung`` (the lesion a lung mask must keep)."""
+    zs = np.flatnonzero(lung.any(axis=(1, 2)))
+    if zs.size == 0:
+        raise ValueError("pleural_lesion: empty lung mask")
+    z = int((zs[0] + zs[-1]) // 2) if z is None else int(z)
+    rows, cols = np.nonzero(lung[z])
+    cy, cx = float(rows.mean()), float(cols.mean())
+    if side == "lateral":
+        row = int(round(cy))
+        line = np.flatnonzero(lung[z, row])
+        outward = 1 if cx > lung.shape[2] / 2.0 else -1
+        edge = float(line.max() if outward > 0 else line.min())
+        centre = (float(z), float(row), edge - outward * radius_mm / float(spacing[2]))
+    elif side == "posterior":
+        col = int(round(cx))
+        line = np.flatnonzero(lung[z, :, col])
+        centre = (float(z), float(line.max()) - radius_mm / float(spacing[1]), float(col))
+    else:
+        raise ValueError(f"pleural_lesion: side {side!r}: use 'lateral' or 'posterior'")
+    return ellipsoid(lung.shape, spacing, centre, (radius_mm,) * 3) & lung

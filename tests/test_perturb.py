@@ -1,0 +1,56 @@
+"""The perturbations of real CTs that the lung tests use (``covidseg.phantom.perturb``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from covidseg.phantom import perturb
+
+
+def _ct() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.normal(0.0, 10.0, (6, 20, 24)).astype(np.float32)
+
+
+def test_padding_outside_the_field_of_view() -> None:
+    hu = _ct()
+    out = perturb.pad_outside_fov(hu, -3024.0)
+    assert (out[:, 0, 0] == -3024.0).all() and (out[:, 10, 12] == hu[:, 10, 12]).all()
+    assert not np.shares_memory(out, hu) and (hu != -3024.0).all()
+
+
+def test_thick_slices_are_slab_means() -> None:
+    hu = _ct()
+    out, spacing = perturb.thick_slices(hu, (1.0, 0.7, 0.7), 3.0)
+    assert out.shape == (2, 20, 24) and spacing == (3.0, 0.7, 0.7)
+    np.testing.assert_allclose(out[1], hu[3:6].mean(axis=0), rtol=1e-5)
+
+
+def test_couch_moves_and_mirrors_around_the_body() -> None:
+    hu = np.full((2, 20, 10), -1000.0, np.float32)
+    hu[:, 2:10] = 40.0  # the body
+    hu[:, 15] = 200.0  # a couch below it
+    body = hu > -500
+    body[:, 15] = False
+    moved = perturb.move_couch(hu, body, -3)
+    assert (moved[:, 12] == 200.0).all() and (moved[:, 15] == -1000.0).all()
+    assert (moved[:, 2:10] == 40.0).all()
+    mirrored = perturb.mirror_couch(hu, body)
+    assert (mirrored[:, 4] == 40.0).all()  # row 4 (the mirror of row 15) is body: the body stays
+    pressed = perturb.move_couch(hu, body, -8)  # onto the body's rows: the body stays
+    assert (pressed[:, 7] == 40.0).all()
+
+
+@pytest.mark.parametrize("side", ["lateral", "posterior"])
+def test_pleural_lesion_lies_in_the_lung_against_its_edge(side: str) -> None:
+    lung = perturb.ellipsoid((30, 60, 60), (2.0, 1.0, 1.0), (15, 30, 40), (25.0, 20.0, 12.0))
+    lesion = perturb.pleural_lesion(lung, (2.0, 1.0, 1.0), 6.0, side)
+    assert lesion.any() and not (lesion & ~lung).any()
+    # it reaches the lung's edge: a lesion voxel has a non-lung neighbour in-plane
+    from scipy import ndimage
+
+    edge = lung & ~ndimage.binary_erosion(lung, structure=np.ones((1, 3, 3), dtype=bool))
+    assert (lesion & edge).any()
+    with pytest.raises(ValueError, match="side"):
+        perturb.pleural_lesion(lung, (2.0, 1.0, 1.0), 6.0, "medial")
