@@ -41,7 +41,6 @@ import torch
 from _stamp import write_results
 from torch import nn
 
-from covidseg.runtime import native_bf16_cpu
 from covidseg.models.deploy import deploy_copy
 from covidseg.models.registry import create_model, variant_config
 from covidseg.runtime import native_bf16_cpu

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from covidseg.config import InferenceConfig, RuntimeConfig
+from covidseg.config import RuntimeConfig
 from covidseg.inference import sliding_window
 from covidseg.models import onednn
 from covidseg.models.blocks import ConvBNReLU, FVBlock
