@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
+from _stamp import write_results  # noqa: E402
 
 from covidseg.config import Config, IntensityConfig, LungConfig, RuntimeConfig  # noqa: E402
 from covidseg.inference.lungs import classical_lungs  # noqa: E402
@@ -84,7 +84,10 @@ def main() -> None:
     result = {"device": name, "shape": list(ct.shape), "lung_box": [[s.start, s.stop] for s in box],
               "phantom_s": round(t_phantom, 2), "classical_lungs_cpu_s": round(t_lungs, 2),
               "torch": torch.__version__, "peak_gpu_gb": peak, "rows": rows}
-    (args.out / "gpu_inference.json").write_text(json.dumps(result, indent=2))
+    config = {"benchmark": "benchmarks/gpu_inference.py", "slices": args.slices, "size": args.size,
+              "windows": args.windows, "device": args.device, "model": "unet-fv-paspp-ds, base width 16, random "
+              "weights (torch.manual_seed(0))", "inference": dataclasses.asdict(cfg.inference)}
+    write_results(args.out / "gpu_inference.json", result, config, args.device)
     print(f"\n| window | bf16 | infection stage (s) |   device: {name}, volume {ct.shape}, "
           f"classical lungs on CPU {t_lungs:.1f} s")
     print("|---|---|---|")

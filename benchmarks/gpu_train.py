@@ -22,13 +22,13 @@ Writes ``OUT/gpu_train.json`` and ``OUT/gpu_train.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from _stamp import stamp, stamp_line, write_results
 
 PATCH = (8, 128, 128)
 """The report's 128x128x8 patch as ``(D, H, W)``."""
@@ -166,7 +166,11 @@ def main() -> None:
     if args.real_epochs > 0:
         log["real_run"] = real_run(args.out, args.real_epochs, args.real_cases, args.real_scale, args.device,
                                    args.width)
-    lines = [f"# Training throughput on {name}", "",
+    config = {"benchmark": "benchmarks/gpu_train.py", "steps": args.steps, "width": args.width,
+              "compile": args.compile, "dynunet": not args.no_dynunet, "real_epochs": args.real_epochs,
+              "real_cases": args.real_cases, "real_scale": args.real_scale, "device": args.device}
+    stamped = stamp(config, args.device)
+    lines = [f"# Training throughput on {name}", "", stamp_line(stamped), "",
              f"patch {PATCH[2]}x{PATCH[1]}x{PATCH[0]} (W x H x D), batch {BATCH}, Adam {LR}, "
              f"{'bf16 autocast + channels_last_3d' if amp else 'float32'}, {args.steps} timed steps, torch "
              f"{torch.__version__}", "",
@@ -181,7 +185,7 @@ def main() -> None:
                       f"Dice {rr['best_val_dice']:.3f}; held-out infection Dice {rr['test_dice_mean']:.3f}"]
     text = "\n".join(lines) + "\n"
     (args.out / "gpu_train.md").write_text(text)
-    (args.out / "gpu_train.json").write_text(json.dumps(log, indent=1, default=str))
+    write_results(args.out / "gpu_train.json", log, config, args.device)
     print(text)
 
 

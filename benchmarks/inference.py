@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _stamp import write_results
 
 TARGET_SHARE = 0.3
 """Share of lung voxels the random model's biased head lets pass the threshold (not trivially empty or full)."""
@@ -167,6 +168,20 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / total
 
 
+def run_config(args: argparse.Namespace) -> dict[str, object]:
+    """The settings of this run, for its results file's stamp."""
+    phantom = f"coronacases-style phantom of make_ct (--slices {args.slices} --size {args.size}" + (
+        " --direct-phantom)" if args.direct_phantom else ")")
+    model = "a checkpoint" if args.checkpoint else (
+        "unet-fv-paspp-ds, base width 16, random weights (seed 0), head bias set so that "
+        f"{TARGET_SHARE:.0%} of the lung voxels pass the threshold")
+    reference = None if args.skip_reference else (
+        "MONAI sliding_window_inference, roi = the training patch, overlap 0.25, Gaussian, float32, "
+        f"sw_batch_size {args.reference_batch}, whole volume")
+    return {"benchmark": "benchmarks/inference.py", "ct": str(args.ct) if args.ct else phantom, "model": model,
+            "threads": args.threads, "device": args.device, "overrides": args.overrides, "reference": reference}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slices", type=int, default=300, help="slices of the phantom (300 = the full CT)")
@@ -227,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, object] = {
         "covidseg_s": ours_s, "covidseg_peak_rss_gb": ours_rss, "covidseg_steps_s": report["timings_s"],
         "covidseg_infection_s": report["timings_s"].get("infection_s"), "device": args.device,
-        "date": time.strftime("%Y-%m-%d"), "inference": report.get("inference"),
-        "shape": list(shape), "threads": args.threads, "cpu": cpu_model(), "model": str(ckpt),
+        "inference": report.get("inference"), "shape": list(shape), "threads": args.threads, "model": str(ckpt),
         "random_model": args.checkpoint is None, "overrides": args.overrides,
     }
     if not args.skip_reference:
@@ -244,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             ref_s, ref_rss = float(earlier["reference_s"]), float(earlier["reference_peak_rss_gb"])
             result["reference_reused_from"] = str(args.reference_from)
+            result["reference_measured_at_commit"] = earlier.get("reference_measured_at_commit", earlier.get("commit"))
         else:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(args.threads),
                    "--device", args.device, "--reference-batch", str(args.reference_batch),
@@ -264,8 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                        "dice_agreement": agreement, "infected_share_covidseg": share_ours,
                        "infected_share_reference": share_ref})
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_results(args.json, result, run_config(args), args.device)
         print(f"figures written to {args.json}")
     return 0
 

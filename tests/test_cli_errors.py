@@ -19,7 +19,7 @@ import yaml
 
 from covidseg.checkpoint import FORMAT_VERSION, save_checkpoint
 from covidseg.cli.main import run as cli
-from covidseg.config import Config, load_config
+from covidseg.config import Config, config_to_dict, load_config
 from covidseg.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER
 from covidseg.io.volume import MAX_VOXELS_ENV
 from covidseg.models import create_model, variant_config
@@ -149,6 +149,8 @@ SET_CASES = [
     ("train=5", ["'train' is a section"]),
     ("train.epochs", ["expected key=value"]),
     ("model.name=unet-xl", ["unet-xl", "valid names"]),
+    ("inference.grid=box", ["'inference.grid'", "'box'", "removed", "MONAI's grid", "delete it"]),
+    ("inference.fit_window=true", ["'inference.fit_window'", "removed", "delete it"]),
 ]
 """(``--set`` item, words the one-line error must hold)."""
 
@@ -190,6 +192,16 @@ def test_yaml_booleans_map_onto_on_off_literals(tmp_path, raw, expected):
     assert load_config(path).runtime.bf16 == expected
     assert load_config(None, ["runtime.amp=off"]).runtime.amp == "off"
     assert yaml.safe_load(raw) in (True, False, raw)  # the case this test is about does occur
+
+
+def test_removed_inference_keys_at_their_old_defaults_still_load(tmp_path):
+    """Run folders and checkpoints written before inference.grid and inference.fit_window were removed hold them at
+    their defaults: they load, and the keys are gone from the loaded config."""
+    path = tmp_path / "old.yaml"
+    path.write_text("inference:\n  grid: volume\n  fit_window: false\n  window: [8, 64, 64]\n")
+    config = load_config(path)
+    assert config.inference.window == (8, 64, 64)
+    assert "grid" not in config_to_dict(config)["inference"] and "fit_window" not in config_to_dict(config)["inference"]
 
 
 def test_boolean_for_a_literal_without_on_off_is_still_refused():

@@ -1,4 +1,5 @@
-"""The inference form of a network (covidseg.models.deploy): folded batch norm, dtype, memory format."""
+"""The inference forms of a network (covidseg.models.deploy, covidseg.models.onednn) against the plain model: the
+un-transformed ``UNet`` in float32."""
 
 from __future__ import annotations
 
@@ -8,57 +9,92 @@ import pytest
 import torch
 from torch import nn
 
-from covidseg.models import deploy
+from covidseg.config import RuntimeConfig
+from covidseg.inference import sliding_window
+from covidseg.models import onednn
 from covidseg.models.blocks import ConvBNReLU, FVBlock
-from covidseg.models.deploy import GateFoldedFV, deploy_copy, fold_batch_norm, fold_gates
+from covidseg.models.deploy import BATCH_NORMS, deploy_copy, fold_batch_norm
+from covidseg.models.onednn import ConvReLU, GateFoldedFV
 from covidseg.models.registry import create_model, variant_config
 
 FOLD_TOLERANCE = 1e-4
-"""Largest |logit| difference allowed between a folded float32 copy and the original (float rounding only)."""
-BF16_LOGIT_TOLERANCE = 0.1
-"""Largest |logit| difference allowed between the bfloat16 copy and the float32 original on a small random net."""
+"""Largest |logit| difference allowed between a float32 inference form and the plain model (float rounding only;
+a batch norm variance 20 % off in one layer moves these logits by about 1e-3)."""
+BF16_ERROR_FACTOR = 2.0
+"""A bfloat16 form's largest |logit| difference from the plain float32 model may be at most this many times that of
+the plain model itself run in bfloat16 (the rounding every bfloat16 form pays; a wrong map is off by far more)."""
+MIN_LOGIT_SPREAD = 100 * FOLD_TOLERANCE
+"""Standard deviation the test model's logits must have, so that a form giving constant logits cannot pass."""
+MODELS = ["unet-fv-paspp-ds", "unet-fv-ce-paspp-ds", "unet-fv-paspp-ds-2d"]
 
 
-def _model(spatial_dims: int = 3, seed: int = 0) -> nn.Module:
+def _model(name: str = MODELS[0], seed: int = 0) -> nn.Module:
+    """A small random network whose batch norm statistics are far from the identity (so that a wrong fold shows)
+    and whose logits vary from voxel to voxel."""
     torch.manual_seed(seed)
-    name = "unet-fv-paspp-ds" + ("-2d" if spatial_dims == 2 else "")
     model = create_model(variant_config(name, base_width=4))
-    for module in model.modules():  # statistics far from the identity, so that a wrong fold shows
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.3, 3.0)
+    for module in model.modules():
+        if isinstance(module, BATCH_NORMS):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
             module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.3, 0.3)
+            module.bias.data.uniform_(0.0, 0.5)  # positive: the ReLUs stay alive through the depth
     return model.eval().set_deep_supervision(False)
 
 
-@pytest.mark.parametrize("spatial_dims", [3, 2])
-def test_folded_copy_matches_the_original(spatial_dims: int) -> None:
-    model = _model(spatial_dims)
-    x = torch.rand((2, 1, 8, 32, 32) if spatial_dims == 3 else (2, 1, 32, 32))
+def _input(name: str, batch: int, small: bool = False) -> torch.Tensor:
+    torch.manual_seed(1)
+    if name.endswith("-2d"):
+        return torch.rand(batch, 1, 32, 32)
+    return torch.rand((batch, 1, 4, 16, 16) if small else (batch, 1, 8, 32, 32))
+
+
+def _feed(x: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last_3d) if channels_last and x.ndim == 5 else x
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("kernels", ["public", "onednn"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_every_float32_form_is_the_plain_model(name: str, kernels: str, channels_last: bool, batch: int) -> None:
+    """Each form and layout, batches of 1 and 3 (the folded gates are made per sample), against the plain model."""
+    model = _model(name)
+    x = _input(name, batch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    deployed = deploy_copy(model)
+    deployed = deploy_copy(model, torch.float32, channels_last=channels_last, kernels=kernels)  # type: ignore[arg-type]
     with torch.inference_mode():
-        ref, out = model(x), deployed(x)
-    assert (ref - out).abs().max().item() < FOLD_TOLERANCE
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in deployed.modules())
+        ref = model(x)
+        out = deployed(_feed(x, torch.float32, channels_last))
+    assert ref.std().item() > MIN_LOGIT_SPREAD
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= FOLD_TOLERANCE
+    assert not any(isinstance(m, BATCH_NORMS) for m in deployed.modules())
     # the original is untouched
-    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert any(isinstance(m, BATCH_NORMS) for m in model.modules())
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
 
 
-def test_bf16_channels_last_copy_is_close_and_in_its_layout() -> None:
-    model = _model()
-    x = torch.rand(1, 1, 8, 32, 32)
-    deployed = deploy_copy(model, torch.bfloat16, channels_last=True)
-    conv = next(m for m in deployed.modules() if isinstance(m, nn.Conv3d) and m.kernel_size == (3, 3, 3))
+@pytest.mark.parametrize("name, kernels", [(MODELS[0], "public"), (MODELS[0], "onednn"), (MODELS[2], "public"),
+                                           (MODELS[2], "onednn")])
+def test_bf16_form_is_as_close_to_the_plain_float32_model_as_bf16_rounding(name: str, kernels: str) -> None:
+    """bfloat16 runs on any CPU (emulated without AVX512-BF16, slowly: a small input)."""
+    model = _model(name)
+    x = _input(name, 2, small=True)
+    deployed = deploy_copy(model, torch.bfloat16, channels_last=True, kernels=kernels)  # type: ignore[arg-type]
+    conv = next(m for m in deployed.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)) and max(m.kernel_size) == 3)
     assert conv.weight.dtype == torch.bfloat16
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    if x.ndim == 5:
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
     with torch.inference_mode():
         ref = model(x)
-        out = deployed(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)).float()
-    assert (ref - out).abs().max().item() < BF16_LOGIT_TOLERANCE
+        rounding = (copy.deepcopy(model).to(torch.bfloat16)(x.to(torch.bfloat16)).float() - ref).abs().max().item()
+        out = deployed(_feed(x, torch.bfloat16, True))
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert ref.std().item() > MIN_LOGIT_SPREAD
+    assert 0 < (out.float() - ref).abs().max().item() <= BF16_ERROR_FACTOR * rounding
 
 
 def test_fold_refuses_a_training_model() -> None:
@@ -67,78 +103,88 @@ def test_fold_refuses_a_training_model() -> None:
         fold_batch_norm(model)
 
 
-@pytest.mark.parametrize("name", ["unet-fv-paspp-ds", "unet-fv-ce-paspp-ds", "unet-fv-paspp-ds-2d"])
-def test_gate_folded_fv_is_the_same_map(name: str) -> None:
-    torch.manual_seed(0)
-    model = create_model(variant_config(name, base_width=4)).eval().set_deep_supervision(False)
-    shape = (2, 1, 32, 32) if name.endswith("-2d") else (2, 1, 8, 32, 32)  # a batch of 2: per-sample weights
-    x = torch.rand(shape)
-    folded = fold_batch_norm(copy.deepcopy(model))
-    gated = fold_gates(copy.deepcopy(folded))
+def test_public_form_holds_only_torch_modules() -> None:
+    deployed = deploy_copy(_model(), torch.float32, channels_last=True)
+    assert not any(isinstance(m, (GateFoldedFV, ConvReLU)) for m in deployed.modules())
+    assert sum(isinstance(m, FVBlock) for m in deployed.modules()) > 0
+    assert all(isinstance(m[1], nn.Identity) for m in deployed.modules() if isinstance(m, ConvBNReLU))
+    with pytest.raises(ValueError, match="kernels"):
+        deploy_copy(_model(), kernels="mkl")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_gate_folded_fv_is_the_same_map_and_keeps_its_weights_in_the_state_dict(name: str) -> None:
+    model = _model(name)
+    x = _input(name, 2)  # a batch of 2: per-sample weights
+    gated = onednn.onednn_form(fold_batch_norm(copy.deepcopy(model)), torch.bfloat16)  # gates folded in any case
     assert sum(isinstance(m, GateFoldedFV) for m in gated.modules()) == model.config.depth
     assert not any(isinstance(m, FVBlock) for m in gated.modules())
+    assert any(key.endswith(".w1") for key in gated.state_dict())
     with torch.inference_mode():
         ref, out = model(x), gated(x)
-    assert (ref - out).abs().max().item() < FOLD_TOLERANCE
+    assert (ref - out).abs().max().item() <= FOLD_TOLERANCE
 
 
-def test_gates_are_folded_in_bf16_and_in_float32_only_with_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_onednn_form_folds_gates_in_float32_only_with_the_fused_operators(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model()
-    for dtype in (torch.bfloat16, torch.float32):
-        deployed = deploy_copy(model, dtype, channels_last=True)
-        assert any(isinstance(m, GateFoldedFV) for m in deployed.modules()) == (dtype == torch.bfloat16
-                                                                                or deploy.onednn_fused_ops())
-        assert not any(isinstance(m, ConvBNReLU) for m in deployed.modules())
+    with_ops = deploy_copy(model, torch.float32, kernels="onednn")
+    assert any(isinstance(m, GateFoldedFV) for m in with_ops.modules()) == onednn.onednn_fused_ops()
     # a torch without oneDNN's fused operators: float32 keeps the FV blocks (a batch of one would be slow)
-    monkeypatch.setattr(deploy, "onednn_fused_ops", lambda: False)
-    assert not any(isinstance(m, GateFoldedFV) for m in deploy_copy(model, torch.float32).modules())
-    assert any(isinstance(m, GateFoldedFV) for m in deploy_copy(model, torch.bfloat16).modules())
+    monkeypatch.setattr(onednn, "onednn_fused_ops", lambda: False)
+    assert not any(isinstance(m, GateFoldedFV) for m in deploy_copy(model, torch.float32, kernels="onednn").modules())
+    assert any(isinstance(m, GateFoldedFV) for m in deploy_copy(model, torch.bfloat16, kernels="onednn").modules())
 
 
-@pytest.mark.skipif(not deploy.onednn_fused_ops(), reason="this torch has no oneDNN fused operators to compare")
-@pytest.mark.parametrize("name", ["unet-fv-paspp-ds", "unet-fv-ce-paspp-ds", "unet-fv-paspp-ds-2d"])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_onednn_fused_operators_equal_plain_convolutions(name: str, batch: int,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CPU path (convolution + ReLU in one oneDNN call, the FV fusion summed in place per sample) against the
-    same copy run by plain torch convolutions (what a GPU runs), float32 and channels-last as segment feeds it."""
-    torch.manual_seed(1)
-    model = _model(2 if name.endswith("-2d") else 3)
-    if "-ce-" in name:
-        model = create_model(variant_config(name, base_width=4)).eval().set_deep_supervision(False)
-    shape = (batch, 1, 32, 32) if name.endswith("-2d") else (batch, 1, 8, 32, 32)
-    x = torch.rand(shape)
-    deployed = deploy_copy(model, torch.float32, channels_last=True)
-    if x.ndim == 5:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
+@pytest.mark.skipif(not onednn.onednn_fused_ops(), reason="this torch has no oneDNN fused operators to compare")
+@pytest.mark.parametrize("name", MODELS)
+def test_onednn_fused_operators_equal_plain_convolutions(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused CPU path against the same copy run by plain torch convolutions, float32 and channels-last."""
+    model = _model(name)
+    x = _feed(_input(name, 3), torch.float32, True)
+    deployed = deploy_copy(model, torch.float32, channels_last=True, kernels="onednn")
     with torch.inference_mode():  # as predict_volume calls it: the operators are probed here the first time
-        deploy.onednn_fused_ops.cache_clear()
-        assert deploy._fused(x)
+        onednn.onednn_fused_ops.cache_clear()
+        assert onednn._fused(x)
         fused = deployed(x)
-        monkeypatch.setattr(deploy, "_fused", lambda t: False)
+        monkeypatch.setattr(onednn, "_fused", lambda t: False)
         plain = deployed(x)
-        ref = model(x)
-    assert fused.shape == plain.shape == ref.shape
-    assert (fused - plain).abs().max().item() < FOLD_TOLERANCE
-    assert (fused - ref).abs().max().item() < FOLD_TOLERANCE
+    assert (fused - plain).abs().max().item() <= FOLD_TOLERANCE
 
 
 def test_a_torch_whose_fused_operators_fail_falls_back_to_plain_convolutions(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The probe runs the operators once; where they raise (a build or CPU without them), deploy copies use plain
-    convolutions and give the same logits instead of failing in the middle of a CT."""
+    """The probe runs the operators once; where they raise (a build or CPU without them), the onednn form uses plain
+    convolutions and gives the same logits instead of failing in the middle of a CT."""
 
     def broken(*args: object) -> None:
         raise RuntimeError("no oneDNN here")
 
     model = _model()
-    x = torch.rand(2, 1, 8, 32, 32)
-    deploy.onednn_fused_ops.cache_clear()
+    x = _input(MODELS[0], 2)
+    onednn.onednn_fused_ops.cache_clear()
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", broken)
     try:
-        assert not deploy.onednn_fused_ops()
-        assert not deploy._fused(x)
+        assert not onednn.onednn_fused_ops()
+        assert not onednn._fused(x)
         with torch.inference_mode():
-            out, ref = deploy_copy(model)(x), model(x)
-        assert (out - ref).abs().max().item() < FOLD_TOLERANCE
+            out, ref = deploy_copy(model, kernels="onednn")(x), model(x)
+        assert (out - ref).abs().max().item() <= FOLD_TOLERANCE
     finally:
-        deploy.onednn_fused_ops.cache_clear()
+        onednn.onednn_fused_ops.cache_clear()
+
+
+@pytest.mark.parametrize("device, kernels, expected", [("cpu", "public", "public"), ("cpu", "onednn", "onednn"),
+                                                       ("cuda", "onednn", "public")])
+def test_inference_form_chosen_by_the_cpu_option_and_the_device(device: str, kernels: str, expected: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``runtime.cpu_kernels`` picks the CPU form; a GPU always gets the public one."""
+    seen: list[str] = []
+    real = sliding_window.deploy_copy
+
+    def spy(model: nn.Module, dtype: torch.dtype, channels_last: bool, kernels: str) -> nn.Module:
+        seen.append(kernels)
+        return real(model, dtype, channels_last, "public")
+
+    monkeypatch.setattr(sliding_window, "deploy_copy", spy)
+    cfg = RuntimeConfig(cpu_kernels=kernels)  # type: ignore[arg-type]
+    sliding_window.inference_form(_model(), cfg, torch.device(device), torch.float32, torch.channels_last_3d)
+    assert seen == [expected]

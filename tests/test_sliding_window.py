@@ -98,8 +98,7 @@ def test_box_and_mask_restrict_and_stay_exact_inside() -> None:
     # the real model: mask-skipped windows change nothing on the mask
     model = _tiny_model(3)
     full = predict_volume(model, vol, InferenceConfig(window=(8, 32, 32)), runtime=F32)
-    monai_grid = InferenceConfig(window=(8, 32, 32), grid="volume", fit_window=False)
-    restricted = predict_volume(model, vol, monai_grid, box=box, mask=mask, runtime=F32)
+    restricted = predict_volume(model, vol, InferenceConfig(window=(8, 32, 32)), box=box, mask=mask, runtime=F32)
     np.testing.assert_allclose(restricted[0][mask], full[0][mask], atol=1e-6)  # same windows: same answer
 
 
@@ -117,28 +116,6 @@ def test_voxels_under_skipped_windows_are_zero_and_the_rest_exact() -> None:
     np.testing.assert_allclose(out[0][mask], full[0][mask], atol=1e-6)
     assert not out[0][:, :, 60:100].any()  # under skipped windows only
     assert (out[0][mask] > 0).all()
-
-
-def test_box_grid_fitted_windows_cover_the_box() -> None:
-    """The fast settings of ``segment`` (grid on the box, window fitted to it, per-axis overlap): an identity-like
-    model gives its input back on the whole box; windows of a real model see more context, so the answer stays
-    close to MONAI's grid on the mask."""
-    vol = np.random.default_rng(5).uniform(0.05, 0.95, (24, 64, 80)).astype(np.float32)
-    mask = np.zeros(vol.shape, dtype=bool)
-    mask[3:20, 10:50, 5:44] = True
-    box = mask_box(mask, (1, 2, 2))
-    fast = InferenceConfig(window=(16, 96, 96), overlap_axes=(0.25, 0.125, 0.125), grid="box", fit_window=True)
-    out = predict_volume(Logit(), vol, fast, box=box, mask=mask, runtime=F32)
-    assert box is not None
-    np.testing.assert_allclose(out[0][box], vol[box], atol=1e-5)
-    outside = np.ones(vol.shape, dtype=bool)
-    outside[box] = False
-    assert not out[0][outside].any()
-    model = _tiny_model(6)
-    ref = predict_volume(model, vol, InferenceConfig(window=(8, 32, 32)), runtime=F32)
-    got = predict_volume(model, vol, fast, box=box, mask=mask, runtime=F32)
-    agree = ((ref[0] >= 0.5) == (got[0] >= 0.5))[mask].mean()
-    assert agree >= 0.95
 
 
 def test_bf16_close_to_float32_and_tta_symmetric() -> None:

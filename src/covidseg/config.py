@@ -103,10 +103,8 @@ class InferenceConfig:
     (window, overlap, blending, threshold, flips); where and how fast it is computed is :class:`RuntimeConfig`."""
 
     window: Triple = (8, 128, 128)
-    """Window ``(D, H, W)``: by default the report's training patch, on MONAI's grid over the whole volume
-    (``grid=volume``, no ``fit_window``), so that inside the lungs the answer is that of a whole-volume sliding
-    window (agreement 0.992 with bf16, 1.0000 in float32). ``16x512x512`` with ``grid=box`` and ``fit_window``
-    covers the lungs' box in-plane with one window: 1.7x faster, but a different answer (docs/performance.md)."""
+    """Window ``(D, H, W)``: by default the report's training patch, on MONAI's grid over the whole volume, so that
+    inside the lungs the answer is that of a whole-volume sliding window (docs/performance.md)."""
     overlap: float = 0.25
     gaussian_sigma_scale: float = 0.125
     threshold: float = 0.5
@@ -118,11 +116,14 @@ class InferenceConfig:
     """Margin around the lungs' bounding box over which windows run, in mm."""
     overlap_axes: tuple[float, float, float] | None = None
     """Overlap per axis ``(D, H, W)``, replacing ``overlap`` (e.g. less overlap in-plane with large windows)."""
-    grid: Literal["volume", "box"] = "volume"
-    """Where the window grid is anchored when a box is given: ``volume`` = MONAI's grid over the whole volume
-    (inside the box the answer equals a whole-volume run), ``box`` = a grid fitted to the box (fewer windows)."""
-    fit_window: bool = False
-    """Shrink the window, per axis, to the box's extent (rounded up to the model's divisor)."""
+
+
+REMOVED_KEYS: dict[str, tuple[object, str]] = {
+    "inference.grid": ("volume", "windows always lie on MONAI's grid over the whole volume"),
+    "inference.fit_window": (False, "windows always have the size of inference.window"),
+}
+"""Keys that configs, run folders and checkpoints written by older versions may hold: their old default is ignored,
+any other value is a :class:`~covidseg.errors.ConfigError` that says what replaced it."""
 
 
 @dataclass(slots=True)
@@ -223,6 +224,10 @@ class RuntimeConfig:
     """Windows per network call at inference. 2 by default: in float32 torch runs 3D convolutions of a batch of 1
     with few channels through its slow im2col path instead of oneDNN (5x slower on the development CPU); bfloat16
     is the same speed with 1, 2 (docs/performance.md)."""
+    cpu_kernels: Literal["public", "onednn"] = "public"
+    """The network's inference form on the CPU (:func:`covidseg.models.deploy.deploy_copy`): ``public`` (folded
+    batch norm, dtype, channels-last by torch's public modules) or ``onednn`` (also oneDNN's fused operators and the
+    FV gates folded into the fusion convolution); a GPU always runs ``public``."""
     num_workers: int = 2
     """Patch-sampling worker processes of training (0 = patches are drawn in the training process)."""
     cache_dir: str | None = None
@@ -385,6 +390,9 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str, base: Any | None = 
     names = {f.name for f in dataclasses.fields(cls)}
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if full in REMOVED_KEYS:
+            _check_removed(full, value)
+            continue
         if key not in names:
             raise ConfigError(f"unknown config key '{full}'; valid keys here: {', '.join(sorted(names))}")
         hint = hints[key]
@@ -396,6 +404,12 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str, base: Any | None = 
         else:
             setattr(obj, key, _convert(value, hint, full))
     return obj
+
+
+def _check_removed(key: str, value: Any) -> None:
+    default, now = REMOVED_KEYS[key]
+    if value != default and str(value).lower() != str(default).lower():
+        raise ConfigError(f"config key '{key}' ({value!r}) was removed: {now}; delete it from the config")
 
 
 def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config:

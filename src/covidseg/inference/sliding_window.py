@@ -7,9 +7,10 @@ whole volume the result equals MONAI's (``tests/test_sliding_window.py`` compare
 
 - windows only over ``box`` (the lungs' bounding box plus a margin) and, when a ``mask`` is given, only the
   windows that contain at least one mask voxel (the others would only predict voxels outside the mask);
-- a covidseg network runs as its inference form (:func:`covidseg.models.deploy.deploy_copy`: batch norm folded,
-  weights in ``channels_last_3d`` and, where bfloat16 is used, in bfloat16), windows batched and fed in the same
-  dtype and memory format under :func:`torch.inference_mode`; other modules (TorchScript) run under autocast;
+- a covidseg network runs as its inference form (:func:`inference_form`: batch norm folded, weights in
+  ``channels_last_3d`` and, where bfloat16 is used, in bfloat16; on the CPU the form ``runtime.cpu_kernels``
+  names), windows batched and fed in the same dtype and memory format under :func:`torch.inference_mode`; other
+  modules (TorchScript) run under autocast;
 - bfloat16 on CPUs with native bfloat16 (AVX512-BF16 / AMX) and on GPUs that have it
   (:func:`covidseg.runtime.bf16_enabled`);
 - accumulators allocated once, over the box only.
@@ -191,8 +192,6 @@ def _predict_volume(model: nn.Module, volume: np.ndarray, cfg: InferenceConfig, 
     _check_window(model, window, spatial_dims)
 
     want = _normalise_box(box, shape)
-    if cfg.fit_window:
-        window = _fit_window(model, window, want, spatial_dims)
     overlaps = tuple(cfg.overlap_axes) if cfg.overlap_axes is not None else (cfg.overlap,) * 3
 
     # pad (symmetrically with zeros, as MONAI) only where the volume itself is smaller than a window
@@ -206,23 +205,15 @@ def _predict_volume(model: nn.Module, volume: np.ndarray, cfg: InferenceConfig, 
     if mask is not None:
         region_mask = np.zeros(padded, dtype=bool)
         region_mask[want_p[0], want_p[1], want_p[2]] = np.asarray(mask, dtype=bool)[want]
-    if cfg.grid == "box":  # a grid fitted to the box (shifted back where the box ends near the volume's end)
-        starts = []
-        for n, w, b, ov in zip(padded, window, want_p, overlaps, strict=True):
-            extent = max(b.stop - b.start, w)
-            first = min(b.start, n - extent)
-            starts.append([first + s0 for s0 in scan_starts(extent, w, ov)])
-    else:  # MONAI's positions on the whole volume, kept where they meet the box: inside it the result equals
-        # the whole-volume result
-        starts = [[s0 for s0 in scan_starts(n, w, ov) if s0 < b.stop and s0 + w > b.start]
-                  for n, w, b, ov in zip(padded, window, want_p, overlaps, strict=True)]
+    # MONAI's positions on the whole volume, kept where they meet the box: inside it the result equals the
+    # whole-volume result
+    starts = [[s0 for s0 in scan_starts(n, w, ov) if s0 < b.stop and s0 + w > b.start]
+              for n, w, b, ov in zip(padded, window, want_p, overlaps, strict=True)]
     positions = [(d, h, w) for d, h, w in itertools.product(*starts)]
     if region_mask is not None:
         positions = [p for p in positions
                      if region_mask[p[0] : p[0] + window[0], p[1] : p[1] + window[1], p[2] : p[2] + window[2]].any()]
     sized = [(p, tuple(window)) for p in positions]
-    if region_mask is not None and cfg.grid == "box" and cfg.fit_window and spatial_dims == 3 and mask is not None:
-        sized = _fit_to_mask(model, sized, region_mask, _margin(np.asarray(mask, dtype=bool), want))
     del region_mask
     if sized:
         lo = [min(p[a] for p, _ in sized) for a in range(3)]
@@ -258,45 +249,6 @@ def _predict_volume(model: nn.Module, volume: np.ndarray, cfg: InferenceConfig, 
     return out
 
 
-def _margin(mask: np.ndarray, box: Sequence[slice]) -> tuple[int, int, int]:
-    """The margin (voxels per axis) between the mask's bounding box and ``box`` (the lungs' box + its margin)."""
-    tight = mask_box(mask[tuple(box)])
-    if tight is None:
-        return (0, 0, 0)
-    return tuple(min(t.start, (b.stop - b.start) - t.stop) for t, b in zip(tight, box, strict=True))  # type: ignore[return-value]
-
-
-def _fit_to_mask(model: nn.Module, sized: list[tuple[tuple[int, int, int], tuple[int, ...]]], mask: np.ndarray,
-                 margin: Sequence[int]) -> list[tuple[tuple[int, int, int], tuple[int, ...]]]:
-    """Shrink each window in-plane to the mask's bounding box inside it plus ``margin`` (rounded up to the model's
-    divisor, kept inside the original window): near the apex and the bases the lungs' cross-section is far smaller
-    than the box's, and a fully convolutional model accepts any size."""
-    divisor = getattr(_unwrap(model), "size_divisor", None) or (1, 1, 1)
-    out: list[tuple[tuple[int, int, int], tuple[int, ...]]] = []
-    for (d, h, w), (wd, wh, ww) in sized:
-        part = mask[d : d + wd, h : h + wh, w : w + ww]
-        start, size = [d, h, w], [wd, wh, ww]
-        for axis, (origin, extent) in ((1, (h, wh)), (2, (w, ww))):
-            other = (0, 2) if axis == 1 else (0, 1)
-            hit = np.flatnonzero(part.any(axis=other))
-            lo_ = max(int(hit[0]) - int(margin[axis]), 0)
-            hi_ = min(int(hit[-1]) + 1 + int(margin[axis]), extent)
-            div = int(divisor[axis])
-            n = min(extent, fit_size((hi_ - lo_,), (div,))[0])
-            first = min(lo_, extent - n)
-            start[axis], size[axis] = origin + first, n
-        out.append(((start[0], start[1], start[2]), (size[0], size[1], size[2])))
-    return out
-
-
-def _fit_window(model: nn.Module, window: Sequence[int], box: Sequence[slice], spatial_dims: int) -> list[int]:
-    """``window`` shrunk per axis to the box's extent rounded up to the model's size divisor."""
-    divisor = getattr(_unwrap(model), "size_divisor", None)
-    div = (1, 1, 1) if divisor is None else ((1, *divisor) if spatial_dims == 2 else tuple(divisor))
-    extent = fit_size([b.stop - b.start for b in box], div)
-    return [min(int(w), e) for w, e in zip(window, extent, strict=True)]
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     from covidseg.checkpoint import unwrap_model
 
@@ -313,6 +265,15 @@ def _check_window(model: nn.Module, window: Sequence[int], spatial_dims: int) ->
             f"inference.window {format_size(window)} does not fit the model's poolings (each axis a "
             f"multiple of {format_size(div)}); use --set inference.window={format_size(fit_size(window, div))}"
         )
+
+
+def inference_form(model: nn.Module, rt: RuntimeConfig, device: torch.device, dtype: torch.dtype,
+                   memory_format: torch.memory_format) -> nn.Module:
+    """The copy of a covidseg network that :func:`predict_volume` runs (:func:`covidseg.models.deploy.deploy_copy`)
+    in ``dtype`` and ``memory_format``: on the CPU the form ``rt.cpu_kernels`` names, on a GPU the public form (the
+    oneDNN form is CPU-only)."""
+    kernels = rt.cpu_kernels if device.type == "cpu" else "public"
+    return deploy_copy(model, dtype, memory_format == torch.channels_last_3d, kernels)
 
 
 def _run_windows(
@@ -339,7 +300,7 @@ def _run_windows(
     autocast: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
     if isinstance(model, UNet):  # its inference form: batch norm folded, weights in the compute dtype and layout
         input_dtype = torch.bfloat16 if use_bf16 else torch.float32
-        model = deploy_copy(model, input_dtype, channels_last=memory_format == torch.channels_last_3d)
+        model = inference_form(model, rt, dev, input_dtype, memory_format)
     elif use_bf16:  # any other module (a TorchScript export): bf16 by autocast
         autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
     flips = _flip_sets(cfg.tta_axes if spatial_dims == 3 else [a for a in cfg.tta_axes if a != 0]) if cfg.tta \
