@@ -1,7 +1,7 @@
 """Training throughput of the full model vs MONAI's DynUNet on one GPU (or a CPU smoke test), plus a short real run.
 
 Part 1 (synthetic batches, no data loading): the report's final model (``unet-fv-paspp-ds``, default width) and
-an nnU-Net-style MONAI DynUNet (32-256 filters, as in METHOD.md §4) each train for ``--steps`` steps at the
+an nnU-Net-style MONAI DynUNet (32-256 filters, as in docs/method.md) each train for ``--steps`` steps at the
 report's settings: patch 128x128x8 (``(D, H, W) = (8, 128, 128)``), batch 5, Adam 1e-4, ``0.5 BCE + Dice`` with
 deep supervision, bf16 autocast, ``channels_last_3d`` and fused Adam on CUDA. Printed: ms/step, patches/s, peak GPU
 memory. ``--compile none reduce-overhead`` adds the full model under ``torch.compile`` (CUDA graphs against the
@@ -46,7 +46,7 @@ def _sync(device: torch.device) -> None:
 
 
 def dynunet() -> torch.nn.Module:
-    """MONAI DynUNet, nnU-Net style for 128x128x8 patches (filters 32..256, 5.4 M parameters; METHOD.md §4)."""
+    """MONAI DynUNet, nnU-Net style for 128x128x8 patches (filters 32..256, 5.4 M parameters; docs/method.md)."""
     from monai.networks.nets import DynUNet
 
     kernels = [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3]]

@@ -1,4 +1,4 @@
-"""Benchmark: ``covidseg segment`` end to end against MONAI's sliding-window inference (issue 7).
+"""Benchmark: ``covidseg segment`` end to end against MONAI's sliding-window inference.
 
 In one run, on a coronacases-style phantom (512 x 512 x 300 by default; ``--slices N`` for a thinner slab):
 

@@ -1,6 +1,6 @@
-"""Classical lung extraction against the phantoms' own lung masks (issue 5: Dice >= 0.95 per lung).
+"""Classical lung extraction against the phantoms' own lung masks.
 
-For each seed: a coronacases-style phantom at ``--scale`` (1.0 = 512 x 512 x 200-300, the size issue 5 names),
+For each seed: a coronacases-style phantom at ``--scale`` (1.0 = 512 x 512 x 200-300),
 ``covidseg.inference.lungs.classical_lungs`` on its HU volume, and the Dice of the left (1) and right (2) lung
 against the phantom's truth, the share of the true infection kept inside the lung mask, and the time.
 

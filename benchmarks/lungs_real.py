@@ -16,7 +16,6 @@ Timings on a machine shared with other jobs are noisy: the JSON records the load
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -192,9 +191,11 @@ def main(argv: list[str] | None = None) -> int:
             v_hu, v_spacing, v_ref, lesion = make()
             rows.append(row(case, name, v_hu, v_spacing, v_ref, lesion))
     timing = thread_timings(args.repeats) if args.repeats > 0 else None
-    result = {"benchmark": "lungs_real", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-              "version": code_version(), "machine": machine_description(), "load_average": os.getloadavg(),
-              "config": LungConfig().__dict__, "runs": rows, "timing": timing,
+    from _stamp import stamp
+
+    result = {"benchmark": "lungs_real", **stamp({"lungs": LungConfig().__dict__}),
+              "version": code_version(), "machine_description": machine_description(),
+              "load_average": os.getloadavg(), "runs": rows, "timing": timing,
               "scoring": "pancreas-ct-cb-001: reference_labels.nii.gz (its RTSTRUCT on the CT grid); others: Dice "
                          "against the unperturbed CT's lungs (thick slices: majority of each slab)"}
     if args.json:

@@ -597,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stride: {result['stride']['rows']}", flush=True)
     for part in parts:
         stamps[part] = stamp
+    from _stamp import stamp as results_stamp  # the file's stamp: the code of its latest section
+
+    result.update(results_stamp({"command": command, "parts": sorted(parts)}))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(_rounded(result), indent=1) + "\n")
     print(f"wrote {args.out}" + (f" and {args.figure}" if "real_ct" in parts else ""))

@@ -1,4 +1,4 @@
-"""How many windows, and how many FLOPs, a sliding window over a CT costs (issue 7's FLOP budget).
+"""How many windows, and how many FLOPs, a sliding window over a CT costs.
 
 Counts the windows of covidseg's default (MONAI's grid over the whole volume, kept where they meet the lungs'
 box + margin and touch a lung voxel) and of MONAI's whole-volume reference, and multiplies their voxels by the

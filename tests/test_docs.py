@@ -14,11 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
-PENDING_REWRITE = {"docs/segment.md", "docs/benchmarks.md"}
-"""Pages rewritten elsewhere that still cite METHOD.md or use diary words: a temporary exception, to be removed
-once their rewrite is merged."""
-RESULTS_OWNED_ELSEWHERE = "semiseg_cv_*"
-"""Results files of the 2D cross-validation, stamped by their own benchmark's rewrite (temporary exception)."""
 
 DIARY = re.compile(
     r"\b(later|earlier|previous|first|second|third|next) (session|pass)\b|\bsession\b|\bissue [0-9]+\b", re.IGNORECASE
@@ -36,11 +31,7 @@ def _name(page: Path) -> str:
 
 
 def _params() -> list[object]:
-    return [
-        pytest.param(page, id=_name(page), marks=pytest.mark.skip(reason=f"{_name(page)}: rewritten elsewhere"))
-        if _name(page) in PENDING_REWRITE else pytest.param(page, id=_name(page))
-        for page in PAGES
-    ]
+    return [pytest.param(page, id=_name(page)) for page in PAGES]
 
 
 def slug(heading: str) -> str:
@@ -100,8 +91,7 @@ def test_cited_results_files_exist(page: Path) -> None:
 
 
 def _results_files() -> list[object]:
-    elsewhere = set(RESULTS.glob(RESULTS_OWNED_ELSEWHERE))
-    return [pytest.param(p, id=p.name) for p in sorted(RESULTS.iterdir()) if p.is_file() and p not in elsewhere]
+    return [pytest.param(p, id=p.name) for p in sorted(RESULTS.iterdir()) if p.is_file()]
 
 
 @pytest.mark.parametrize("path", _results_files())

@@ -159,7 +159,7 @@ def test_se_gives_one_weight_per_channel_and_ce_one_per_sample():
 
 
 def test_ce_has_no_nonlinearity_between_its_fully_connected_layers():
-    """METHOD.md §1: the CE weight is sigmoid of an affine map of the pooled features."""
+    """docs/method.md: the CE weight is sigmoid of an affine map of the pooled features."""
     torch.manual_seed(0)
     ce = CEChannelAttention(2, 8)
     x = torch.randn(2, 8, 4, 4)
@@ -192,7 +192,7 @@ def test_paspp_preserves_spatial_size_for_every_dilation(dims, dilation):
 
 
 def test_paspp_progressive_fusion_wiring():
-    """With the atrous branches zeroed, o_i = b_1 + b_2 (resp. b_3 + b_4) as METHOD.md describes."""
+    """With the atrous branches zeroed, o_i = b_1 + b_2 (resp. b_3 + b_4) as docs/method.md describes."""
     torch.manual_seed(0)
     block = PASPP(3, 8).eval()
     x = torch.randn(1, 8, 2, 4, 4)

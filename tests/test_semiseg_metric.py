@@ -1,4 +1,4 @@
-"""Inf-Net's mean Dice (METHOD.md §3) against small hand-computed cases and a brute-force reference."""
+"""Inf-Net's mean Dice (docs/method.md) against small hand-computed cases and a brute-force reference."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from covidseg.data.layouts import REAL_CASE_IDS, source_of
 from covidseg.data.splits import SPLIT_NAMES, make_split
 from covidseg.errors import ConfigError, InputError
 
-# METHOD.md §2 (Ma et al., COVID-19-CT-Seg-Benchmark, Task1_COVID_82_datasplit), pinned here on purpose
+# docs/method.md (Ma et al., COVID-19-CT-Seg-Benchmark, Task1_COVID_82_datasplit), pinned here on purpose
 PUBLISHED_TEST_FOLDS = {
     0: ["coronacases_007", "coronacases_008", "radiopaedia_36_86526_0", "radiopaedia_4_85506_1"],
     1: ["coronacases_004", "coronacases_009", "radiopaedia_14_85914_0", "radiopaedia_7_85703_0"],

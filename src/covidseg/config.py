@@ -23,13 +23,13 @@ from covidseg.errors import ConfigError
 
 Triple = tuple[int, int, int]
 
-# Hounsfield window of the radiopaedia cases (METHOD.md §2): [-1250, 250] HU stored as [0, 255].
+# Hounsfield window of the radiopaedia cases (docs/method.md): [-1250, 250] HU stored as [0, 255].
 HU_WINDOW: tuple[float, float] = (-1250.0, 250.0)
 
 
 @dataclass(slots=True)
 class IntensityConfig:
-    """How CT intensities are mapped onto the network's [0, 1] scale (METHOD.md §2)."""
+    """How CT intensities are mapped onto the network's [0, 1] scale (docs/method.md)."""
 
     convention: Literal["auto", "hu", "windowed"] = "auto"
     """``hu``: Hounsfield units; ``windowed``: already windowed to ``window_hu`` and stored as ``windowed_range``;
@@ -50,7 +50,7 @@ class IntensityConfig:
 
 @dataclass(slots=True)
 class ModelConfig:
-    """The network family of METHOD.md §1; every row of the report's Tables 2 and 3 is a setting of it."""
+    """The network family of docs/method.md; every row of the report's Tables 2 and 3 is a setting of it."""
 
     name: str = "unet-fv-paspp-ds"
     """Variant name from :data:`covidseg.models.registry.MODELS`. The variant decides ``spatial_dims``, ``fv``,

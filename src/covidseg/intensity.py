@@ -1,4 +1,4 @@
-"""Intensity conventions of chest CT and the one [0, 1] scale the networks see (METHOD.md §2).
+"""Intensity conventions of chest CT and the one [0, 1] scale the networks see (docs/method.md).
 
 The real dataset mixes two conventions: the coronacases volumes are in Hounsfield units (HU), the radiopaedia
 volumes were already windowed to [-1250, 250] HU and rescaled to [0, 255]. A fixed HU window applied to both is

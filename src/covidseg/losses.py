@@ -1,4 +1,4 @@
-"""The report's loss, ``0.5 * BCE + Dice`` on logits, and the deep-supervision weighting (METHOD.md §1).
+"""The report's loss, ``0.5 * BCE + Dice`` on logits, and the deep-supervision weighting (docs/method.md).
 
 Both terms are computed from the logits in float32, so the loss is stable under bf16/fp16 autocast: BCE uses
 ``binary_cross_entropy_with_logits`` (log-sum-exp form) and the soft Dice uses ``sigmoid(logits)``.

@@ -6,7 +6,7 @@ import argparse
 
 _DESCRIPTION = """\
 Generate synthetic chest-CT phantoms with lung and infection masks, written exactly like the
-COVID-19-CT-Seg Zenodo record (METHOD.md §2), so that every covidseg command reads them as it reads the
+COVID-19-CT-Seg Zenodo record (docs/method.md), so that every covidseg command reads them as it reads the
 real data:
 
   OUT_DIR/COVID-19-CT-Seg_20cases/coronacases_org_001.nii.gz   (CT)

@@ -33,7 +33,7 @@ from covidseg.targets import JOINT_INFECTION, LEFT_LUNG, RIGHT_LUNG
 EXPECTED_LABELS: dict[str, set[int]] = {
     "lung": {0, 1, 2}, "infection": {0, 1}, "lung_and_infection": {0, 1, 2, 3},
 }
-"""Label sets of the real dataset (METHOD.md §2): lungs 1 left / 2 right; infection 0/1; joint 1, 2, 3."""
+"""Label sets of the real dataset (docs/method.md): lungs 1 left / 2 right; infection 0/1; joint 1, 2, 3."""
 PIPE_WIDTH = 180
 """Table width (characters) when stdout is not a terminal."""
 MASK_DIRS = {"zenodo": ZENODO_MASK_DIRS, "kaggle": KAGGLE_MASK_DIRS,

@@ -33,7 +33,7 @@ from covidseg.errors import InputError, UserError
 ZENODO_API_URL = "https://zenodo.org/api"
 ZENODO_RECORD = "3757476"
 ARCHIVES: tuple[str, ...] = (f"{ZENODO_CT_DIR}.zip", *(f"{d}.zip" for d in ZENODO_MASK_DIRS.values()))
-"""The four archives of the record (METHOD.md §2)."""
+"""The four archives of the record (docs/method.md)."""
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60.0
 COMPLETE_MARKER = ".covidseg-complete"

@@ -1,7 +1,7 @@
 """The real dataset's folder layouts, each CT paired with its masks by one canonical case id.
 
 Recognised layouts of the COVID-19 CT Lung and Infection Segmentation Dataset (Ma et al., Zenodo record 3757476;
-METHOD.md §2):
+docs/method.md):
 
 - **zenodo**: the four unpacked archives ``COVID-19-CT-Seg_20cases/`` (CTs named ``coronacases_org_001.nii.gz``,
   ``radiopaedia_org_covid-19-pneumonia-10_85902_1-dcm.nii.gz``), ``Lung_Mask/``, ``Infection_Mask/`` and
@@ -56,7 +56,7 @@ REAL_CASE_IDS: tuple[str, ...] = (
     "radiopaedia_14_85914_0", "radiopaedia_27_86410_0", "radiopaedia_29_86490_1", "radiopaedia_29_86491_1",
     "radiopaedia_36_86526_0", "radiopaedia_40_86625_0",
 )
-"""The 20 cases of Zenodo record 3757476 (METHOD.md §2)."""
+"""The 20 cases of Zenodo record 3757476 (docs/method.md)."""
 
 _CORONACASES = re.compile(r"^(?:coronacases_(?:org_)?)?(?:case)?(\d+)$", re.IGNORECASE)
 _RADIOPAEDIA = re.compile(r"^radiopaedia_(?:org_covid-19-pneumonia-)?(\d+_\d+_\d+)(?:-dcm)?$", re.IGNORECASE)

@@ -4,7 +4,7 @@
   radiopaedia) in every part. On another cohort size: the same proportions 70/10/20, stratified by source, at
   least one case in validation and test.
 - ``benchmark-fold-K`` (K = 0..4): the COVID-19-CT-Seg benchmark's 5-fold split (Ma et al.,
-  ``Task1_COVID_82_datasplit``; METHOD.md §2) with exactly its published test cases when the 20 real ids are
+  ``Task1_COVID_82_datasplit``; docs/method.md) with exactly its published test cases when the 20 real ids are
   present; otherwise a seeded 5-fold split stratified by source.
 - ``few-shot``: 4 train / 16 test on the real 20 (20 % / 80 %), seeded, stratified by source.
 
@@ -27,7 +27,7 @@ BENCHMARK_TEST_FOLDS: tuple[tuple[str, ...], ...] = (
     ("coronacases_003", "coronacases_005", "radiopaedia_27_86410_0", "radiopaedia_40_86625_0"),
     ("coronacases_002", "coronacases_006", "radiopaedia_10_85902_3", "radiopaedia_29_86490_1"),
 )
-"""Test cases of the benchmark's folds 0..4 (Ma et al., COVID-19-CT-Seg-Benchmark; METHOD.md §2)."""
+"""Test cases of the benchmark's folds 0..4 (Ma et al., COVID-19-CT-Seg-Benchmark; docs/method.md)."""
 N_FOLDS = len(BENCHMARK_TEST_FOLDS)
 REPORT_FRACTIONS = (0.7, 0.1, 0.2)
 """train / val / test share of the report's split (14/2/4 of 20)."""

@@ -1,4 +1,4 @@
-"""The network family of METHOD.md §1: blocks, the U-Net, the registry of named variants."""
+"""The network family of docs/method.md: blocks, the U-Net, the registry of named variants."""
 
 from covidseg.models.heads import heads_off, set_heads
 from covidseg.models.registry import MODELS, create_model, resolve_model_config, variant_config

@@ -1,4 +1,4 @@
-"""Building blocks of the network family (METHOD.md §1): conv block, Feature Variation, PASPP, heads.
+"""Building blocks of the network family (docs/method.md): conv block, Feature Variation, PASPP, heads.
 
 Every block works in 3D (tensors ``(B, C, D, H, W)``) and in 2D (``(B, C, H, W)``), chosen by ``spatial_dims``;
 in 2D there are no through-plane kernels, dilations or poolings. The network module
@@ -142,7 +142,7 @@ class SEChannelAttention(nn.Module):
 class CEChannelAttention(nn.Module):
     """CE (contrast enhancement) channel branch of Yan et al. 2021: GAP -> FC C->C/r -> FC C/r->1 -> sigmoid.
 
-    One weight per sample, broadcast over all C channels. As in METHOD.md §1 there is no nonlinearity between the
+    One weight per sample, broadcast over all C channels. As in docs/method.md there is no nonlinearity between the
     two fully connected layers (the report only says CE differs from SE "at the fully connected layers").
 
     Args:

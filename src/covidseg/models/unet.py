@@ -1,4 +1,4 @@
-"""The U-Net of the report, assembled from :mod:`covidseg.models.blocks` (METHOD.md §1, docs/model.md).
+"""The U-Net of the report, assembled from :mod:`covidseg.models.blocks` (docs/method.md, docs/model.md).
 
 Encoder level ``l`` (``l = 0 .. depth``) has ``base_width * 2**l`` channels. Pooling ``l`` (between level ``l``
 and ``l + 1``) halves the in-plane axes always and the slice axis only for the first ``slice_poolings`` poolings,

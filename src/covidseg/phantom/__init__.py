@@ -2,7 +2,7 @@
 
 ``make_phantom(style, seed, scale)`` builds one case in the canonical ``(D, H, W)`` order; ``write_cohort`` writes
 a cohort as ``COVID-19-CT-Seg_20cases/``, ``Lung_Mask/``, ``Infection_Mask/``, ``Lung_and_Infection_Mask/``
-with the real file names (METHOD.md §2). See ``docs/phantoms.md``. Phantoms are not patient data: numbers
+with the real file names (docs/method.md). See ``docs/phantoms.md``. Phantoms are not patient data: numbers
 measured on them say nothing about patients.
 """
 

@@ -1,4 +1,4 @@
-"""A cohort of phantoms written in exactly the Zenodo layout of the real dataset (METHOD.md §2).
+"""A cohort of phantoms written in exactly the Zenodo layout of the real dataset (docs/method.md).
 
 ::
 
@@ -33,7 +33,7 @@ RADIOPAEDIA_IDS = (
     "4_85506_1", "7_85703_0", "10_85902_1", "10_85902_3", "14_85914_0",
     "27_86410_0", "29_86490_1", "29_86491_1", "36_86526_0", "40_86625_0",
 )
-"""The ten real radiopaedia case ids (METHOD.md §2), in order."""
+"""The ten real radiopaedia case ids (docs/method.md), in order."""
 
 
 @dataclass(frozen=True)

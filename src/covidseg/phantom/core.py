@@ -4,7 +4,7 @@ The volume is built in the canonical order ``(D, H, W)`` = (inferior -> superior
 right -> left) (``docs/architecture.md``), slice by slice from :mod:`covidseg.phantom.anatomy`, then the oblique
 tubes, lesions and noise are added in 3D. Thick slices are rendered as several thin sub-slices averaged together,
 which is what a thick reconstructed slice is (partial volume along ``z``). The file orientation and intensity
-convention depend on the style, as in the real dataset (METHOD.md §2):
+convention depend on the style, as in the real dataset (docs/method.md):
 
 - ``coronacases``: about 512 x 512 x 200-300, 0.6-0.8 mm pixels, slices about 1 mm, Hounsfield units (int16),
   voxel axes L, P, S (NIfTI affine ``diag(-sx, -sy, sz)``).

@@ -1,4 +1,4 @@
-"""Loader of the COVID-SemiSeg layout (Fan et al., "Inf-Net", IEEE TMI 39(8), 2020; METHOD.md §3).
+"""Loader of the COVID-SemiSeg layout (Fan et al., "Inf-Net", IEEE TMI 39(8), 2020; docs/method.md).
 
 A folder of that layout holds::
 

@@ -1,4 +1,4 @@
-"""Evaluate a 2D checkpoint on any folder of the COVID-SemiSeg layout, with Inf-Net's metric (METHOD.md §3).
+"""Evaluate a 2D checkpoint on any folder of the COVID-SemiSeg layout, with Inf-Net's metric (docs/method.md).
 
 ``--checkpoint default`` is the model shipped in the package (``covidseg/weights/semiseg-2d.pt``, found with
 :mod:`importlib.resources`, so it works from an installed wheel and from a clone).
@@ -93,7 +93,7 @@ def evaluate_folder(
         "seconds": round(time.perf_counter() - t0, 3),
         "torch": torch.__version__,
         "machine": platform.machine(),
-        "metric": "mean_dice_infnet: Inf-Net's EvaluationTool definition (METHOD.md section 3); "
+        "metric": "mean_dice_infnet: Inf-Net's EvaluationTool definition (docs/method.md); "
                   "the other metrics at probability >= 0.5",
     })
     return result

@@ -1,4 +1,4 @@
-"""Inf-Net's "mean Dice" and plain binary metrics of one 2D slice (METHOD.md §3).
+"""Inf-Net's "mean Dice" and plain binary metrics of one 2D slice (docs/method.md).
 
 The mean Dice of Inf-Net's evaluation (``EvaluationTool/main.m`` and ``Fmeasure_calu.m`` of
 github.com/DengPingFan/Inf-Net; Fan et al., IEEE TMI 39(8), 2020), per image:

@@ -50,7 +50,7 @@ MAX_FOREGROUND_COORDS = 50_000
 ENV_CACHE = "COVIDSEG_CACHE"
 """Environment variable naming the cache root."""
 LABEL_LEFT, LABEL_RIGHT, LABEL_INFECTION_JOINT = 1, 2, 3
-"""Labels of ``Lung_and_Infection_Mask`` (METHOD.md §2)."""
+"""Labels of ``Lung_and_Infection_Mask`` (docs/method.md)."""
 
 
 def default_cache_root(cache_dir: str | None = None) -> Path:
