@@ -8,15 +8,15 @@ from covidseg.errors import ConfigError
 from covidseg.models.shapes import fit_size, fits, format_size
 
 
-@pytest.mark.parametrize("sizes, divisor, fits, fit", [
+@pytest.mark.parametrize("sizes, divisor, ok, fit", [
     ((8, 128, 128), (4, 16, 16), True, (8, 128, 128)),
     ((6, 30, 32), (4, 4, 4), False, (8, 32, 32)),
     ((2, 5), (4, 4), False, (4, 8)),  # smaller than the divisor: the divisor itself
     ((0, 16), (4, 16), False, (4, 16)),
     ((17,), (1,), True, (17,)),
 ])
-def test_fit_rounds_up_to_the_divisor(sizes, divisor, fits: bool, fit) -> None:
-    assert fits(sizes, divisor) is fits
+def test_fit_rounds_up_to_the_divisor(sizes, divisor, ok: bool, fit) -> None:
+    assert fits(sizes, divisor) is ok
     assert fit_size(sizes, divisor) == fit
     assert fits(fit_size(sizes, divisor), divisor)
     assert all(f >= s for f, s in zip(fit, sizes, strict=True))
