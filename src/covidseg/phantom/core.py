@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from nibabel import orientations
@@ -217,7 +218,36 @@ def make_phantom(style: str, seed: int, scale: float = 1.0, case_id: str | None 
         lung[k, rows, cols] = (occ * 255.0 + 0.5).astype(np.uint8)
     coords = (zs, ys, xs)
 
-    # ---- oblique tubes, lesions --------------------------------------------------------------------------
+    severity, lesions, infection = _paint_structures(rng, an, ct, lung, coords, edge,
+                                                     (points, boundary, weights, centroid))
+    lungs, infection_mask = _slab_masks(ct.shape, n_sub, lung, infection, xs > an.x_mid)
+    if n_sub > 1:  # thick slices: the mean of their sub-slices
+        ct = ct.reshape(n_z, n_sub, n_xy, n_xy).mean(axis=1, dtype=np.float32)
+
+    # ---- scanner noise ----------------------------------------------------------------------------------
+    sigma = u(12.0, 32.0) if spec.thin else u(6.0, 16.0)
+    add_noise(ct, rng, sigma * math.sqrt(scale) if scale < 1 else sigma, u(0.4, 0.9))
+    np.clip(ct, HU_CLIP[0], HU_CLIP[1], out=ct)
+
+    spacing = (float(dz), float(dxy), float(dxy))
+    centre_ras = (float(-x_shift), float(y_shift), float(u(-150.0, -50.0)))
+    affine = file_affine(ct.shape, spacing, spec.file_axcodes, centre_ras)
+    return Phantom(
+        case_id=case_id or f"{style}_seed{seed}", style=style, ct=ct, lungs=lungs, infection=infection_mask,
+        spacing=spacing, affine=affine, axcodes=spec.file_axcodes, convention=spec.convention,
+        severity=severity, lesions=lesions, origin_mm=(float(zs[0] - (n_sub - 1) * dzf / 2), float(ys[0]),
+                                                       float(xs[0])),
+        anatomy=an,
+    )
+
+
+def _paint_structures(rng: np.random.Generator, an: Anatomy, ct: np.ndarray, lung: np.ndarray,
+                      coords: tuple[np.ndarray, np.ndarray, np.ndarray], edge: float,
+                      coarse: tuple[Any, Any, Any, Any]) -> tuple[str, list[Lesion], np.ndarray]:
+    """Paint the oblique structures and the lesions into ``ct`` (and ``lung``), in the order that fixes the
+    random draws: ribs, central vessels and bronchi, the lung trees, GGO lesions, vessels, consolidations, airways.
+    Returns ``(severity, lesions, infection occupancy)``."""
+    points, boundary, weights, centroid = coarse
     ts = an.tissues
     for tube, cartilage in rib_tubes(an):
         if cartilage:
@@ -246,34 +276,23 @@ def make_phantom(style: str, seed: int, scale: float = 1.0, case_id: str | None 
     for tube in airways:
         _paint_tube(ct, coords, tube, AIRWAY_WALL_HU, edge, weight=lung, grow=0.25 * tube.r0 + 0.5)
         _paint_tube(ct, coords, tube, AIR_HU, edge, weight=lung)
+    return severity, lesions, infection
 
-    # ---- thick slices: average the sub-slices; masks by majority ------------------------------------------
+
+def _slab_masks(shape: tuple[int, ...], n_sub: int, lung: np.ndarray, infection: np.ndarray,
+                left_columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lung labels (1 left, 2 right) and the infection mask of the slices: a voxel of a thick slice is inside
+    when most of its sub-slices' occupancy is."""
     if n_sub > 1:
-        ct = ct.reshape(n_z, n_sub, n_xy, n_xy).mean(axis=1, dtype=np.float32)
-        lung_f = lung.reshape(n_z, n_sub, n_xy, n_xy).mean(axis=1, dtype=np.float32)
-        inf_f = infection.reshape(n_z, n_sub, n_xy, n_xy).mean(axis=1, dtype=np.float32)
+        n_z = shape[0] // n_sub
+        lung_f = lung.reshape(n_z, n_sub, *shape[1:]).mean(axis=1, dtype=np.float32)
+        inf_f = infection.reshape(n_z, n_sub, *shape[1:]).mean(axis=1, dtype=np.float32)
     else:
         lung_f, inf_f = lung, infection
     inside = lung_f >= 127.5
-    left = (xs > an.x_mid)[None, None, :]
+    left = left_columns[None, None, :]
     lungs = np.where(inside, np.where(left, np.uint8(1), np.uint8(2)), np.uint8(0)).astype(np.uint8)
-    infection_mask = ((inf_f >= 127.5) & inside).astype(np.uint8)
-
-    # ---- scanner noise ----------------------------------------------------------------------------------
-    sigma = u(12.0, 32.0) if spec.thin else u(6.0, 16.0)
-    add_noise(ct, rng, sigma * math.sqrt(scale) if scale < 1 else sigma, u(0.4, 0.9))
-    np.clip(ct, HU_CLIP[0], HU_CLIP[1], out=ct)
-
-    spacing = (float(dz), float(dxy), float(dxy))
-    centre_ras = (float(-x_shift), float(y_shift), float(u(-150.0, -50.0)))
-    affine = file_affine(ct.shape, spacing, spec.file_axcodes, centre_ras)
-    return Phantom(
-        case_id=case_id or f"{style}_seed{seed}", style=style, ct=ct, lungs=lungs, infection=infection_mask,
-        spacing=spacing, affine=affine, axcodes=spec.file_axcodes, convention=spec.convention,
-        severity=severity, lesions=lesions, origin_mm=(float(zs[0] - (n_sub - 1) * dzf / 2), float(ys[0]),
-                                                       float(xs[0])),
-        anatomy=an,
-    )
+    return lungs, ((inf_f >= 127.5) & inside).astype(np.uint8)
 
 
 def _paint_tube(ct: np.ndarray, coords: tuple[np.ndarray, np.ndarray, np.ndarray], tube: Tube, value: float,
