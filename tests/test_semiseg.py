@@ -309,3 +309,23 @@ def test_shipped_default_model_evaluates_real_slices(tmp_path: Path) -> None:
     result = evaluate_folder(default_checkpoint(), sub, device="cpu")
     assert result["n_images"] == 4
     assert 0.5 < result["mean_dice_infnet"] <= 1.0
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason=f"COVID-SemiSeg slices not present at {REAL}")
+def test_cli_scores_the_default_model_without_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``covidseg semiseg evaluate --checkpoint default --data DIR`` prints the table; no file is written."""
+    import shutil
+
+    from covidseg.cli.main import run as cli
+
+    sub = tmp_path / "subset"
+    for kind, ext in (("Imgs", ".jpg"), ("GT", ".png")):
+        (sub / kind).mkdir(parents=True)
+        for stem in ("0", "1"):
+            shutil.copy(REAL / kind / f"{stem}{ext}", sub / kind / f"{stem}{ext}")
+    with pytest.raises(SystemExit) as exc:
+        cli(["semiseg", "evaluate", "--checkpoint", "default", "--data", str(sub), "--device", "cpu"])
+    assert exc.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "mean_dice_infnet" in out and "semiseg-2d.pt" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["subset"]

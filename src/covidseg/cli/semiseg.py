@@ -11,7 +11,7 @@ The report's network in 2D mode on the expert-labelled COVID-SemiSeg slices (Fan
 MedSeg). A data folder holds Imgs/N.jpg and GT/N.png (optional GT-multiclass/N.png), paired by file stem.
 
   covidseg semiseg train --data ../shared/data/covid-semiseg/train --out runs/semiseg
-  covidseg semiseg evaluate --checkpoint default --data DIR --json result.json
+  covidseg semiseg evaluate --checkpoint default --data DIR [--json result.json]
 
 'mean_dice_infnet' is Inf-Net's own "mean Dice": per image, min-max normalise the probability map, average the
 Dice over the 256 thresholds 1, 254/255, ..., 0 (Dice 0 when no true positive), then average over images.
@@ -58,12 +58,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Predict every slice of --data with the checkpoint (resized to its training size, the "
                     "logits resized back to each GT's size), score it and write JSON with n_images, "
                     "mean_dice_infnet, dice_at_0_5, iou, sensitivity, specificity, precision and one row per "
-                    "image.",
+                    "image (with --json; the table is always printed).",
     )
     e.add_argument("--checkpoint", required=True,
                    help="a .pt written by 'semiseg train', or 'default' for the model shipped with covidseg")
     e.add_argument("--data", required=True, help="folder with Imgs/ and GT/")
-    e.add_argument("--json", required=True, help="output JSON file (written atomically)")
+    e.add_argument("--json", default=None, help="also write the scores and one row per image to this JSON file "
+                   "(written atomically)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.set_defaults(func=run_evaluate)
 
@@ -141,8 +142,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from covidseg.semiseg.evaluate import evaluate_folder, format_table, write_json
 
     result = evaluate_folder(args.checkpoint, args.data, device=args.device)
-    write_json(result, args.json)
+    if args.json:
+        write_json(result, args.json)
     print(f"{result['variant']} ({result['checkpoint']}) on {result['data']}")
     print(format_table(result))
-    print(f"written: {args.json}")
+    if args.json:
+        print(f"written: {args.json}")
     return 0
