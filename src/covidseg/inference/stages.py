@@ -39,6 +39,8 @@ from covidseg.inference.slices import (
 from covidseg.inference.sliding_window import Box, mask_box, predict_volume
 from covidseg.intensity import lung_only, resolve_convention, to_hu, window_hu
 from covidseg.io.volume import CTImage
+from covidseg.models import UNet
+from covidseg.models.deploy import deploy_copy
 from covidseg.runtime import bf16_enabled, resolve_device, torch_threads
 from covidseg.targets import infection_channel, target_of
 
@@ -336,6 +338,8 @@ class SliceInfection:
         if len(size) != 2 or size[0] != size[1]:
             raise InputError(f"{model.source}: input_size {size}; the slice runner needs a square input")
         self.model = model
+        # a covidseg network runs as its inference form (batch norm and gates folded), as in the sliding window
+        self.module = deploy_copy(model.module) if isinstance(model.module, UNet) else model.module
         self.device = device
         self.threads = int(threads)
         self.convention = convention or SliceConvention(size=size[0])
@@ -358,14 +362,17 @@ class SliceInfection:
         """Infection probability over the lungs' slices (0 elsewhere); ``progress`` is unused (a few seconds)."""
         prepared = prepare_slices(ct.hu, ct.spacing, lungs, self.convention)
         with torch_threads(self.threads):
-            probs = predict_slices(self.model.module, prepared.images, batch_size=SLICE_BATCH, flips=self.flips,
+            probs = predict_slices(self.module, prepared.images, batch_size=SLICE_BATCH, flips=self.flips,
                                    device=self.device)
         volume = restore_volume(probs, prepared)
         self.slices_run = len(prepared)
-        found = (volume >= self.threshold) & (lungs > 0)
-        min_voxels = int(np.ceil(self.min_component_ml / ct.voxel_ml)) if self.min_component_ml > 0 else 0
-        volume[found & ~drop_small_components(found, min_voxels)] = 0.0
-        return InfectionMap(probability=volume, box=_slices_box(prepared.boxes))
+        box = _slices_box(prepared.boxes)
+        if box is not None and self.min_component_ml > 0:  # the model wrote nothing outside the box
+            inside = volume[box]
+            found = (inside >= self.threshold) & (lungs[box] > 0)
+            min_voxels = int(np.ceil(self.min_component_ml / ct.voxel_ml))
+            inside[found & ~drop_small_components(found, min_voxels)] = 0.0
+        return InfectionMap(probability=volume, box=box)
 
     def describe(self) -> StageDescription:
         """The model (name, checkpoint, data, input convention, CV) and the slice runner's settings."""
