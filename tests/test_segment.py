@@ -111,14 +111,14 @@ def test_batch_folder_reports_failure(case: dict[str, Path], capsys: pytest.Capt
 
 @pytest.mark.parametrize("argv, message", [
     (["--checkpoint", "{missing}"], "model file not found"),
-    ([], "covidseg demo"),
+    (["--checkpoint", "{ct}"], "not a readable covidseg checkpoint"),  # a CT given as the model
     (["--checkpoint", "{ckpt}", "--device", "cuda"], "--device"),
 ])
 def test_cli_errors_without_traceback(case: dict[str, Path], capsys: pytest.CaptureFixture[str],
                                       argv: list[str], message: str) -> None:
     if "cuda" in argv and torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    argv = [a.format(missing=case["root"] / "nope.pt", ckpt=case["ckpt"]) for a in argv]
+    argv = [a.format(missing=case["root"] / "nope.pt", ckpt=case["ckpt"], ct=case["ct"]) for a in argv]
     code = _run(["segment", str(case["ct"]), "-o", str(case["root"] / "err"), *argv])
     err = capsys.readouterr().err
     assert code == 2

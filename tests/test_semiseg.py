@@ -286,9 +286,10 @@ def test_cli_train_smoke(tmp_path: Path) -> None:
 
 
 def test_default_checkpoint_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import covidseg.checkpoint as ckpt
     import covidseg.semiseg.evaluate as ev
 
-    monkeypatch.setattr(ev, "DEFAULT_WEIGHTS", "does-not-exist.pt")
+    monkeypatch.setattr(ckpt, "DEFAULT_WEIGHTS", "does-not-exist.pt")
     with pytest.raises(InputError, match="shipped COVID-SemiSeg model is not in this copy"):
         ev.default_checkpoint()
 

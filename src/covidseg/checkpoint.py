@@ -10,12 +10,17 @@ A checkpoint is a ``torch.save`` of a plain dict (loadable with ``weights_only=T
 :func:`load_checkpoint` rebuilds the model from the stored config and raises
 :class:`~covidseg.errors.InputError` for a missing, unreadable, truncated or foreign file, another format version,
 or weights that do not fit the stored variant (naming the variant found and the one expected).
+
+The package ships one checkpoint, the 2D infection model of ``covidseg/weights/semiseg-2d.pt``
+(:func:`default_checkpoint`; its model card is ``covidseg/weights/README.md``); ``--checkpoint default`` names it.
+A checkpoint written by ``covidseg semiseg train`` says so in its meta (``task`` = :data:`SLICE_TASK`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,36 @@ FORMAT = "covidseg-checkpoint"
 """Format tag stored in every checkpoint."""
 FORMAT_VERSION = 1
 """Bumped whenever the layout of the stored dict changes incompatibly."""
+DEFAULT_WEIGHTS = "semiseg-2d.pt"
+"""File name of the shipped model inside ``covidseg/weights/``."""
+DEFAULT_NAME = "default"
+"""What ``--checkpoint`` takes for the shipped model."""
+SLICE_TASK = "semiseg-infection-2d"
+"""``meta["task"]`` of a 2D model trained on COVID-SemiSeg slices (``covidseg semiseg train``): run slice by slice
+on 8-bit windowed slices, not in sliding windows on the normalised CT."""
+
+
+def default_checkpoint() -> Path:
+    """Path of the shipped model (found with :mod:`importlib.resources`: from a wheel and from a clone).
+
+    Raises:
+        InputError: the package was built without it.
+    """
+    path = Path(str(resources.files("covidseg") / "weights" / DEFAULT_WEIGHTS))
+    if not path.is_file():
+        raise InputError(
+            f"{path}: the shipped COVID-SemiSeg model is not in this copy of covidseg; train one with "
+            "'python benchmarks/semiseg_cv.py --data DIR --out OUT' (or 'covidseg semiseg train') and pass "
+            "--checkpoint OUT/.../final.pt"
+        )
+    return path
+
+
+def resolve_checkpoint(checkpoint: Path | str | None) -> Path:
+    """``None`` or ``"default"`` -> :func:`default_checkpoint`; any other value is the path it names."""
+    if checkpoint is None or str(checkpoint) == DEFAULT_NAME:
+        return default_checkpoint()
+    return Path(checkpoint)
 
 
 def _plain(value: Any) -> Any:

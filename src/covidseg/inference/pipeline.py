@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from covidseg.checkpoint import resolve_checkpoint
 from covidseg.config import Config
 from covidseg.errors import InputError
 from covidseg.inference.backends import load_model, model_device
@@ -36,7 +37,8 @@ class SegmentOptions:
     TTA and the other run settings).
 
     Attributes:
-        checkpoint: the infection model (``covidseg train`` / ``covidseg demo`` write one).
+        checkpoint: the infection model (``covidseg train`` / ``covidseg demo`` / ``covidseg semiseg train`` write
+            one); ``None`` or ``default`` = the shipped 2D model (:func:`covidseg.checkpoint.default_checkpoint`).
         lungs: ``"classic"`` or the path of a lung-model checkpoint (target ``lung``).
         probability: also write ``probability.nii.gz``.
         html: also write ``report.html``.
@@ -46,7 +48,7 @@ class SegmentOptions:
             runs on the CPU.
     """
 
-    checkpoint: Path
+    checkpoint: Path | None = None
     lungs: str = "classic"
     probability: bool = False
     html: bool = False
@@ -84,7 +86,7 @@ def load_stages(options: SegmentOptions, config: Config, device: str) -> Stages:
         InputError: a missing or unreadable file, or a lung model given as the infection model.
     """
     threads = config.runtime.threads
-    model = load_model(options.checkpoint, options.backend, device=device, threads=threads)
+    model = load_model(resolve_checkpoint(options.checkpoint), options.backend, device=device, threads=threads)
     if model.out_channels == 2 or model.meta.get("target") == "lung":
         raise InputError(
             f"{options.checkpoint}: this is a lung model (2 output channels: left, right); give it as "

@@ -381,7 +381,8 @@ def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def predict_slices(model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 16,
-                   flip_tta: bool = False, device: str | torch.device = "cpu") -> np.ndarray:
+                   flip_tta: bool = False, device: str | torch.device = "cpu",
+                   flips: Sequence[tuple[int, ...]] | None = None) -> np.ndarray:
     """Sigmoid probabilities of a 2D one-channel model over prepared slices, batch by batch.
 
     Args:
@@ -391,6 +392,8 @@ def predict_slices(model: torch.nn.Module, images: np.ndarray | torch.Tensor, ba
         flip_tta: also run each batch flipped along each image axis and average the three probabilities
             (the model was trained with both flips; costs 3 forward passes).
         device: where the model runs; it is moved there.
+        flips: the flipped copies to average with the slice itself, as tensor dims (``((-1,),)``: the mirror
+            along the last axis); replaces ``flip_tta`` when given.
 
     Returns:
         ``(N, 1, S, S)`` float32 probabilities.
@@ -405,16 +408,17 @@ def predict_slices(model: torch.nn.Module, images: np.ndarray | torch.Tensor, ba
         return out
     dev = torch.device(device)
     model = model.to(dev).eval()
-    flips: list[tuple[int, ...]] = [()] + ([(-1,), (-2,)] if flip_tta else [])
+    extra = list(flips) if flips is not None else ([(-1,), (-2,)] if flip_tta else [])
+    passes: list[tuple[int, ...]] = [(), *extra]
     with torch.inference_mode():
         for start in range(0, x_all.shape[0], batch_size):
             x = x_all[start:start + batch_size].to(dev, torch.float32)  # (b, 1, S, S)
             acc = torch.zeros_like(x)
-            for dims in flips:
+            for dims in passes:
                 xi = torch.flip(x, dims) if dims else x
                 p = torch.sigmoid(_logits(model, xi).float())
                 acc += torch.flip(p, dims) if dims else p
-            out[start:start + x.shape[0]] = (acc / len(flips)).cpu().numpy()
+            out[start:start + x.shape[0]] = (acc / len(passes)).cpu().numpy()
     return out
 
 

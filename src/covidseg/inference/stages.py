@@ -3,13 +3,16 @@
 - :func:`prepare_ct` maps the stored values to HU with the infection model's own intensity settings (as in
   training) and keeps each normalised form it is asked for, so that two stages wanting the same one share it.
 - :class:`LungStage` gives the lung labels (1 left, 2 right) and what it found (:class:`LungResult`): the classical
-  method (:func:`covidseg.inference.lungs.classical_lungs`) or a trained lung model
+  method (:func:`covidseg.inference.lungs.find_lungs`, with what it found) or a trained lung model
   (:func:`covidseg.inference.lungs.model_lungs`). It is the only caller of either.
 - An :class:`InfectionStage` turns the CT and the lung labels into an infection probability volume and says how for
-  the report. :class:`SlidingWindowInfection` is the report's 3D network in sliding windows over the lungs' box;
-  another model (a 2D one run slice by slice, say) is another class with the same two methods.
+  the report. :class:`SlidingWindowInfection` runs a network of ``covidseg train`` (the report's 3D network) in
+  sliding windows over the lungs' box; :class:`SliceInfection` runs a 2D slice model of ``covidseg semiseg train``
+  (the shipped default, ``--checkpoint default``) slice by slice as its training slices were made
+  (:mod:`covidseg.inference.slices`).
 
-:func:`build_stages` puts them together from the loaded models and the run's config.
+:func:`build_stages` puts them together from the loaded models and the run's config; :func:`is_slice_model` decides
+which infection stage a checkpoint gets.
 """
 
 from __future__ import annotations
@@ -19,15 +22,26 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from scipy import ndimage
 
+from covidseg.checkpoint import SLICE_TASK, default_checkpoint
 from covidseg.config import Config, InferenceConfig, IntensityConfig, LungConfig, RuntimeConfig
 from covidseg.errors import InputError
 from covidseg.inference.backends import LoadedModel
-from covidseg.inference.lungs import classical_lungs, model_lungs
+from covidseg.inference.lungs import find_lungs, model_lungs
+from covidseg.inference.slices import (
+    SliceBox,
+    SliceConvention,
+    predict_slices,
+    prepare_slices,
+    restore_volume,
+)
 from covidseg.inference.sliding_window import Box, mask_box, predict_volume
 from covidseg.intensity import lung_only, resolve_convention, to_hu, window_hu
 from covidseg.io.volume import CTImage
-from covidseg.runtime import bf16_enabled, resolve_device
+from covidseg.models import UNet
+from covidseg.models.deploy import deploy_copy
+from covidseg.runtime import bf16_enabled, resolve_device, torch_threads
 from covidseg.targets import infection_channel, target_of
 
 Spacing = tuple[float, float, float]
@@ -134,15 +148,20 @@ class LungStage:
             InputError: no lung found (not a chest CT, or intensities read in the wrong convention).
         """
         if self.model is None:
-            labels = classical_lungs(ct.hu, ct.spacing, self.lungs)
-        else:  # the lung model sees the whole CT normalised as its own training normalised it
-            labels = model_lungs(self.model.module, ct.windowed(self.model.config.intensity), self.inference,
-                                 device=self.device, runtime=self.runtime)
+            found = find_lungs(ct.hu, ct.spacing, self.lungs)
+            if not found.found:
+                raise InputError(
+                    f"{ct.path}: {found.reason or 'no lung found'}; is this a chest CT? Check its intensities "
+                    "(--set intensity.convention=hu|windowed) or give a trained lung model with --lungs CKPT"
+                )
+            return LungResult(labels=found.labels, method=self.method, findings=found.summary())
+        # the lung model sees the whole CT normalised as its own training normalised it
+        labels = model_lungs(self.model.module, ct.windowed(self.model.config.intensity), self.inference,
+                             device=self.device, runtime=self.runtime)
         if not labels.any():
             raise InputError(
-                f"{ct.path}: no lung found (no air region of at least {self.lungs.min_lung_volume_ml:g} mL inside "
-                "the body); is this a chest CT? Check its intensities (--set intensity.convention=hu|windowed) or "
-                "give a trained lung model with --lungs CKPT"
+                f"{ct.path}: the lung model {self.model.source} found no lung; is this a chest CT? Check its "
+                "intensities (--set intensity.convention=hu|windowed) or use --lungs classic"
             )
         return LungResult(labels=labels, method=self.method)
 
@@ -252,6 +271,134 @@ class SlidingWindowInfection:
         }
 
 
+SLICE_BATCH = 16
+"""Slices per forward pass of a slice model."""
+SLICE_MODEL_FLIPS: tuple[tuple[int, ...], ...] = ((-1,),)
+"""Flip TTA of a slice model whose meta says ``flip_tta``: the slice and its mirror along the image's last axis,
+the two that ``covidseg semiseg train`` averages in its cross-validation."""
+MIN_COMPONENT_ML = 0.1
+"""A slice model's infection components (26-connected in 3D, inside the lungs) smaller than this are dropped (mL):
+specks of a few voxels are not a lesion the report should count."""
+
+
+def is_slice_model(model: LoadedModel) -> bool:
+    """Whether ``model`` is a 2D slice model of ``covidseg semiseg train`` (``meta["task"]`` is
+    :data:`covidseg.checkpoint.SLICE_TASK`); those run in :class:`SliceInfection`, every other checkpoint in
+    :class:`SlidingWindowInfection`."""
+    return model.meta.get("task") == SLICE_TASK and int(model.config.model.spatial_dims) == 2
+
+
+def drop_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Bool ``(D, H, W)``: ``mask`` without its 26-connected components of fewer than ``min_voxels`` voxels."""
+    if min_voxels <= 1 or not mask.any():
+        return mask
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    keep = np.bincount(labels.ravel(), minlength=count + 1) >= min_voxels
+    keep[0] = False
+    return np.asarray(keep[labels])
+
+
+def _slices_box(boxes: tuple[SliceBox, ...]) -> Box | None:
+    """The union of the slice boxes as ``(D, H, W)`` slices; ``None`` when no slice was run."""
+    if not boxes:
+        return None
+    return (slice(boxes[0].index, boxes[-1].index + 1),
+            slice(min(b.rows[0] for b in boxes), max(b.rows[1] for b in boxes)),
+            slice(min(b.cols[0] for b in boxes), max(b.cols[1] for b in boxes)))
+
+
+def _is_shipped(path: Path) -> bool:
+    try:
+        return path.resolve() == default_checkpoint().resolve()
+    except InputError:
+        return False
+
+
+class SliceInfection:
+    """Stage 2 by a 2D slice model: each processed axial slice through the lungs' box made into a training slice
+    (window, orientation, crop, slice stride: :mod:`covidseg.inference.slices`) and back to the CT grid.
+
+    The probability is the model's (with the flip TTA its meta asks for, :data:`SLICE_MODEL_FLIPS`) inside each
+    slice's lung box, linearly interpolated between processed slices. Connected components of ``probability >=
+    threshold`` inside the lungs smaller than ``min_component_ml`` get probability 0, so the infection mask and
+    ``probability.nii.gz`` agree.
+
+    Args:
+        model: a checkpoint of ``covidseg semiseg train`` (:func:`is_slice_model`).
+        device: where it runs.
+        threads: torch intra-op threads (0 = torch's setting).
+        convention: how a CT becomes slices; ``None`` = the measured convention
+            (:class:`~covidseg.inference.slices.SliceConvention`) at the model's ``input_size``.
+        min_component_ml: smallest infection component kept (mL); 0 keeps every voxel.
+
+    Raises:
+        InputError: a model that is not a slice model, or whose input is not square.
+    """
+
+    def __init__(self, model: LoadedModel, device: str, threads: int = 0, convention: SliceConvention | None = None,
+                 min_component_ml: float = MIN_COMPONENT_ML) -> None:
+        if not is_slice_model(model):
+            raise InputError(f"{model.source}: not a 2D slice model (meta task {model.meta.get('task')!r}, "
+                             f"{model.config.model.spatial_dims}D); give a checkpoint of 'covidseg semiseg train'")
+        size = [int(s) for s in model.meta.get("input_size", [SliceConvention().size] * 2)]
+        if len(size) != 2 or size[0] != size[1]:
+            raise InputError(f"{model.source}: input_size {size}; the slice runner needs a square input")
+        self.model = model
+        # a covidseg network runs as its inference form (batch norm and gates folded), as in the sliding window
+        self.module = deploy_copy(model.module) if isinstance(model.module, UNet) else model.module
+        self.device = device
+        self.threads = int(threads)
+        self.convention = convention or SliceConvention(size=size[0])
+        self.min_component_ml = float(min_component_ml)
+        self.flips = SLICE_MODEL_FLIPS if bool(model.meta.get("flip_tta", False)) else ()
+        self.shipped = _is_shipped(model.source)
+        self.slices_run = 0
+
+    @property
+    def intensity(self) -> IntensityConfig:
+        """The checkpoint's intensity settings (how a file's stored values are read as HU)."""
+        return self.model.config.intensity
+
+    @property
+    def threshold(self) -> float:
+        """The checkpoint's ``threshold`` (0.5 when it states none)."""
+        return float(self.model.meta.get("threshold", 0.5))
+
+    def predict(self, ct: PreparedCT, lungs: np.ndarray, *, progress: bool = False) -> InfectionMap:
+        """Infection probability over the lungs' slices (0 elsewhere); ``progress`` is unused (a few seconds)."""
+        prepared = prepare_slices(ct.hu, ct.spacing, lungs, self.convention)
+        with torch_threads(self.threads):
+            probs = predict_slices(self.module, prepared.images, batch_size=SLICE_BATCH, flips=self.flips,
+                                   device=self.device)
+        volume = restore_volume(probs, prepared)
+        self.slices_run = len(prepared)
+        box = _slices_box(prepared.boxes)
+        if box is not None and self.min_component_ml > 0:  # the model wrote nothing outside the box
+            inside = volume[box]
+            found = (inside >= self.threshold) & (lungs[box] > 0)
+            min_voxels = int(np.ceil(self.min_component_ml / ct.voxel_ml))
+            inside[found & ~drop_small_components(found, min_voxels)] = 0.0
+        return InfectionMap(probability=volume, box=box)
+
+    def describe(self) -> StageDescription:
+        """The model (name, checkpoint, data, input convention, CV) and the slice runner's settings."""
+        meta, conv = self.model.meta, self.convention
+        checkpoint = f"default (shipped): {self.model.source}" if self.shipped else str(self.model.source)
+        model = {"name": self.model.config.model.name, "checkpoint": checkpoint, "kind": "2d slices",
+                 "task": SLICE_TASK, "base_width": self.model.config.model.base_width,
+                 "input_size": [conv.size, conv.size], "input": meta.get("input"), "data": meta.get("data"),
+                 "cv_mean_dice_infnet": (meta.get("cv_mean") or {}).get("mean_dice_infnet"),
+                 "cv_sd_dice_infnet": (meta.get("cv_sd") or {}).get("mean_dice_infnet"),
+                 "code": meta.get("code"), "use": "research only; not a medical device"}
+        inference = {"runner": "slices", "window_hu": list(conv.window_hu), "orientation": conv.orientation,
+                     "crop_margin_fraction": conv.margin_fraction, "min_box_fraction": conv.min_box_fraction,
+                     "min_slice_spacing_mm": conv.min_slice_spacing_mm, "slices_run": self.slices_run,
+                     "flip_tta": bool(self.flips), "threshold": self.threshold,
+                     "min_component_ml": self.min_component_ml, "device": self.device,
+                     "backend": self.model.backend}
+        return {"model": model, "inference": inference}
+
+
 # --------------------------------------------------------------------------------------------- both
 
 
@@ -264,7 +411,9 @@ class Stages:
 
 
 def build_stages(infection: LoadedModel, lung_model: LoadedModel | None, config: Config, device: str) -> Stages:
-    """The stages of a run: the classical lungs (or ``lung_model``) and the sliding-window infection model.
+    """The stages of a run: the classical lungs (or ``lung_model``) and the infection model, in
+    :class:`SliceInfection` when it is a 2D slice model (:func:`is_slice_model`), else in
+    :class:`SlidingWindowInfection`.
 
     Args:
         infection: the infection model.
@@ -272,5 +421,10 @@ def build_stages(infection: LoadedModel, lung_model: LoadedModel | None, config:
         config: the run's settings (``lungs`` and ``inference`` sections).
         device: where the networks run.
     """
-    return Stages(lungs=LungStage(config.lungs, config.inference, device, lung_model, config.runtime),
-                  infection=SlidingWindowInfection(infection, config.inference, device, config.runtime))
+    stage: InfectionStage
+    if is_slice_model(infection):
+        stage = SliceInfection(infection, device, threads=config.runtime.threads)
+    else:
+        stage = SlidingWindowInfection(infection, config.inference, device, config.runtime)
+    return Stages(lungs=LungStage(config.lungs, config.inference, device, lung_model,
+                                        config.runtime), infection=stage)

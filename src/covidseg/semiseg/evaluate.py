@@ -1,7 +1,6 @@
 """Evaluate a 2D checkpoint on any folder of the COVID-SemiSeg layout, with Inf-Net's metric (docs/method.md).
 
-``--checkpoint default`` is the model shipped in the package (``covidseg/weights/semiseg-2d.pt``, found with
-:mod:`importlib.resources`, so it works from an installed wheel and from a clone).
+``--checkpoint default`` is the model shipped in the package (:func:`covidseg.checkpoint.default_checkpoint`).
 """
 
 from __future__ import annotations
@@ -9,42 +8,27 @@ from __future__ import annotations
 import json
 import platform
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from covidseg.checkpoint import default_checkpoint, resolve_checkpoint
 from covidseg.errors import InputError
 from covidseg.runtime import resolve_device
 from covidseg.semiseg.data import load_folder
 from covidseg.semiseg.metric import METRIC_KEYS, summarize
 from covidseg.semiseg.train import TRAIN_SIZE, heads_off, predict_slices, score_slices
 
-DEFAULT_WEIGHTS = "semiseg-2d.pt"
-"""File name of the shipped model inside ``covidseg/weights/``."""
 TABLE_KEYS = ("mean_dice_infnet", "dice_at_0_5", "iou", "sensitivity", "specificity", "precision")
 """Columns of the printed table."""
-
-
-def default_checkpoint() -> Path:
-    """Path of the shipped model; InputError when the package was built without it."""
-    ref = resources.files("covidseg") / "weights" / DEFAULT_WEIGHTS
-    path = Path(str(ref))
-    if not path.is_file():
-        raise InputError(
-            f"{path}: the shipped COVID-SemiSeg model is not in this copy of covidseg; train one with "
-            "'python benchmarks/semiseg_cv.py --data DIR --out OUT' (or 'covidseg semiseg train') and pass "
-            "--checkpoint OUT/.../final.pt"
-        )
-    return path
 
 
 def load_semiseg_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load a 2D checkpoint (``"default"`` = the shipped one); returns the float32 model and its meta."""
     from covidseg.checkpoint import load_checkpoint
 
-    path = default_checkpoint() if str(checkpoint) == "default" else Path(checkpoint)
+    path = resolve_checkpoint(checkpoint)
     model, config, meta = load_checkpoint(path, device=device)
     if config.model.spatial_dims != 2:
         raise InputError(

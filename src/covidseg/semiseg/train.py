@@ -513,13 +513,13 @@ def save_semiseg_checkpoint(
     ``load_checkpoint`` copies fp16 weights into its float32 model. The meta holds ``semiseg`` (the settings)
     and ``input_size`` (H, W) that :mod:`covidseg.semiseg.evaluate` resizes slices to.
     """
-    from covidseg.checkpoint import save_checkpoint, unwrap_model
+    from covidseg.checkpoint import SLICE_TASK, save_checkpoint, unwrap_model
     from covidseg.config import Config
 
     bare = copy.deepcopy(unwrap_model(model)).cpu()
     bare = bare.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     if half:
         bare = bare.half()
-    return save_checkpoint(path, bare, Config(), task="semiseg-infection-2d", semiseg=cfg.to_dict(),
+    return save_checkpoint(path, bare, Config(), task=SLICE_TASK, semiseg=cfg.to_dict(),
                            input_size=list(cfg.size), weights_dtype="float16" if half else "float32",
                            input=INPUT_CONVENTION, threshold=cfg.threshold, flip_tta=cfg.flip_tta, **meta)
