@@ -46,6 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probability", action="store_true", help="also write probability.nii.gz")
     p.add_argument("--html", action="store_true", help="also write a self-contained report.html")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--series", metavar="UID", default=None,
+                   help="DICOM folder with several series: the Series Instance UID to segment (default: the CT "
+                        "series, chosen by modality, image type and slice count)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing output folder (one input; a cohort skips the cases already done)")
     add_config_args(p)
@@ -72,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     if args.tta:
         config.inference.tta = True
     options = SegmentOptions(checkpoint=Path(args.checkpoint), lungs=args.lungs, probability=args.probability,
-                             html=args.html, force=args.force, backend=args.backend)
+                             html=args.html, force=args.force, backend=args.backend,
+                             series=args.series)
 
     def log(message: str) -> None:
         sys.stderr.write(message + "\n")
