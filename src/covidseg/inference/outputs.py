@@ -24,6 +24,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import os
 import shutil
 import time
@@ -52,6 +53,8 @@ OUTPUT_FILES = ("lungs.nii.gz", "infection.nii.gz", SLICER_FILE, "report.json", 
 for a DICOM series, the masks in the input's format for NRRD and MetaImage inputs)."""
 REPORT_FILE = "report.json"
 """The report; written last, so its presence marks a complete case folder."""
+log = logging.getLogger("covidseg")
+
 PARTIAL_MODE = 0o700
 """Permissions of the hidden work folder (those of ``tempfile.mkdtemp``), kept by the published case folder."""
 
@@ -188,19 +191,32 @@ def publish(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
-def _write_masks(tmp: Path, image: CTImage, seg: CaseSegmentation, probability: bool, model: str) -> float:
+def _write_dicom_seg(tmp: Path, image: CTImage, seg: CaseSegmentation, model: str) -> dict[str, Any]:
+    """``segmentation.dcm`` for a DICOM series; a series highdicom refuses (e.g. no Frame of Reference UID) gets
+    the other outputs and a warning, and the report says why the SEG is missing."""
+    try:
+        write_dicom_seg(seg.lungs, seg.infection, image, tmp / SEG_FILE, model=model)
+    except InputError as exc:
+        log.warning("%s: no %s: %s", image.path, SEG_FILE, exc)
+        return {"file": None, "reason": str(exc)}
+    return {"file": SEG_FILE, "series_instance_uid": image.series_uid}
+
+
+def _write_masks(tmp: Path, image: CTImage, seg: CaseSegmentation, probability: bool, model: str) \
+        -> tuple[float, dict[str, Any]]:
     t = time.perf_counter()
     write_mask(seg.lungs, image, tmp / "lungs.nii.gz")
     write_mask(seg.infection, image, tmp / "infection.nii.gz")
     write_slicer_segmentation(seg.lungs, image, tmp / SLICER_FILE, infection=seg.infection)
+    notes: dict[str, Any] = {}
     if image.series_files:
-        write_dicom_seg(seg.lungs, seg.infection, image, tmp / SEG_FILE, model=model)
+        notes["dicom_seg"] = _write_dicom_seg(tmp, image, seg, model)
     if image.source == "itk":  # NRRD/MetaImage in: the masks also in that format
         write_itk_mask(seg.lungs, image, mask_path(image, "lungs", tmp))
         write_itk_mask(seg.infection, image, mask_path(image, "infection", tmp))
     if probability:
         write_volume(seg.probability.astype(np.float32), image, tmp / "probability.nii.gz", np.float32)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, notes
 
 
 def write_case_folder(out_dir: Path, image: CTImage, name: str, seg: CaseSegmentation, stage: StageDescription,
@@ -235,7 +251,8 @@ def write_case_folder(out_dir: Path, image: CTImage, name: str, seg: CaseSegment
             render_overview(seg.hu, seg.lungs, seg.infection, image.spacing, report["lungs"], tmp / "overview.png",
                             title=name)
             seg.timings["pictures_s"] = time.perf_counter() - t
-            seg.timings["write_masks_s"] = writing.result()
+            seg.timings["write_masks_s"], notes = writing.result()
+        report.update(notes)
         seg.timings["outputs_s"] = time.perf_counter() - t_out  # both of the above, side by side
         report["timings_s"] = {k: round(v, 3) for k, v in seg.timings.items()}
         report["run_time_s"] = round(time.perf_counter() - start, 3)
