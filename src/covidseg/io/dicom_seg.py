@@ -5,9 +5,9 @@ One binary SEG instance with three segments: 1 left lung, 2 right lung, 3 infect
 series, taken from the file grid (:meth:`~covidseg.io.volume.CTImage.to_original`, no resampling): frame ``k`` of
 segment ``s`` holds slice ``k`` of the series (:attr:`~covidseg.io.volume.CTImage.series_files`), and highdicom
 copies that slice's Image Position/Orientation (Patient) into the frame and references its SOP Instance UID, so
-a viewer overlays each frame on its own slice. Frames that hold nothing are omitted (highdicom's default); a
-segment with no voxel at all (no infection found) keeps one empty frame, so the object stays valid and the
-segment is listed.
+a viewer overlays each frame on its own slice. Frames that hold nothing are omitted (highdicom's default), so a
+segment with no voxel at all (no infection found) is described in the Segment Sequence and has no frame: a
+valid object, which highdicom reads back as an all-zero segment.
 
 Codes (SNOMED CT, from pydicom's ``codedict``; docs/interop.md says why these): lungs are category
 *Anatomical Structure* (91723000, CID 7150), type *Lung* (39607008) with the laterality modifier *Left*
@@ -100,6 +100,14 @@ def segment_frames(lungs: np.ndarray, infection: np.ndarray, image: CTImage) -> 
 
 
 def _source_headers(image: CTImage) -> list[Any]:
+    """The series' headers (no pixels), evened out in memory where highdicom is stricter than the reader.
+
+    Slice Thickness may be empty (type 2), Spacing Between Slices may be wrong (SimpleITK writes 1 mm for any
+    series) and Image Orientation (Patient) may differ between slices by rounding (the reader allows 1e-4);
+    highdicom needs the first, copies the second into the SEG and compares the third exactly. So the copies get
+    the slice gap that was read, as thickness where there is none and as spacing, and the first slice's
+    orientation. The files are not touched.
+    """
     import pydicom
 
     headers = []
@@ -109,19 +117,16 @@ def _source_headers(image: CTImage) -> list[Any]:
         except (OSError, ValueError, pydicom.errors.InvalidDicomError) as exc:
             raise InputError(f"{path}: cannot be read again to reference it in the DICOM-SEG ({exc}); keep the "
                              f"series unchanged while covidseg runs") from None
+    gap = float(np.sqrt((np.asarray(image.affine)[:3, 2] ** 2).sum()))
+    orientation = headers[0].get("ImageOrientationPatient") if headers else None
+    for header in headers:
+        if header.get("SliceThickness") in (None, ""):
+            header.SliceThickness = f"{gap:.6g}"
+        if "SpacingBetweenSlices" in header:
+            header.SpacingBetweenSlices = f"{gap:.6g}"
+        if orientation is not None:
+            header.ImageOrientationPatient = orientation
     return headers
-
-
-def _pixel_measures(headers: list[Any], image: CTImage) -> Any:
-    """Spacing from the geometry that was read (not the headers' Spacing Between Slices, often wrong)."""
-    import highdicom as hd
-
-    first = headers[0]
-    rows_mm, cols_mm = (float(v) for v in first.PixelSpacing)
-    zooms = np.sqrt((np.asarray(image.affine)[:3, :3] ** 2).sum(axis=0))
-    thickness = float(first.get("SliceThickness") or zooms[2])
-    return hd.PixelMeasuresSequence(pixel_spacing=(rows_mm, cols_mm), slice_thickness=thickness,
-                                    spacing_between_slices=float(zooms[2]))
 
 
 def write_dicom_seg(lungs: np.ndarray, infection: np.ndarray, image: CTImage, path: str | Path, model: str,
@@ -164,12 +169,12 @@ def write_dicom_seg(lungs: np.ndarray, infection: np.ndarray, image: CTImage, pa
                 manufacturer=MANUFACTURER, manufacturer_model_name=model, software_versions=version,
                 device_serial_number="0", series_description="covidseg lungs and infection",
                 content_label="COVIDSEG", content_description="lungs and COVID-19 infection (covidseg)",
-                content_creator_name="covidseg^", pixel_measures=_pixel_measures(headers, image))
+                content_creator_name="covidseg^")
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{image.path}: highdicom cannot build a DICOM-SEG on this series ({type(exc).__name__}: "
                          f"{exc}); the NIfTI and .seg.nrrd outputs hold the same masks") from None
     if empty:
-        log.info("%s: segment(s) %s empty: kept as one empty frame", path, [SEGMENTS[s].label for s in empty])
+        log.info("%s: segment(s) %s empty: described, no frame", path, [SEGMENTS[s].label for s in empty])
     path = Path(path)
     with atomic_path(path) as tmp:
         seg.save_as(str(tmp), enforce_file_format=True)
