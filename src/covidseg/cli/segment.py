@@ -12,7 +12,8 @@ Segment the lungs (1 left, 2 right) and the COVID-19 infection of chest CTs and 
 involved. Stage 1 finds the lungs (classically, or with a trained lung model); stage 2 runs the infection model
 on the lungs only, in sliding windows over the lungs' box.
 
-INPUT is a .nii/.nii.gz file, a DICOM folder, a folder of them, or a text file listing them (one a line).
+INPUT is a .nii/.nii.gz, .nrrd/.nhdr or .mha/.mhd file, a DICOM folder, a folder of them, or a text file
+listing them (one a line).
 For one input, OUT is its folder. Several inputs are a cohort: OUT/<case>/ per case, a status file per case in
 OUT/cohort_status/, OUT/summary.csv at the end; cases already done are skipped, so running the same command
 again only does what is left. Under torchrun the processes share the cohort:
@@ -21,14 +22,15 @@ again only does what is left. Under torchrun the processes share the cohort:
 
 Each folder gets lungs.nii.gz, infection.nii.gz (same grid and affine as the input), segmentation.seg.nrrd (3D
 Slicer: named, coloured segments), report.json, report.csv and overview.png (+ probability.nii.gz, report.html on
-request). Not for diagnosis.
+request); a DICOM input also gets segmentation.dcm (DICOM-SEG), an NRRD/MetaImage input lungs and infection in
+its own format. Not for diagnosis.
 """
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("segment", help="segment lungs and infection of CTs; write masks, a report and pictures",
                        description=DESCRIPTION, formatter_class=formatter())
-    p.add_argument("input", metavar="INPUT", help="NIfTI file, DICOM folder, folder of them, or a list file")
+    p.add_argument("input", metavar="INPUT", help="NIfTI/NRRD/MetaImage file, DICOM folder, folder of them, or a list file")
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
     p.add_argument("--checkpoint", metavar="CKPT", default=None,
                    help="infection model (required): a checkpoint .pt written by 'covidseg train' or 'covidseg "
