@@ -14,12 +14,14 @@ def write_dicom_series(folder: Path, volume_zyx: np.ndarray, origin=(0.0, 0.0, 0
                        direction=IDENTITY, series_uid: str = "1.2.826.0.1.3680043.2.1125.77",
                        positions_z: list[float] | None = None, intercept: float = 0.0, drop: int | None = None,
                        duplicate: int | None = None, patient_id: str | None = None,
-                       series_number: int | None = None) -> list[Path]:
+                       series_number: int | None = None,
+                       frame_uid: str | None = "1.2.826.0.1.3680043.2.1125.99") -> list[Path]:
     """Write ``volume_zyx`` (stored values; HU = value + ``intercept``) slice by slice into ``folder``.
 
     ``positions_z`` puts slice ``k`` at that distance (mm) from ``origin`` along the slice normal (uneven spacing);
     ``drop`` leaves slice ``drop`` out (a missing slice); ``duplicate`` writes slice ``duplicate`` twice;
-    ``patient_id`` and ``series_number`` set PatientID and SeriesNumber.
+    ``patient_id`` and ``series_number`` set PatientID and SeriesNumber; ``frame_uid`` the Frame of Reference
+    UID (``None``: none, as an incomplete export).
     Returns the written files in slice order.
     """
     folder.mkdir(parents=True, exist_ok=True)
@@ -45,6 +47,8 @@ def write_dicom_series(folder: Path, volume_zyx: np.ndarray, origin=(0.0, 0.0, 0
             "0020|0013": str(k + 1), "0008|0018": f"{series_uid}.{k + 1}", "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
             "0028|1052": f"{intercept:g}", "0028|1053": "1", "0028|1054": "HU",
         }
+        if frame_uid is not None:
+            tags["0020|0052"] = frame_uid
         if patient_id is not None:
             tags["0010|0020"] = patient_id
         if series_number is not None:

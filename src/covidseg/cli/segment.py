@@ -18,7 +18,8 @@ semiseg-2d.pt, unet-fv-paspp-ds-2d): trained on 50 expert-labelled slices of one
 machine-labelled slices of 20 CTs; cross-validated mean Dice 0.686 on those slices. It is not a 3D model, it is
 not validated on other scanners or on chests without COVID-19, and it is not a medical device.
 
-INPUT is a .nii/.nii.gz file, a DICOM folder, a folder of them, or a text file listing them (one a line).
+INPUT is a .nii/.nii.gz, .nrrd/.nhdr or .mha/.mhd file, a DICOM folder, a folder of them, or a text file
+listing them (one a line).
 For one input, OUT is its folder. Several inputs are a cohort: OUT/<case>/ per case, a status file per case in
 OUT/cohort_status/, OUT/summary.csv at the end; cases already done are skipped, so running the same command
 again only does what is left. Under torchrun the processes share the cohort:
@@ -27,14 +28,15 @@ again only does what is left. Under torchrun the processes share the cohort:
 
 Each folder gets lungs.nii.gz, infection.nii.gz (same grid and affine as the input), segmentation.seg.nrrd (3D
 Slicer: named, coloured segments), report.json, report.csv and overview.png (+ probability.nii.gz, report.html on
-request). Not for diagnosis.
+request); a DICOM input also gets segmentation.dcm (DICOM-SEG), an NRRD/MetaImage input lungs and infection in
+its own format. Not for diagnosis.
 """
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("segment", help="segment lungs and infection of CTs; write masks, a report and pictures",
                        description=DESCRIPTION, formatter_class=formatter())
-    p.add_argument("input", metavar="INPUT", help="NIfTI file, DICOM folder, folder of them, or a list file")
+    p.add_argument("input", metavar="INPUT", help="NIfTI/NRRD/MetaImage file, DICOM folder, folder of them, or a list file")
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
     p.add_argument("--checkpoint", metavar="CKPT", default=None,
                    help="infection model: 'default' (the default: the shipped 2D model), a checkpoint .pt "
@@ -53,6 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probability", action="store_true", help="also write probability.nii.gz")
     p.add_argument("--html", action="store_true", help="also write a self-contained report.html")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--series", metavar="UID", default=None,
+                   help="DICOM folder with several series: the Series Instance UID to segment (default: the CT "
+                        "series, chosen by modality, image type and slice count)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing output folder (one input; a cohort skips the cases already done)")
     add_config_args(p)
@@ -77,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         config.inference.tta = True
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     options = SegmentOptions(checkpoint=checkpoint, lungs=args.lungs, probability=args.probability,
-                             html=args.html, force=args.force, backend=args.backend)
+                             html=args.html, force=args.force, backend=args.backend, series=args.series)
 
     def log(message: str) -> None:
         sys.stderr.write(message + "\n")

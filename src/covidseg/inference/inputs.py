@@ -1,7 +1,7 @@
 """What ``segment`` was given: the cases behind an input path, and the name of each case.
 
-An input is a NIfTI file, a DICOM folder (one series), a folder of them, or a text file listing them
-(:func:`find_inputs`). A case is named after its file without the image suffix (``case_001.nii.gz`` ->
+An input is an image file (NIfTI, NRRD, MetaImage), a DICOM folder (one series), a folder of them, or a text
+file listing them (:func:`find_inputs`). A case is named after its file without the image suffix (``case_001.nii.gz`` ->
 ``case_001``), or, for a DICOM series, after its metadata (PatientID and SeriesNumber,
 :func:`covidseg.io.dicom.series_name`), since the folders a PACS exports are often all called ``DICOM``
 (:func:`case_name`).
@@ -13,23 +13,23 @@ from pathlib import Path
 
 from covidseg.errors import InputError
 from covidseg.io.dicom import series_name
-from covidseg.io.formats import is_dicom_file_name, is_nifti, strip_image_suffix
+from covidseg.io.formats import is_dicom_file_name, is_image_file_name, strip_image_suffix
 
 DICOM_PREAMBLE = b"DICM"
 """The four bytes at offset 128 of a DICOM file."""
 
 
-def case_name(path: Path | str) -> str:
+def case_name(path: Path | str, series: str | None = None) -> str:
     """``case_001.nii.gz`` -> ``case_001``; a DICOM folder -> ``PatientID_seriesN`` from its metadata (the
-    folder's name where the files do not say)."""
+    folder's name where the files do not say; ``series``: of that Series Instance UID)."""
     path = Path(path)
     if path.is_dir():
-        return series_name(path)
+        return series_name(path, series)
     return strip_image_suffix(path.name)
 
 
-def _is_nifti_file(path: Path) -> bool:
-    return path.is_file() and is_nifti(path.name)
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and is_image_file_name(path.name)
 
 
 def _read_list(path: Path) -> list[Path]:
@@ -45,8 +45,9 @@ def _read_list(path: Path) -> list[Path]:
         raise InputError(f"{path}: neither a NIfTI file nor a readable text list of inputs ({exc}); give a "
                          ".nii/.nii.gz file, a DICOM folder or a list with one path a line") from None
     if "\x00" in text:
-        raise InputError(f"{path}: not a NIfTI file (the name must end in .nii or .nii.gz) and not a text list "
-                         "of inputs; rename it or give a .nii/.nii.gz file, a DICOM folder or a list")
+        raise InputError(f"{path}: not an image file (the name must end in .nii, .nii.gz, .nrrd, .nhdr, .mha "
+                         "or .mhd) and not a text list of inputs; rename it or give an image file, a DICOM folder "
+                         "or a list")
     lines = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
     items = [Path(ln) if Path(ln).is_absolute() else path.parent / ln for ln in lines if ln]
     if not items:
@@ -57,8 +58,9 @@ def _read_list(path: Path) -> list[Path]:
 def find_inputs(input_path: Path | str) -> tuple[list[Path], bool]:
     """The cases behind ``input_path`` and whether it was a batch (a folder of cases or a list file).
 
-    A NIfTI file or a folder holding files but no NIfTI and no sub-folders (a DICOM series) is one case; a
-    folder with NIfTI files and/or sub-folders is a batch (each NIfTI and each sub-folder a case); any other
+    An image file (NIfTI, NRRD, MetaImage) or a folder holding files but no image files and no sub-folders (a
+    DICOM series) is one case; a folder with image files and/or sub-folders is a batch (each image file and each
+    sub-folder a case); any other
     file is read as a list, one path a line (``#`` starts a comment; relative paths are relative to the list).
 
     Raises:
@@ -69,11 +71,11 @@ def find_inputs(input_path: Path | str) -> tuple[list[Path], bool]:
         raise InputError(f"{path}: no such file or folder; give a .nii/.nii.gz file, a DICOM folder, a folder of "
                          "them or a text file listing them")
     if path.is_file():
-        if is_nifti(path.name):
+        if is_image_file_name(path.name):
             return [path], False
         return _read_list(path), True
     entries = sorted(path.iterdir())
-    niftis = [p for p in entries if _is_nifti_file(p)]
+    niftis = [p for p in entries if _is_image_file(p)]
     folders = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
     files = [p for p in entries if p.is_file() and not p.name.startswith(".")]
     if not niftis and not folders:

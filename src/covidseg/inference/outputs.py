@@ -7,6 +7,10 @@ when all are complete, so an interrupted run never leaves a folder that looks fi
   (float32 infection probability), all with exactly the input's geometry;
 - ``segmentation.seg.nrrd``: the same masks as a 3D Slicer segmentation with named, coloured segments (left lung,
   right lung, infection; :func:`covidseg.io.slicer.write_slicer_segmentation`);
+- ``segmentation.dcm`` for a DICOM series: the same masks as a DICOM-SEG referencing the series
+  (:func:`covidseg.io.dicom_seg.write_dicom_seg`);
+- for an NRRD or MetaImage input, ``lungs`` and ``infection`` also in the input's own format
+  (``lungs.nrrd``, ...; :func:`covidseg.io.itk.write_itk_mask`);
 - ``report.json`` and ``report.csv`` (volumes in mL, percentages, severity, spacing, model, versions, timings);
 - ``overview.png`` and optionally ``report.html`` (self-contained).
 
@@ -20,6 +24,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import os
 import shutil
 import time
@@ -34,7 +39,9 @@ from covidseg.errors import InputError, OutputExistsError, UserError
 from covidseg.inference.case import CaseSegmentation
 from covidseg.inference.stages import StageDescription
 from covidseg.io.atomic import atomic_write_text
+from covidseg.io.dicom_seg import SEG_FILE, write_dicom_seg
 from covidseg.io.image import write_mask, write_volume
+from covidseg.io.itk import mask_path, write_itk_mask
 from covidseg.io.slicer import write_slicer_segmentation
 from covidseg.io.volume import CTImage
 from covidseg.report import SEVERITY_SOURCE, involvement
@@ -42,9 +49,12 @@ from covidseg.report import SEVERITY_SOURCE, involvement
 SLICER_FILE = "segmentation.seg.nrrd"
 """The 3D Slicer segmentation of a case (docs/interop.md)."""
 OUTPUT_FILES = ("lungs.nii.gz", "infection.nii.gz", SLICER_FILE, "report.json", "report.csv", "overview.png")
-"""Files every case folder holds (``probability.nii.gz`` and ``report.html`` when asked for)."""
+"""Files every case folder holds (``probability.nii.gz`` and ``report.html`` when asked for, ``segmentation.dcm``
+for a DICOM series, the masks in the input's format for NRRD and MetaImage inputs)."""
 REPORT_FILE = "report.json"
 """The report; written last, so its presence marks a complete case folder."""
+log = logging.getLogger("covidseg")
+
 PARTIAL_MODE = 0o700
 """Permissions of the hidden work folder (those of ``tempfile.mkdtemp``), kept by the published case folder."""
 
@@ -181,14 +191,32 @@ def publish(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
-def _write_masks(tmp: Path, image: CTImage, seg: CaseSegmentation, probability: bool) -> float:
+def _write_dicom_seg(tmp: Path, image: CTImage, seg: CaseSegmentation, model: str) -> dict[str, Any]:
+    """``segmentation.dcm`` for a DICOM series; a series highdicom refuses (e.g. no Frame of Reference UID) gets
+    the other outputs and a warning, and the report says why the SEG is missing."""
+    try:
+        write_dicom_seg(seg.lungs, seg.infection, image, tmp / SEG_FILE, model=model)
+    except InputError as exc:
+        log.warning("%s: no %s: %s", image.path, SEG_FILE, exc)
+        return {"file": None, "reason": str(exc)}
+    return {"file": SEG_FILE, "series_instance_uid": image.series_uid}
+
+
+def _write_masks(tmp: Path, image: CTImage, seg: CaseSegmentation, probability: bool, model: str) \
+        -> tuple[float, dict[str, Any]]:
     t = time.perf_counter()
     write_mask(seg.lungs, image, tmp / "lungs.nii.gz")
     write_mask(seg.infection, image, tmp / "infection.nii.gz")
     write_slicer_segmentation(seg.lungs, image, tmp / SLICER_FILE, infection=seg.infection)
+    notes: dict[str, Any] = {}
+    if image.series_files:
+        notes["dicom_seg"] = _write_dicom_seg(tmp, image, seg, model)
+    if image.source == "itk":  # NRRD/MetaImage in: the masks also in that format
+        write_itk_mask(seg.lungs, image, mask_path(image, "lungs", tmp))
+        write_itk_mask(seg.infection, image, mask_path(image, "infection", tmp))
     if probability:
         write_volume(seg.probability.astype(np.float32), image, tmp / "probability.nii.gz", np.float32)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, notes
 
 
 def write_case_folder(out_dir: Path, image: CTImage, name: str, seg: CaseSegmentation, stage: StageDescription,
@@ -217,13 +245,14 @@ def write_case_folder(out_dir: Path, image: CTImage, name: str, seg: CaseSegment
         # pool waits for the writer, so on any error the partial folder is removed only after it has stopped
         t_out = time.perf_counter()
         with ThreadPoolExecutor(max_workers=1) as pool:
-            writing = pool.submit(_write_masks, tmp, image, seg, probability)
+            writing = pool.submit(_write_masks, tmp, image, seg, probability, str(stage["model"].get("name", "")))
             t = time.perf_counter()
             report = build_report(image, name, seg, stage, 0.0)
             render_overview(seg.hu, seg.lungs, seg.infection, image.spacing, report["lungs"], tmp / "overview.png",
                             title=name)
             seg.timings["pictures_s"] = time.perf_counter() - t
-            seg.timings["write_masks_s"] = writing.result()
+            seg.timings["write_masks_s"], notes = writing.result()
+        report.update(notes)
         seg.timings["outputs_s"] = time.perf_counter() - t_out  # both of the above, side by side
         report["timings_s"] = {k: round(v, 3) for k, v in seg.timings.items()}
         report["run_time_s"] = round(time.perf_counter() - start, 3)

@@ -46,6 +46,7 @@ class SegmentOptions:
         backend: ``torch`` (a checkpoint ``.pt`` or a TorchScript export) or ``onnxruntime`` (an ``.onnx`` export,
             or a checkpoint exported in memory); see :func:`covidseg.inference.backends.load_model`. ONNX Runtime
             runs on the CPU.
+        series: Series Instance UID to read from a DICOM folder (``None``: the CT series is chosen).
     """
 
     checkpoint: Path | None = None
@@ -54,6 +55,7 @@ class SegmentOptions:
     html: bool = False
     force: bool = False
     backend: str = "torch"
+    series: str | None = None
 
 
 @dataclass
@@ -106,9 +108,9 @@ def segment_case(input_path: Path, out_dir: Path, stages: Stages, options: Segme
     """Segment one CT and write its folder (:mod:`covidseg.inference.outputs`). Raises on failure."""
     start = time.perf_counter()
     check_output(out_dir, options.force, (Path(input_path),))
-    name = case_name(Path(input_path))
+    name = case_name(Path(input_path), options.series)
     t = time.perf_counter()
-    image = read_image(input_path)
+    image = read_image(input_path, series=options.series)
     read_s = time.perf_counter() - t
     seg = segment_image(image, stages, progress=progress)
     seg.timings = {"read_s": read_s, **seg.timings}

@@ -15,7 +15,9 @@ read with pydicom from the folder's first DICOM file: folders exported from a PA
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +35,17 @@ DUPLICATE_TOL_MM = 1e-3
 """Two slices closer than this along the normal are the same position (a duplicate)."""
 SPACING_REL_TOL = 0.05
 """Slice gaps may vary by this fraction of the median gap before the spacing counts as uneven."""
+TILT_TOL_DEG = 0.1
+"""Slices may drift within their plane by this angle (degrees) against the normal before the series counts as
+sheared (tilted gantry); rounding of Image Position (Patient) stays far below it."""
+TILT_MIN_SHIFT_MM = 0.05
+"""... and by at least this much over the whole stack (mm), so that a short stack's rounding never trips it."""
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+SERIES_TAGS = {"modality": "0008|0060", "image_type": "0008|0008", "number": "0020|0011",
+               "description": "0008|103e"}
+"""What :func:`list_series` reads of each series' first file (GDCM tag keys)."""
+LOCALIZER_TYPES = frozenset({"LOCALIZER", "SCOUT", "TOPOGRAM", "SCANOGRAM"})
+"""Image Type values of scout views, never the CT to segment."""
 NAME_TAGS = ("PatientID", "SeriesNumber")
 """DICOM keywords a series is named from."""
 NAME_PROBE_FILES = 32
@@ -61,8 +73,53 @@ def _sitk():  # type: ignore[no-untyped-def]
     return sitk
 
 
-def choose_series(folder: Path) -> tuple[str, list[str]]:
-    """The series UID and sorted file names of the series with most slices in ``folder``."""
+@dataclass(frozen=True)
+class SeriesEntry:
+    """One series of a DICOM folder: its UID, files (sorted by GDCM) and what its first file says."""
+
+    uid: str
+    files: list[str]
+    modality: str
+    image_type: str
+    number: str
+    description: str
+
+    @property
+    def rank(self) -> tuple[int, int, int]:
+        """Sort key of the CT to segment: CT before an unknown modality, an original axial image before a
+        derived or secondary one before a localizer, then more slices."""
+        modality = 2 if self.modality == "CT" else 1 if not self.modality else 0
+        kinds = {part.strip() for part in self.image_type.upper().split("\\")}
+        image = 0 if kinds & LOCALIZER_TYPES else 2 if "ORIGINAL" in kinds else 1
+        return modality, image, len(self.files)
+
+    def line(self) -> str:
+        """``UID (CT, ORIGINAL\\PRIMARY\\AXIAL, 134 slices, #201 'desc')`` for logs and errors."""
+        extra = f", #{self.number}" if self.number else ""
+        extra += f" '{self.description}'" if self.description else ""
+        return (f"{self.uid} ({self.modality or 'no modality'}, {self.image_type or 'no image type'}, "
+                f"{len(self.files)} slice(s){extra})")
+
+
+def _first_tags(name: str) -> dict[str, str]:
+    """Modality, Image Type, Series Number and Series Description of one file (``""`` when absent)."""
+    sitk = _sitk()
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(name)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return {}
+    return {key: reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+            for key, tag in SERIES_TAGS.items()}
+
+
+def list_series(folder: Path) -> list[SeriesEntry]:
+    """Every series GDCM finds in ``folder``, best CT first (:attr:`SeriesEntry.rank`).
+
+    Raises:
+        InputError: the folder cannot be listed, or holds no DICOM series.
+    """
     sitk = _sitk()
     reader = sitk.ImageSeriesReader()
     try:
@@ -74,40 +131,98 @@ def choose_series(folder: Path) -> tuple[str, list[str]]:
         contents = "empty" if not any(folder.iterdir()) else "holds no DICOM series"
         raise InputError(f"{folder}: the folder is {contents}; give a .nii/.nii.gz file or a folder of DICOM "
                          f"slices of one CT series")
-    files = {sid: list(reader.GetGDCMSeriesFileNames(str(folder), sid)) for sid in series_ids}
-    chosen = max(series_ids, key=lambda sid: (len(files[sid]), sid))
-    if len(series_ids) > 1:
-        others = ", ".join(f"{sid} ({len(files[sid])} slices)" for sid in series_ids if sid != chosen)
-        log.warning("%s: %d DICOM series; using %s (%d slices), the one with most slices; also found: %s",
-                    folder, len(series_ids), chosen, len(files[chosen]), others)
-    return chosen, files[chosen]
+    entries = []
+    for sid in series_ids:
+        files = list(reader.GetGDCMSeriesFileNames(str(folder), sid))
+        tags = _first_tags(files[0]) if files else {}
+        entries.append(SeriesEntry(uid=sid, files=files, modality=tags.get("modality", "").upper(),
+                                   image_type=tags.get("image_type", ""), number=tags.get("number", ""),
+                                   description=tags.get("description", "")))
+    return sorted(entries, key=lambda e: (e.rank, e.uid), reverse=True)
 
 
-def series_name(folder: str | Path) -> str:
-    """The name of the DICOM series in ``folder``: ``PatientID_seriesN`` (PatientID and SeriesNumber of the first
-    DICOM file in name order), made safe as a file name by :func:`covidseg.io.formats.safe_file_name`.
+def choose_series(folder: Path, series: str | None = None) -> tuple[str, list[str]]:
+    """The series to segment in ``folder``: its UID and its files (sorted along the slice normal).
 
-    The folder's own name stands in for a missing PatientID, and is the whole name when no file of the first
-    :data:`NAME_PROBE_FILES` is DICOM. Reads two tags of one file, so a cohort of series is named in milliseconds.
+    ``series`` picks one by its Series Instance UID. Otherwise the CT is chosen by modality (CT), image type
+    (ORIGINAL before DERIVED/SECONDARY before LOCALIZER) and slice count (more first); the choice is logged when
+    the folder holds several series.
+
+    Raises:
+        InputError: no series; ``series`` not in the folder; no CT series; two series that rank equal.
     """
+    entries = list_series(folder)
+    found = "; ".join(e.line() for e in entries)
+    if series is not None:
+        match = [e for e in entries if e.uid == series.strip()]
+        if not match:
+            raise InputError(f"{folder}: no series {series} in this folder; it holds: {found}; give one of these "
+                             f"UIDs to --series")
+        return match[0].uid, match[0].files
+    best = entries[0]
+    if best.rank[0] == 0:
+        raise InputError(f"{folder}: no CT series in this folder (found: {found}); covidseg segments CT — give "
+                         f"the folder of the CT series")
+    if len(entries) > 1:
+        if entries[1].rank == best.rank:
+            raise InputError(f"{folder}: {len(entries)} DICOM series and no single CT to choose (they rank equal "
+                             f"by modality, image type and slice count): {found}; pick one with --series UID")
+        log.warning("%s: %d DICOM series; using %s (%d slices), chosen by modality, image type and slice count; "
+                    "also found: %s; pick another with --series UID", folder, len(entries), best.uid,
+                    len(best.files), "; ".join(e.line() for e in entries[1:]))
+    return best.uid, best.files
+
+
+def _name_header(path: Path) -> Any:
+    """PatientID, SeriesNumber and SeriesInstanceUID of one file, ``None`` when it is not DICOM."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[*NAME_TAGS, "SeriesInstanceUID"])
+    except (InvalidDicomError, OSError, ValueError, TypeError, EOFError, AttributeError, KeyError):
+        return None
+
+
+def _readable_headers(files: list[Path]) -> list[Any]:
+    """The name headers of the first and the last DICOM file of ``files`` (within :data:`NAME_PROBE_FILES`)."""
+    first = next((h for h in map(_name_header, files[:NAME_PROBE_FILES]) if h is not None), None)
+    if first is None:
+        return []
+    last = next((h for h in map(_name_header, reversed(files[-NAME_PROBE_FILES:])) if h is not None), first)
+    return [first, last]
+
+
+def series_name(folder: str | Path, series: str | None = None) -> str:
+    """The name of the DICOM series in ``folder``: ``PatientID_seriesN`` (PatientID and SeriesNumber), made safe as
+    a file name by :func:`covidseg.io.formats.safe_file_name`.
+
+    The tags come from the first DICOM file in name order; when ``series`` is given, or the first and the last
+    file belong to different series, from the first file of the series :func:`choose_series` reads. The folder's
+    own name stands in for a missing PatientID, and is the whole name when no file of the first
+    :data:`NAME_PROBE_FILES` is DICOM. A one-series folder costs two small reads, so a cohort is named in
+    milliseconds.
+    """
     folder = Path(folder)
     try:
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     except OSError:
         files = []
-    for path in files[:NAME_PROBE_FILES]:
+    headers = _readable_headers(files)
+    if not headers:
+        return safe_file_name(folder.name)
+    header = headers[0]
+    uids = {str(h.get("SeriesInstanceUID", "")) for h in headers}
+    if series is not None or len(uids) > 1:
         try:
-            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(NAME_TAGS))
-        except (InvalidDicomError, OSError, ValueError, TypeError, EOFError, AttributeError, KeyError):
-            continue
-        patient = str(header.get("PatientID", "") or "").strip()
-        series = str(header.get("SeriesNumber", "") or "").strip()
-        parts = [patient or folder.name] + ([f"series{series}"] if series else [])
-        return safe_file_name("_".join(parts), fallback=safe_file_name(folder.name))
-    return safe_file_name(folder.name)
+            chosen = _name_header(Path(choose_series(folder, series)[1][0]))
+        except InputError:  # reading the folder says why; the name is only a name
+            chosen = None
+        header = chosen if chosen is not None else header
+    patient = str(header.get("PatientID", "") or "").strip()
+    number = str(header.get("SeriesNumber", "") or "").strip()
+    parts = [patient or folder.name] + ([f"series{number}"] if number else [])
+    return safe_file_name("_".join(parts), fallback=safe_file_name(folder.name))
 
 
 def _numbers(text: str, count: int, name: str, what: str) -> list[float]:
@@ -151,8 +266,24 @@ def _slice_geometry(files: list[str], folder: Path) -> tuple[np.ndarray, np.ndar
     return np.asarray(positions), orientation, size
 
 
+def _check_tilt(positions: np.ndarray, normal: np.ndarray, along: np.ndarray, folder: Path) -> None:
+    """Refuse slices whose positions drift within the slice plane (a tilted gantry: the stack is sheared)."""
+    offsets = positions - positions[0]
+    drift = offsets - np.outer(offsets @ normal, normal)  # the part of each offset in the slice plane
+    span = float(along[-1] - along[0])
+    shift = float(np.linalg.norm(drift[-1]))
+    if span > 0 and shift > TILT_MIN_SHIFT_MM and shift / span > np.tan(np.radians(TILT_TOL_DEG)):
+        angle = float(np.degrees(np.arctan2(shift, span)))
+        raise InputError(
+            f"{folder}: the slices are sheared by {angle:.2f} degrees (a tilted gantry: each slice is shifted "
+            f"{shift / max(len(along) - 1, 1):.3g} mm in its plane against the one before); covidseg does not "
+            f"correct gantry tilt — convert the series with dcm2niix (which corrects it) and pass the NIfTI file"
+        )
+
+
 def check_slice_positions(files: list[str], positions: np.ndarray, orientation: np.ndarray, folder: Path) -> float:
-    """Raise InputError for duplicated, missing or unevenly spaced slices; return the slice gap in mm."""
+    """Raise InputError for duplicated, missing or unevenly spaced slices and for gantry tilt; return the slice
+    gap in mm."""
     normal = np.cross(orientation[:3], orientation[3:])
     along = positions @ normal
     order = np.argsort(along, kind="stable")
@@ -167,6 +298,7 @@ def check_slice_positions(files: list[str], positions: np.ndarray, orientation: 
             f"{dup.size} duplicate(s) in all); remove the duplicate files (keep one slice per position)"
         )
     step = float(np.median(gaps))
+    _check_tilt(positions[order], normal, along, folder)
     uneven = np.flatnonzero(np.abs(gaps - step) > SPACING_REL_TOL * step)
     if uneven.size:
         i = int(uneven[0])
@@ -185,16 +317,22 @@ def check_slice_positions(files: list[str], positions: np.ndarray, orientation: 
     return step
 
 
-def read_dicom_series(folder: str | Path) -> CTImage:
-    """Read the largest DICOM series in ``folder`` as a :class:`CTImage` (HU after Rescale Slope/Intercept).
+def read_dicom_series(folder: str | Path, series: str | None = None) -> CTImage:
+    """Read the CT series of ``folder`` (:func:`choose_series`) as a :class:`CTImage` (HU after Rescale
+    Slope/Intercept); its ``series_files`` and ``series_uid`` say which files were stacked, in which order.
+
+    Args:
+        folder: the DICOM folder.
+        series: Series Instance UID of the series to read (``None``: :func:`choose_series` picks the CT).
 
     Raises:
-        InputError: no series, unreadable files, a single slice, duplicated/missing slices, uneven spacing,
-            or more voxels than the guard allows.
+        InputError: no series or no CT series, an ambiguous choice, unreadable files, a single slice,
+            duplicated/missing slices, uneven spacing, gantry tilt, mixed orientations, or more voxels than the
+            guard allows.
     """
     sitk = _sitk()
     folder = Path(folder)
-    _uid, files = choose_series(folder)
+    uid, files = choose_series(folder, series)
     if len(files) < 2:
         raise InputError(f"{folder}: the DICOM series has a single slice (a 2D image); covidseg segments 3D CT "
                          f"volumes — give the folder with the whole series")
@@ -212,4 +350,7 @@ def read_dicom_series(folder: str | Path) -> CTImage:
         raise InputError(f"{folder}: the series holds colour (multi-component) pixels; give a grey-level CT")
     array_zyx = sitk.GetArrayFromImage(sitk.Cast(image, sitk.sitkFloat32))
     affine = itk_to_ras_affine(image.GetOrigin(), image.GetSpacing(), image.GetDirection())
-    return make_ct_image(array_zyx.transpose(2, 1, 0), affine, folder, header=None, source="dicom")
+    image_ct = make_ct_image(array_zyx.transpose(2, 1, 0), affine, folder, header=None, source="dicom")
+    image_ct.series_files = tuple(Path(f) for f in files)
+    image_ct.series_uid = uid
+    return image_ct

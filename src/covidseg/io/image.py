@@ -2,8 +2,9 @@
 
 :func:`read_image` returns a :class:`~covidseg.io.volume.CTImage` in the canonical ``(D, H, W)`` orientation
 (:mod:`covidseg.io.volume`); :func:`write_mask` and :func:`write_volume` map a canonical array back to the file's
-own voxel order and affine. Inputs are NIfTI files (``.nii``, ``.nii.gz``, read with nibabel) and DICOM series (a
-folder, read with SimpleITK, see :mod:`covidseg.io.dicom`). Every failure a user can cause (missing, truncated or corrupt file,
+own voxel order and affine. Inputs are NIfTI files (``.nii``, ``.nii.gz``, read with nibabel), NRRD and
+MetaImage files (SimpleITK, :mod:`covidseg.io.itk`) and DICOM series (a folder, read with SimpleITK, see
+:mod:`covidseg.io.dicom`). Every failure a user can cause (missing, truncated or corrupt file,
 2D or 4D image, a scan too large for memory, a mask drawn on another grid, unexpected labels) raises
 :class:`~covidseg.errors.InputError` with one line naming the file, what was found and the fix.
 """
@@ -21,36 +22,15 @@ import numpy as np
 from covidseg.errors import InputError
 from covidseg.io.atomic import atomic_path
 from covidseg.io.dicom import read_dicom_series
-from covidseg.io.formats import is_dicom_file_name, is_nifti
+from covidseg.io.formats import is_dicom_file_name, is_itk_image, is_nifti
+from covidseg.io.itk import read_itk_image
 from covidseg.io.volume import CTImage, check_voxel_count, make_ct_image, orientation_transform, to_canonical
+from covidseg.io.volume import squeeze_to_3d as _squeeze_to_3d
 
 AFFINE_ATOL = 1e-3
 """Tolerance (mm, and mm per voxel for the 3x3 part) when comparing a mask's geometry with its CT's."""
-MIN_SLICES = 2
-"""A volume with fewer voxels than this along an axis is a 2D image."""
 XFORM_SCANNER = 1
 """NIfTI qform/sform code 'scanner' used for volumes that came from DICOM."""
-
-
-def _squeeze_to_3d(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
-    """Accept ``(X, Y, Z)`` and ``(X, Y, Z, 1, ...)``; refuse 2D, single-slice and 4D images."""
-    dims = tuple(int(s) for s in shape)
-    if not dims or min(dims) <= 0:
-        raise InputError(f"{path}: the header gives the image shape {dims}, with zero or negative sizes; the file "
-                         f"is corrupt — re-download or re-export it")
-    while len(dims) > 3 and dims[-1] == 1:
-        dims = dims[:-1]
-    if len(dims) > 3:
-        raise InputError(
-            f"{path}: a {len(dims)}D image of shape {dims} (several volumes); covidseg needs one 3D CT volume — "
-            f"extract one, e.g. nibabel's img.slicer[..., 0], and pass that file"
-        )
-    if len(dims) < 3 or min(dims) < MIN_SLICES:
-        raise InputError(
-            f"{path}: a 2D image of shape {dims}; covidseg segments 3D CT volumes (NIfTI or a DICOM series) — "
-            f"give the whole volume (for single 2D slices use `covidseg semiseg`)"
-        )
-    return dims  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------- NIfTI
@@ -112,11 +92,13 @@ def _read_nifti(path: Path, dtype: Any = np.float32) -> tuple[np.ndarray, np.nda
 # --------------------------------------------------------------------------------------------- public API
 
 
-def read_image(path: str | Path) -> CTImage:
-    """Read a CT volume: a ``.nii`` / ``.nii.gz`` file or a folder holding a DICOM series.
+def read_image(path: str | Path, series: str | None = None) -> CTImage:
+    """Read a CT volume: a NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``) or MetaImage (``.mha``,
+    ``.mhd``) file, or a folder holding a DICOM series.
 
     Args:
-        path: NIfTI file or DICOM folder (several series: the one with most slices is used and named).
+        path: image file or DICOM folder (several series: :func:`covidseg.io.dicom.choose_series` picks the CT).
+        series: the Series Instance UID to read from a DICOM folder (``None``: the chosen one).
 
     Returns:
         The volume in canonical ``(D, H, W)`` order (float32, the file's own values) with spacing in mm and the
@@ -130,11 +112,13 @@ def read_image(path: str | Path) -> CTImage:
     if not path.exists():
         raise InputError(f"{path}: no such file or folder; give a .nii/.nii.gz file or a DICOM folder")
     if path.is_dir():
-        return read_dicom_series(path)
+        return read_dicom_series(path, series=series)
+    if is_itk_image(path):
+        return read_itk_image(path)
     if not is_nifti(path):
         hint = " (for DICOM give the folder that holds the series)" if is_dicom_file_name(path) else ""
-        raise InputError(f"{path}: unsupported file type '{''.join(path.suffixes) or path.name}'; give a .nii or "
-                         f".nii.gz file or a DICOM folder{hint}")
+        raise InputError(f"{path}: unsupported file type '{''.join(path.suffixes) or path.name}'; give a .nii, "
+                         f".nii.gz, .nrrd, .nhdr, .mha or .mhd file or a DICOM folder{hint}")
     data, affine, header = _read_nifti(path)
     return make_ct_image(data, affine, path, header=header, source="nifti")
 

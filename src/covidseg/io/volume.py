@@ -26,6 +26,8 @@ MAX_VOXELS_DEFAULT = 1_200_000_000
 """Largest scan read by default (voxels; 4.8 GB as float32). Override with ``$COVIDSEG_MAX_VOXELS``."""
 MAX_VOXELS_ENV = "COVIDSEG_MAX_VOXELS"
 """Environment variable that raises (or lowers) the voxel-count guard."""
+MIN_SLICES = 2
+"""A volume with fewer voxels than this along an axis is a 2D image."""
 CANONICAL_AXCODES = ("L", "P", "S")
 """Voxel axes of the reoriented grid before the ``(z, y, x)`` transpose."""
 
@@ -56,6 +58,27 @@ def check_voxel_count(shape: tuple[int, ...], path: Path) -> None:
         )
 
 
+def squeeze_to_3d(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
+    """Accept ``(X, Y, Z)`` and ``(X, Y, Z, 1, ...)``; refuse 2D, single-slice and 4D images."""
+    dims = tuple(int(s) for s in shape)
+    if not dims or min(dims) <= 0:
+        raise InputError(f"{path}: the header gives the image shape {dims}, with zero or negative sizes; the file "
+                         f"is corrupt — re-download or re-export it")
+    while len(dims) > 3 and dims[-1] == 1:
+        dims = dims[:-1]
+    if len(dims) > 3:
+        raise InputError(
+            f"{path}: a {len(dims)}D image of shape {dims} (several volumes); covidseg needs one 3D CT volume — "
+            f"extract one, e.g. nibabel's img.slicer[..., 0], and pass that file"
+        )
+    if len(dims) < 3 or min(dims) < MIN_SLICES:
+        raise InputError(
+            f"{path}: a 2D image of shape {dims}; covidseg segments 3D CT volumes (NIfTI, NRRD, MetaImage or a "
+            f"DICOM series) — give the whole volume (for single 2D slices use `covidseg semiseg`)"
+        )
+    return dims  # type: ignore[return-value]
+
+
 @dataclass
 class CTImage:
     """A CT volume in canonical ``(D, H, W)`` orientation, with what is needed to map back to the file.
@@ -71,7 +94,10 @@ class CTImage:
             ``nibabel.orientations.ornt_transform``).
         header: the NIfTI header of the source (``None`` for DICOM); copied into written masks so that their
             qform/sform match the CT's exactly.
-        source: ``"nifti"`` or ``"dicom"``.
+        source: ``"nifti"``, ``"dicom"`` or ``"itk"`` (NRRD and MetaImage, read with SimpleITK).
+        series_files: for a DICOM series, its files in the order of the file grid's third axis (file ``k`` is
+            slice ``k`` of :meth:`to_original`'s array); what a DICOM-SEG references. Empty otherwise.
+        series_uid: for a DICOM series, its Series Instance UID (``""`` otherwise).
     """
 
     array: np.ndarray
@@ -82,6 +108,8 @@ class CTImage:
     ornt: np.ndarray = field(repr=False, default_factory=lambda: np.array([[0, 1], [1, 1], [2, 1]], float))
     header: Any = field(repr=False, default=None)
     source: str = "nifti"
+    series_files: tuple[Path, ...] = field(repr=False, default=())
+    series_uid: str = ""
 
     @property
     def shape(self) -> tuple[int, int, int]:
