@@ -389,7 +389,7 @@ def predict_slices(model: torch.nn.Module, images: np.ndarray | torch.Tensor, ba
         model: any torch module mapping ``(B, 1, S, S)`` to ``(B, 1, S, S)`` logits; put into ``eval()``.
         images: ``(N, 1, S, S)`` float32 in [0, 1] (:attr:`PreparedSlices.images`).
         batch_size: slices per forward pass.
-        flip_tta: also run each batch flipped along each image axis and average the three probabilities
+        flip_tta: also run each batch flipped along each image axis and average the three passes' logits
             (the model was trained with both flips; costs 3 forward passes).
         device: where the model runs; it is moved there.
         flips: the flipped copies to average with the slice itself, as tensor dims (``((-1,),)``: the mirror
@@ -414,11 +414,11 @@ def predict_slices(model: torch.nn.Module, images: np.ndarray | torch.Tensor, ba
         for start in range(0, x_all.shape[0], batch_size):
             x = x_all[start:start + batch_size].to(dev, torch.float32)  # (b, 1, S, S)
             acc = torch.zeros_like(x)
-            for dims in passes:
+            for dims in passes:  # the mean of the logits, as the cross-validation scored the model
                 xi = torch.flip(x, dims) if dims else x
-                p = torch.sigmoid(_logits(model, xi).float())
-                acc += torch.flip(p, dims) if dims else p
-            out[start:start + x.shape[0]] = (acc / len(passes)).cpu().numpy()
+                logit = _logits(model, xi).float()
+                acc += torch.flip(logit, dims) if dims else logit
+            out[start:start + x.shape[0]] = torch.sigmoid(acc / len(passes)).cpu().numpy()
     return out
 
 
