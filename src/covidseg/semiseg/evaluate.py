@@ -15,10 +15,11 @@ import torch
 
 from covidseg.checkpoint import default_checkpoint, resolve_checkpoint
 from covidseg.errors import InputError
+from covidseg.models.heads import set_heads
 from covidseg.runtime import resolve_device
 from covidseg.semiseg.data import load_folder
 from covidseg.semiseg.metric import METRIC_KEYS, summarize
-from covidseg.semiseg.train import TRAIN_SIZE, heads_off, predict_slices, score_slices
+from covidseg.semiseg.train import TRAIN_SIZE, predict_slices, score_slices
 
 TABLE_KEYS = ("mean_dice_infnet", "dice_at_0_5", "iou", "sensitivity", "specificity", "precision")
 """Columns of the printed table."""
@@ -35,8 +36,7 @@ def load_semiseg_model(checkpoint: str | Path, device: torch.device) -> tuple[to
             f"{path}: a {config.model.spatial_dims}D model ({config.model.name}); 'semiseg evaluate' needs a 2D "
             "model trained on slices (covidseg semiseg train)"
         )
-    model = model.float().to(device).eval()
-    heads_off(model)
+    model = set_heads(model.float().to(device), False).eval()
     meta = dict(meta)
     meta["checkpoint"] = str(path)
     meta["variant"] = config.model.name

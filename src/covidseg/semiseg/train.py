@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ import torch
 from torch import nn
 
 from covidseg.errors import ConfigError, UserError
+from covidseg.models.heads import set_heads
+from covidseg.progress import progress_bar
 from covidseg.runtime import autocast_dtype
 from covidseg.semiseg.augment import AugmentConfig, SliceAugment
 from covidseg.semiseg.data import Slice, resize_image, resize_stack
@@ -100,21 +101,6 @@ class SemisegConfig:
         return plain(dataclasses.asdict(self))
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Any:
-    """A tqdm bar on stderr, or a no-op stand-in when tqdm is missing or progress is off."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # the GPU machine may lack tqdm
-        tqdm = None
-    if tqdm is None or not enabled:
-        class _Null:
-            def update(self, n: int = 1) -> None: ...
-            def set_postfix(self, **kw: Any) -> None: ...
-            def close(self) -> None: ...
-        return _Null()
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
-
-
 # --------------------------------------------------------------------------------------------- folds
 
 
@@ -136,13 +122,6 @@ def make_folds(n: int, k: int, seed: int = 0) -> list[list[int]]:
 
 
 # --------------------------------------------------------------------------------------------- model
-
-
-def heads_off(model: nn.Module) -> None:
-    """Switch deep supervision off (inference returns the final output only), for models that have heads."""
-    switch = getattr(model, "set_deep_supervision", None)
-    if callable(switch):
-        switch(False)
 
 
 def build_model(cfg: SemisegConfig) -> nn.Module:
@@ -304,8 +283,7 @@ def train_model(
         _load_run(Path(state_path), run, cfg)
     dtype = autocast_dtype(cfg.amp, device, setting="--amp")
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16 and device.type == "cuda")
-    bar = _progress(total, desc, progress)
-    bar.update(run.step)
+    bar = progress_bar(total=total, initial=run.step, desc=desc, unit="step", disable=not progress, leave=False)
     model.train()
     start = last_save = time.perf_counter()
     while run.step < total:
@@ -339,8 +317,8 @@ def train_model(
             _save_run(Path(state_path), run, cfg)
             last_save = time.perf_counter()
     bar.close()
+    set_heads(model, False)
     model.eval()
-    heads_off(model)
     return model
 
 
@@ -363,8 +341,8 @@ def predict_slices(
     """
     import torch.nn.functional as F
 
+    set_heads(model, False)
     model.eval()
-    heads_off(model)
     dtype = autocast_dtype(amp, device, setting="--amp")
     out: list[np.ndarray] = []
     for start in range(0, len(slices), batch):
