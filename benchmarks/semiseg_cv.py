@@ -53,17 +53,12 @@ except ImportError:  # a plain checkout: use its src/ folder
 
 import torch
 
+from covidseg.config import SemisegConfig
 from covidseg.io.atomic import atomic_write_text
 from covidseg.runtime import resolve_device
 from covidseg.semiseg.data import load_folder, resize_stack
-from covidseg.semiseg.train import (
-    VARIANTS_2D,
-    SemisegConfig,
-    cross_validate,
-    make_folds,
-    save_semiseg_checkpoint,
-    train_model,
-)
+from covidseg.semiseg.train import VARIANTS_2D, cross_validate, make_folds, save_semiseg_checkpoint
+from covidseg.training.slices import train_model
 
 INFNET_PUBLISHED = {"U-Net": 0.439, "U-Net++": 0.581, "Inf-Net": 0.682, "Semi-Inf-Net": 0.739}
 """Mean Dice on Inf-Net's 48-slice test split (Fan et al. 2020, Table 2); not the protocol run here."""

@@ -21,9 +21,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model files", ("covidseg.checkpoint", "covidseg.exchange")),
     ("measures", ("covidseg.losses", "covidseg.metrics", "covidseg.report")),
     ("inferers", ("covidseg.inference.sliding_window", "covidseg.inference.backends")),
-    ("workflows", ("covidseg.training", "covidseg.semiseg", "covidseg.inference", "covidseg.export",
-                   "covidseg.evaluation")),
-    ("applications", ("covidseg.demo",)),
+    ("workflows", ("covidseg.training", "covidseg.inference", "covidseg.export", "covidseg.evaluation")),
+    ("applications", ("covidseg.demo", "covidseg.semiseg")),
     ("command line", ("covidseg.cli",)),
     ("entry point", ("covidseg.__main__",)),
 )

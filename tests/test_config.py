@@ -164,7 +164,7 @@ def test_the_report_preset_is_the_defaults():
 
 def test_the_2d_preset_is_the_2d_training_defaults():
     """Until the 2D training reads the config, its defaults and the 2d preset must not drift apart."""
-    from covidseg.semiseg.train import SemisegConfig
+    from covidseg.config import SemisegConfig
 
     preset, semiseg = load_config("2d"), SemisegConfig()
     assert preset.model.name == semiseg.variant and preset.model.base_width == semiseg.base_width

@@ -9,7 +9,7 @@ from pathlib import Path
 from covidseg.progress import progress_bar
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "covidseg"
-NOT_YET_MOVED = {"inference/cohort.py", "inference/sliding_window.py", "semiseg/train.py"}
+NOT_YET_MOVED = {"inference/cohort.py", "inference/sliding_window.py"}
 """Modules whose bars still call tqdm themselves (to move to progress_bar)."""
 
 

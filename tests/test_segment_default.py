@@ -12,7 +12,7 @@ import torch
 
 from covidseg.checkpoint import SLICE_TASK, default_checkpoint, resolve_checkpoint, save_checkpoint
 from covidseg.cli.main import run as cli
-from covidseg.config import Config, ModelConfig
+from covidseg.config import Config, ModelConfig, SemisegConfig
 from covidseg.inference.backends import load_model
 from covidseg.inference.stages import (
     PreparedCT,
@@ -24,7 +24,8 @@ from covidseg.inference.stages import (
 )
 from covidseg.models import create_model
 from covidseg.phantom import make_phantom
-from covidseg.semiseg.train import SemisegConfig, build_model, save_semiseg_checkpoint
+from covidseg.semiseg.train import save_semiseg_checkpoint
+from covidseg.training.slices import build_model
 
 SCALE = 0.15
 """Phantom scale: about 77x77 pixels and 40 slices."""

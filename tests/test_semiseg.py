@@ -12,17 +12,12 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from covidseg.config import AugmentConfig, SemisegConfig
 from covidseg.errors import ConfigError, InputError
-from covidseg.semiseg.augment import AugmentConfig, AugmentParams, SliceAugment, affine_theta, apply_params
 from covidseg.semiseg.data import load_folder, resize_stack
-from covidseg.semiseg.train import (
-    SemisegConfig,
-    cross_validate,
-    make_folds,
-    predict_slices,
-    save_semiseg_checkpoint,
-    train_model,
-)
+from covidseg.semiseg.train import cross_validate, make_folds, predict_slices, save_semiseg_checkpoint
+from covidseg.training.augment import AugmentParams, SliceAugment, affine_theta, apply_params
+from covidseg.training.slices import train_model
 
 REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "covid-semiseg" / "train"
 TINY = dict(size=(32, 32), base_width=4, depth=2, epochs=1, batch_size=2, amp="off", device="cpu")
@@ -227,6 +222,30 @@ def test_training_is_deterministic_and_cv_scores(tmp_path: Path) -> None:
         assert 0.0 <= cv["mean"][key] <= 1.0 and cv["sd"][key] >= 0.0
     with pytest.raises(ConfigError, match="2D variant"):
         train_model(images, masks, SemisegConfig(variant="unet", **TINY), device, progress=False)
+
+
+def test_a_2d_run_is_its_batch_source_and_the_shared_step(tmp_path: Path) -> None:
+    """One epoch of one batch of train_model gives the weights of the 3D trainer's step (training.loop) on the
+    first batch of SliceBatches, with the same seed: the 2D trainer adds no step of its own."""
+    from covidseg.training.loop import make_engine, train_step
+    from covidseg.training.slices import SliceBatches, build_model
+
+    cfg = SemisegConfig(variant="unet-fv-paspp-ds-2d", **{**TINY, "batch_size": 4})
+    images, masks = resize_stack(load_folder(write_folder(tmp_path, n=4)), cfg.size)
+    cpu = torch.device("cpu")
+    trained = train_model(images, masks, cfg, cpu, progress=False)  # 1 epoch = 1 step of 4 slices
+    torch.manual_seed(cfg.seed)
+    engine = make_engine(build_model(cfg), cpu, spatial_dims=2, learning_rate=cfg.learning_rate, amp="off",
+                         bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight)
+    engine.net.train()
+    x, y = SliceBatches(images, masks, None, cfg, cfg.seed, cpu).batch(0)
+    train_step(engine, x, y)
+    for k, v in trained.state_dict().items():
+        assert torch.equal(v, engine.model.state_dict()[k]), k
+    other = make_engine(build_model(cfg), cpu, spatial_dims=2, learning_rate=cfg.learning_rate, amp="off",
+                        bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight)  # other weights: the check can fail
+    assert not all(torch.equal(v, other.model.state_dict()[k]) for k, v in trained.state_dict().items()
+                   if v.is_floating_point())
 
 
 def test_checkpoint_roundtrip_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -224,3 +224,21 @@ def test_train_refuses_2d_variants_up_front_with_exit_2(tmp_path, cohort, varian
     assert exc.value.code == 2 and "Traceback" not in err and err.count("\n") == 1
     assert f"covidseg semiseg train --variant {variant}" in err and "a 2D model" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_one_home_for_the_optimisation_step():
+    """Only training/loop.py builds an optimizer or a grad scaler and calls backward(); both trainers step with
+    its train_step (a second training loop would show up here)."""
+    import re
+    from pathlib import Path
+
+    import covidseg.training.loop as loop
+    import covidseg.training.slices as slices
+    import covidseg.training.trainer as trainer
+
+    package = Path(loop.__file__).resolve().parents[1]
+    pattern = re.compile(r"\.backward\(|torch\.optim\.[A-Z]|GradScaler\(")
+    homes = {p.relative_to(package).as_posix() for p in package.rglob("*.py")
+             if pattern.search(p.read_text(encoding="utf-8"))}
+    assert homes == {"training/loop.py"}
+    assert trainer.train_step is loop.train_step and slices.train_step is loop.train_step

@@ -260,6 +260,89 @@ KEPT_SECTIONS = ("intensity", "model", "train", "inference", "lungs")
 """Sections a checkpoint keeps: the model and the data convention (``runtime`` is the running machine's)."""
 
 
+# --------------------------------------------------------------------------------------------- 2D slices
+
+SLICE_VARIANT = "unet-fv-paspp-ds-2d"
+"""The report's final model, 2D twin: the default variant of the 2D slice training."""
+SLICE_SIZE = (352, 352)
+"""Slices are resized to 352x352 (H, W) pixels for training and prediction by default, Inf-Net's ``trainsize``."""
+
+
+@dataclass
+class AugmentConfig:
+    """Probabilities and ranges of the 2D slice augmentations (defaults after nnU-Net's 2D settings, milder)."""
+
+    flip_h: float = 0.5
+    """Probability of a left-right mirror."""
+    flip_v: float = 0.5
+    """Probability of an anterior-posterior mirror (nnU-Net mirrors every axis)."""
+    p_affine: float = 0.8
+    """Probability of a rotation + scaling."""
+    rotate_deg: float = 20.0
+    """Rotation drawn uniformly in [-rotate_deg, rotate_deg] degrees."""
+    scale: tuple[float, float] = (0.8, 1.25)
+    """Zoom factor drawn log-uniformly in this range (> 1 enlarges the content)."""
+    p_intensity: float = 0.5
+    """Probability of each intensity change (brightness, contrast, gamma), drawn independently."""
+    brightness: float = 0.1
+    """Additive shift drawn in [-brightness, brightness] (image scale [0, 1])."""
+    contrast: tuple[float, float] = (0.75, 1.25)
+    """Multiplicative contrast around the image mean."""
+    gamma: tuple[float, float] = (0.7, 1.5)
+    """Gamma exponent drawn log-uniformly in this range (applied on [0, 1])."""
+
+
+@dataclass
+class SemisegConfig:
+    """Settings of a 2D slice training run (``covidseg semiseg train``, ``benchmarks/semiseg_cv.py``), written into
+    every run folder and 2D checkpoint (``meta["semiseg"]``). The 3D :class:`Config` does not apply to it."""
+
+    variant: str = SLICE_VARIANT
+    """A 2D variant of :data:`covidseg.models.registry.MODELS` (``*-2d``)."""
+    size: tuple[int, int] = SLICE_SIZE
+    """Training and prediction size (H, W) in pixels; each a multiple of 2^depth."""
+    base_width: int = 16
+    depth: int = 4
+    epochs: int = 150
+    """One epoch = ``n_train // batch_size`` batches (every slice seen about once)."""
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    poly_lr: bool = True
+    """Polynomial decay ``lr * (1 - step / steps)^0.9``; off = constant learning rate (the report's)."""
+    bce_weight: float = 0.5
+    dice_weight: float = 1.0
+    folds: int = 5
+    seed: int = 0
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    """Mixed precision, :func:`covidseg.runtime.autocast_dtype`: ``auto`` = bf16 on CUDA GPUs that have it, fp16 on
+    older ones, off on the CPU."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    pretrain_epochs: int = 0
+    """Epochs on the pseudo-labelled slices alone before training on the labelled ones (0 = no such stage)."""
+    pretrain_lr: float = 1e-3
+    """Peak learning rate of the pseudo-label stage (same polynomial decay)."""
+    pseudo_per_batch: int = 0
+    """Pseudo-labelled slices mixed into every batch of the labelled stage (the rest of ``batch_size`` is
+    labelled slices); 0 = labelled slices only."""
+    flip_tta: bool = False
+    """Prediction averages the logits of the slice and of its left-right mirror (the shipped model's setting)."""
+    threshold: float = 0.5
+    """Probability at or above which a pixel is infection (the binary masks; Inf-Net's mean Dice sweeps it)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (tuples as lists) for JSON and checkpoints."""
+        def plain(v: Any) -> Any:
+            if isinstance(v, tuple):
+                return list(v)
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return v
+        return plain(dataclasses.asdict(self))
+
+
 # --------------------------------------------------------------------------------------------- old keys
 
 LEGACY_KEYS: dict[str, str] = {

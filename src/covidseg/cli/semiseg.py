@@ -87,17 +87,13 @@ def run_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from covidseg import __version__
+    from covidseg.config import SemisegConfig
     from covidseg.errors import OutputExistsError
     from covidseg.io.atomic import atomic_write_text
     from covidseg.runtime import resolve_device
     from covidseg.semiseg.data import load_folder
-    from covidseg.semiseg.train import (
-        SemisegConfig,
-        build_model,
-        cross_validate,
-        save_semiseg_checkpoint,
-        train_final,
-    )
+    from covidseg.semiseg.train import cross_validate, save_semiseg_checkpoint, train_final
+    from covidseg.training.slices import build_model
 
     out = Path(args.out)
     if (out / "cv.json").exists() or (out / "final.pt").exists():

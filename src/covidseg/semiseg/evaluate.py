@@ -14,11 +14,13 @@ from typing import Any
 import torch
 
 from covidseg.checkpoint import default_checkpoint, resolve_checkpoint
+from covidseg.config import SLICE_SIZE
 from covidseg.errors import InputError
+from covidseg.models.heads import set_heads
 from covidseg.runtime import resolve_device
 from covidseg.semiseg.data import load_folder
 from covidseg.semiseg.metric import METRIC_KEYS, summarize
-from covidseg.semiseg.train import TRAIN_SIZE, heads_off, predict_slices, score_slices
+from covidseg.semiseg.train import predict_slices, score_slices
 
 TABLE_KEYS = ("mean_dice_infnet", "dice_at_0_5", "iou", "sensitivity", "specificity", "precision")
 """Columns of the printed table."""
@@ -35,8 +37,7 @@ def load_semiseg_model(checkpoint: str | Path, device: torch.device) -> tuple[to
             f"{path}: a {config.model.spatial_dims}D model ({config.model.name}); 'semiseg evaluate' needs a 2D "
             "model trained on slices (covidseg semiseg train)"
         )
-    model = model.float().to(device).eval()
-    heads_off(model)
+    model = set_heads(model.float().to(device), False).eval()
     meta = dict(meta)
     meta["checkpoint"] = str(path)
     meta["variant"] = config.model.name
@@ -60,7 +61,7 @@ def evaluate_folder(
     dev = resolve_device(device)
     slices = load_folder(data)
     model, meta = load_semiseg_model(checkpoint, dev)
-    size = tuple(int(s) for s in meta.get("input_size", TRAIN_SIZE))
+    size = tuple(int(s) for s in meta.get("input_size", SLICE_SIZE))
     t0 = time.perf_counter()
     flip_tta = bool(meta.get("flip_tta", False))
     probs = predict_slices(model, slices, (size[0], size[1]), dev, amp=amp, flip_tta=flip_tta)

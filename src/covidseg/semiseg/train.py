@@ -1,11 +1,9 @@
-"""2D training on COVID-SemiSeg slices: the report's network in 2D mode, its loss, Adam, k-fold cross-validation.
+"""The COVID-SemiSeg protocol: k-fold cross-validation of the 2D models, pretraining, the final model, scoring.
 
-The whole set (50 slices at 352x352) lives as one tensor on the training device; batches are drawn by a seeded
-generator and augmented on the device (:mod:`covidseg.semiseg.augment`). The loss is the report's
-``0.5 BCE + Dice`` per head, weighted 0.5 final / 0.5 shared by the other heads under deep supervision
-(:mod:`covidseg.losses`). Held-out folds are scored at the end of training only (no checkpoint picking on the
-test fold), predictions are resized back to each GT's own size and scored with Inf-Net's metric
-(:mod:`covidseg.semiseg.metric`).
+Every model is trained by :func:`covidseg.training.slices.train_model` (the 3D trainer's step on 2D slices;
+settings :class:`covidseg.config.SemisegConfig`). Held-out folds are scored at the end of training only (no
+checkpoint picking on the test fold), predictions are resized back to each GT's own size and scored with
+Inf-Net's metric (:mod:`covidseg.semiseg.metric`).
 
 Settings differing from the report's 3D Table 1, for a short 2D schedule (documented in docs/benchmarks.md):
 Adam at 1e-3 with polynomial decay (nnU-Net's ``(1 - t)^0.9``) instead of a constant 1e-4, batch 8 slices of
@@ -16,103 +14,31 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from covidseg.errors import ConfigError, UserError
+from covidseg.config import SemisegConfig
+from covidseg.errors import ConfigError
+from covidseg.models.heads import set_heads
 from covidseg.runtime import autocast_dtype
-from covidseg.semiseg.augment import AugmentConfig, SliceAugment
 from covidseg.semiseg.data import Slice, resize_image, resize_stack
 from covidseg.semiseg.metric import slice_metrics, summarize
+from covidseg.training.slices import train_model
 
 VARIANTS_2D = ("unet-2d", "unet-fv-se-2d", "unet-fv-paspp-2d", "unet-fv-paspp-ds-2d")
 """The 2D ablation: UNet, +FV (SE), +FV+PASPP, +FV+PASPP+DS (report Table 3, in 2D)."""
-DEFAULT_VARIANT = "unet-fv-paspp-ds-2d"
-"""The report's final model, 2D twin."""
-TRAIN_SIZE = (352, 352)
-"""Slices are resized to 352x352 (H, W) pixels for training and prediction, Inf-Net's ``trainsize``."""
-POLY_EXPONENT = 0.9
 INPUT_CONVENTION = (
     "one channel: the 8-bit greyscale slice / 255 (values in [0, 1]), windowed and cropped around the lungs and "
     "oriented as the COVID-SemiSeg jpgs are stored (rotated relative to radiological display), resized "
     "bilinearly to input_size (H, W); the logits are resized back to the slice's size before the sigmoid"
 )
 """What a 2D checkpoint's input is (written into its meta for the inference side)."""
-"""Exponent of the polynomial learning-rate decay (nnU-Net)."""
-
-
-@dataclass
-class SemisegConfig:
-    """Settings of a 2D COVID-SemiSeg run (written into every run folder and checkpoint)."""
-
-    variant: str = DEFAULT_VARIANT
-    """A 2D variant of :data:`covidseg.models.registry.MODELS` (``*-2d``)."""
-    size: tuple[int, int] = TRAIN_SIZE
-    """Training and prediction size (H, W) in pixels; each a multiple of 2^depth."""
-    base_width: int = 16
-    depth: int = 4
-    epochs: int = 150
-    """One epoch = ``n_train // batch_size`` batches (every slice seen about once)."""
-    batch_size: int = 8
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    poly_lr: bool = True
-    """Polynomial decay ``lr * (1 - step / steps)^0.9``; off = constant learning rate (the report's)."""
-    bce_weight: float = 0.5
-    dice_weight: float = 1.0
-    folds: int = 5
-    seed: int = 0
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    """Mixed precision, :func:`covidseg.runtime.autocast_dtype`: ``auto`` = bf16 on CUDA GPUs that have it, fp16 on
-    older ones, off on the CPU."""
-    device: str = "auto"
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    pretrain_epochs: int = 0
-    """Epochs on the pseudo-labelled slices alone before training on the labelled ones (0 = no such stage)."""
-    pretrain_lr: float = 1e-3
-    """Peak learning rate of the pseudo-label stage (same polynomial decay)."""
-    pseudo_per_batch: int = 0
-    """Pseudo-labelled slices mixed into every batch of the labelled stage (the rest of ``batch_size`` is
-    labelled slices); 0 = labelled slices only."""
-    flip_tta: bool = False
-    """Prediction averages the logits of the slice and of its left-right mirror (the shipped model's setting)."""
-    threshold: float = 0.5
-    """Probability at or above which a pixel is infection (the binary masks; Inf-Net's mean Dice sweeps it)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (tuples as lists) for JSON and checkpoints."""
-        def plain(v: Any) -> Any:
-            if isinstance(v, tuple):
-                return list(v)
-            if isinstance(v, dict):
-                return {k: plain(x) for k, x in v.items()}
-            return v
-        return plain(dataclasses.asdict(self))
-
-
-def _progress(total: int, desc: str, enabled: bool) -> Any:
-    """A tqdm bar on stderr, or a no-op stand-in when tqdm is missing or progress is off."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # the GPU machine may lack tqdm
-        tqdm = None
-    if tqdm is None or not enabled:
-        class _Null:
-            def update(self, n: int = 1) -> None: ...
-            def set_postfix(self, **kw: Any) -> None: ...
-            def close(self) -> None: ...
-        return _Null()
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
 # --------------------------------------------------------------------------------------------- folds
@@ -135,213 +61,13 @@ def make_folds(n: int, k: int, seed: int = 0) -> list[list[int]]:
     return [sorted(int(i) for i in part) for part in np.array_split(order, k)]
 
 
-# --------------------------------------------------------------------------------------------- model
-
-
-def heads_off(model: nn.Module) -> None:
-    """Switch deep supervision off (inference returns the final output only), for models that have heads."""
-    switch = getattr(model, "set_deep_supervision", None)
-    if callable(switch):
-        switch(False)
-
-
-def build_model(cfg: SemisegConfig) -> nn.Module:
-    """The 2D network of ``cfg.variant`` (one input channel, one infection channel)."""
-    from covidseg.models import create_model
-    from covidseg.models.registry import MODELS, variant_config
-
-    if cfg.variant not in MODELS or MODELS[cfg.variant].get("spatial_dims") != 2:
-        names = ", ".join(n for n, s in MODELS.items() if s.get("spatial_dims") == 2)
-        raise ConfigError(f"--variant {cfg.variant!r}: expected a 2D variant ({names})")
-    model = create_model(variant_config(cfg.variant, base_width=cfg.base_width, depth=cfg.depth,
-                                        in_channels=1, out_channels=1))
-    div = model.size_divisor
-    if any(s % d for s, d in zip(cfg.size, div, strict=True)):
-        raise ConfigError(f"size {cfg.size}: each side must be a multiple of {div} for depth {cfg.depth}")
-    return model
+# --------------------------------------------------------------------------------------------- stages
 
 
 def pretrain_config(cfg: SemisegConfig) -> SemisegConfig:
     """The settings of the pseudo-label stage: ``cfg`` with its ``pretrain_*`` epochs and learning rate, no mix."""
     return dataclasses.replace(cfg, epochs=cfg.pretrain_epochs, learning_rate=cfg.pretrain_lr,
                                pseudo_per_batch=0)
-
-
-@dataclass
-class _Run:
-    """Everything a training run needs to continue exactly where it stopped (saved by :func:`_save_run`)."""
-
-    model: nn.Module
-    opt: torch.optim.Optimizer
-    augment: SliceAugment
-    order_gen: torch.Generator
-    pseudo_gen: torch.Generator
-    step: int = 0
-    perm: torch.Tensor | None = None
-    """The current epoch's order of the labelled slices."""
-    running: float = 0.0
-    """Sum of the losses of the current epoch so far."""
-
-
-def _save_run(path: Path, run: _Run, cfg: SemisegConfig) -> None:
-    """Write the run's state atomically (a killed write leaves the previous state intact)."""
-    state = {
-        "config": cfg.to_dict(), "step": run.step, "perm": run.perm, "running": run.running,
-        "model": run.model.state_dict(), "opt": run.opt.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "order": run.order_gen.get_state(),
-                "pseudo": run.pseudo_gen.get_state(), "augment": run.augment.generator.get_state()},
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
-def _load_run(path: Path, run: _Run, cfg: SemisegConfig) -> None:
-    """Restore a state written by :func:`_save_run` for the same settings."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated or foreign file
-        raise UserError(f"{path}: not a readable training state ({exc}); delete it to start this stage again") \
-            from None
-    if state.get("config") != cfg.to_dict():
-        raise ConfigError(f"{path}: saved by a run with other settings; rerun with the same settings or delete "
-                          "the file to start this stage again")
-    run.model.load_state_dict(state["model"])
-    run.opt.load_state_dict(state["opt"])
-    run.step, run.perm, run.running = int(state["step"]), state["perm"], float(state["running"])
-    torch.set_rng_state(state["rng"]["torch"])
-    run.order_gen.set_state(state["rng"]["order"])
-    run.pseudo_gen.set_state(state["rng"]["pseudo"])
-    run.augment.generator.set_state(state["rng"]["augment"])
-
-
-def _batch(
-    run: _Run, images: torch.Tensor, masks: torch.Tensor, pseudo: tuple[torch.Tensor, torch.Tensor] | None,
-    n_labelled: int, n_pseudo: int, steps_per_epoch: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The next augmented batch: ``n_labelled`` slices in epoch order, plus ``n_pseudo`` drawn at random."""
-    n = int(images.shape[0])
-    b = run.step % steps_per_epoch
-    if b == 0 or run.perm is None:
-        run.perm = torch.randperm(n, generator=run.order_gen)
-    idx = run.perm[b * n_labelled:(b + 1) * n_labelled]
-    x, y = images[idx.to(images.device)], masks[idx.to(masks.device)]
-    if pseudo is not None and n_pseudo > 0:
-        pidx = torch.randint(int(pseudo[0].shape[0]), (n_pseudo,), generator=run.pseudo_gen)
-        x = torch.cat([x, pseudo[0][pidx.to(x.device)]])
-        y = torch.cat([y, pseudo[1][pidx.to(y.device)]])
-    return run.augment(x, y)  # (B, 1, H, W) each
-
-
-def _start_run(cfg: SemisegConfig, device: torch.device, seed: int, init: dict[str, torch.Tensor] | None) -> _Run:
-    """A fresh run: the model seeded by ``seed`` (or ``init``'s weights) on ``device``, Adam, seeded generators."""
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    if init is not None:
-        model.load_state_dict(init)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    return _Run(model=model,
-                opt=torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
-                augment=SliceAugment(cfg.augment, seed=seed + 1), order_gen=torch.Generator().manual_seed(seed + 2),
-                pseudo_gen=torch.Generator().manual_seed(seed + 3))
-
-
-def train_model(
-    images: torch.Tensor,
-    masks: torch.Tensor,
-    cfg: SemisegConfig,
-    device: torch.device,
-    *,
-    seed: int | None = None,
-    desc: str = "train",
-    progress: bool = True,
-    log: Callable[[dict[str, Any]], None] | None = None,
-    init: dict[str, torch.Tensor] | None = None,
-    pseudo: tuple[torch.Tensor, torch.Tensor] | None = None,
-    state_path: Path | None = None,
-    save_every_s: float = 300.0,
-) -> nn.Module:
-    """Train a model on resized slices, optionally from given weights, mixed with pseudo-labelled slices, resumably.
-
-    Args:
-        images: ``(N, 1, H, W)`` float32 in [0, 1] at ``cfg.size``.
-        masks: ``(N, 1, H, W)`` float32 in {0, 1}.
-        cfg: the run's settings (``epochs``, ``batch_size``, ``learning_rate``, ``pseudo_per_batch`` ...).
-        device: where to train; the data is moved there once.
-        seed: seeds the weights, the batch order and the augmentation (default ``cfg.seed``).
-        desc: progress-bar and log label.
-        progress: show a tqdm bar on stderr.
-        log: called with ``{"epoch", "step", "loss", "lr", "seconds"}`` after every epoch.
-        init: a state dict to start from (a pretrained model) instead of fresh weights.
-        pseudo: ``(M, 1, H, W)`` images and masks of pseudo-labelled slices; each batch then holds
-            ``cfg.pseudo_per_batch`` of them (drawn at random) and ``cfg.batch_size - cfg.pseudo_per_batch``
-            labelled slices (one epoch = every labelled slice once).
-        state_path: where the run's state is saved every ``save_every_s`` seconds and at the end; when the file
-            exists the run continues from it and ends with the same weights as an uninterrupted run.
-        save_every_s: seconds between two saves of the state (0 = after every step).
-
-    Returns:
-        The trained model in eval mode with deep supervision switched off.
-    """
-    from covidseg.losses import DeepSupervisionLoss, SegmentationLoss
-
-    seed = cfg.seed if seed is None else seed
-    run = _start_run(cfg, device, seed, init)
-    model = run.model
-    n = int(images.shape[0])
-    n_pseudo = min(cfg.pseudo_per_batch, cfg.batch_size - 1) if pseudo is not None else 0
-    n_labelled = min(cfg.batch_size - n_pseudo, n)
-    steps_per_epoch = max(1, n // n_labelled)
-    total = max(1, cfg.epochs * steps_per_epoch)
-    images, masks = images.to(device), masks.to(device)
-    if pseudo is not None:
-        pseudo = (pseudo[0].to(device), pseudo[1].to(device))
-    loss_fn = DeepSupervisionLoss(SegmentationLoss(cfg.bce_weight, cfg.dice_weight))
-    if state_path is not None and Path(state_path).is_file():
-        _load_run(Path(state_path), run, cfg)
-    dtype = autocast_dtype(cfg.amp, device, setting="--amp")
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16 and device.type == "cuda")
-    bar = _progress(total, desc, progress)
-    bar.update(run.step)
-    model.train()
-    start = last_save = time.perf_counter()
-    while run.step < total:
-        x, y = _batch(run, images, masks, pseudo, n_labelled, n_pseudo, steps_per_epoch)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        lr = cfg.learning_rate * ((1.0 - run.step / total) ** POLY_EXPONENT if cfg.poly_lr else 1.0)
-        for group in run.opt.param_groups:
-            group["lr"] = lr
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = model(x)
-        loss = loss_fn(out, y)
-        run.opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(run.opt)
-        scaler.update()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise UserError(f"{desc}: the loss became {value} at step {run.step}; lower the learning rate")
-        run.running += value
-        run.step += 1
-        bar.update(1)
-        epoch_done = run.step % steps_per_epoch == 0
-        if epoch_done:
-            bar.set_postfix(loss=f"{run.running / steps_per_epoch:.3f}")
-            if log is not None:
-                log({"epoch": run.step // steps_per_epoch, "step": run.step, "loss": run.running / steps_per_epoch,
-                     "lr": lr, "seconds": time.perf_counter() - start})
-            run.running = 0.0
-        if state_path is not None and (run.step == total or time.perf_counter() - last_save >= save_every_s):
-            _save_run(Path(state_path), run, cfg)
-            last_save = time.perf_counter()
-    bar.close()
-    model.eval()
-    heads_off(model)
-    return model
 
 
 # --------------------------------------------------------------------------------------------- prediction
@@ -363,8 +89,8 @@ def predict_slices(
     """
     import torch.nn.functional as F
 
+    set_heads(model, False)
     model.eval()
-    heads_off(model)
     dtype = autocast_dtype(amp, device, setting="--amp")
     out: list[np.ndarray] = []
     for start in range(0, len(slices), batch):

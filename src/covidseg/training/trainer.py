@@ -1,4 +1,6 @@
-"""One training loop for every variant of the report (the variant is configuration, never a subclass).
+"""The 3D trainer: every 3D variant of the report on patches of CT volumes (the variant is configuration, never a
+subclass). Its optimisation step is :func:`covidseg.training.loop.train_step`, the one the 2D slice trainer
+(:mod:`covidseg.training.slices`) runs too.
 
 The run folder (:mod:`covidseg.training.runs`) holds the resolved config, the record of the run, the metrics and
 the checkpoints ``last.pt`` and ``best.pt``.
@@ -13,7 +15,8 @@ Validation runs whole validation volumes (from the cache) through
 uses, with the window set to the training patch, and reports the mean Dice over channels and cases.
 
 :func:`train` reads like the run: :func:`check_trainable` (before any case is read), the cases
-(:func:`resolve_split`, :func:`cache_cases`), the model and its optimizer (:class:`Engine`), then one loop of
+(:func:`resolve_split`, :func:`cache_cases`), the model and its optimizer (:func:`build_engine`, a
+:class:`~covidseg.training.loop.Engine`), then one loop of
 :func:`train_step` with :func:`end_epoch` (validation, ``best.pt``, ``last.pt``, ``metrics.csv``) at every epoch's
 last step.
 """
@@ -35,10 +38,11 @@ from torch import nn
 
 from covidseg.config import Config, RuntimeConfig, load_config
 from covidseg.errors import ConfigError, InputError, OutputExistsError
-from covidseg.runtime import autocast_dtype, process_rank, resolve_device
+from covidseg.runtime import process_rank, resolve_device
 from covidseg.targets import TARGET_CHANNELS, make_target
 from covidseg.training import distributed as ddp
 from covidseg.training.cache import CachedCase, default_cache_root, prepare_cases
+from covidseg.training.loop import Engine, engine_state, load_engine_state, make_engine, train_step
 from covidseg.training.runs import (
     BEST_FILE,
     CONFIG_FILE,
@@ -204,32 +208,7 @@ def validate(model: nn.Module, cases: Sequence[CachedCase], config: Config, devi
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def _optimizer_state(raw: dict[str, Any]) -> dict[str, Any]:
-    """Undo the checkpoint's string keys of ``optimizer.state_dict()['state']``."""
-    return {"state": {int(k): v for k, v in raw["state"].items()}, "param_groups": raw["param_groups"]}
-
-
 # ------------------------------------------------------------------------------------------------ state
-
-
-@dataclasses.dataclass
-class Engine:
-    """The model and what one optimizer step needs.
-
-    Attributes:
-        model: the bare model (saved and validated).
-        net: what a step calls (``model`` itself, or its DistributedDataParallel wrapper under torchrun).
-        channels_last: batches and weights in ``channels_last_3d`` (3D models on GPUs).
-    """
-
-    model: nn.Module
-    net: nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    criterion: nn.Module
-    amp_dtype: torch.dtype | None
-    channels_last: bool
-    device: torch.device
 
 
 @dataclasses.dataclass
@@ -259,21 +238,13 @@ class EpochMeter:
 
 def build_engine(config: Config, device: torch.device) -> Engine:
     """The model (seeded with ``train.seed``), Adam, the grad scaler and the deep-supervision loss on ``device``."""
-    from covidseg.losses import DeepSupervisionLoss, SegmentationLoss
     from covidseg.models import create_model
 
     tcfg = config.train
     torch.manual_seed(tcfg.seed)
     model = create_model(config.model)
-    model.to(device)
-    channels_last = device.type == "cuda" and config.model.spatial_dims == 3
-    if channels_last:
-        model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.learning_rate)
-    amp_dtype = autocast_dtype(config.runtime.amp, device, setting="runtime.amp")
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16 and device.type == "cuda")
-    criterion = DeepSupervisionLoss(SegmentationLoss(tcfg.bce_weight, tcfg.dice_weight))
-    return Engine(model, model, optimizer, scaler, criterion, amp_dtype, channels_last, device)
+    return make_engine(model, device, spatial_dims=config.model.spatial_dims, learning_rate=tcfg.learning_rate,
+                       amp=config.runtime.amp, bce_weight=tcfg.bce_weight, dice_weight=tcfg.dice_weight)
 
 
 def distribute(engine: Engine, config: Config, info: ddp.DistInfo) -> None:
@@ -296,10 +267,7 @@ def restore(path: Path, engine: Engine) -> RunState:
     meta = payload.get("meta") or {}
     saved = meta.get("train_state") or {}
     engine.model.load_state_dict(payload["state_dict"])
-    engine.optimizer.load_state_dict(_optimizer_state(saved["optimizer"]))
-    if saved.get("scaler"):
-        engine.scaler.load_state_dict(saved["scaler"])
-    torch.set_rng_state(saved["torch_rng"])
+    load_engine_state(engine, saved)
     return RunState(
         step=int(meta["step"]),
         best_dice=float(meta["best_dice"]) if meta.get("best_dice") is not None else -math.inf,
@@ -316,33 +284,11 @@ def save_last(path: Path, engine: Engine, config: Config, state: RunState, epoch
     save_checkpoint(
         path, engine.model, config, epoch=epoch, step=state.step, total_steps=n_steps, best_dice=state.best,
         best_epoch=state.best_epoch, target=tcfg.target, input=tcfg.input, seed=tcfg.seed, history=state.history,
-        train_state={
-            "optimizer": engine.optimizer.state_dict(),
-            "scaler": engine.scaler.state_dict() if engine.scaler.is_enabled() else None,
-            "torch_rng": torch.get_rng_state(),
-        },
+        train_state=engine_state(engine),
     )
 
 
 # ------------------------------------------------------------------------------------------------ steps
-
-
-def train_step(engine: Engine, x: torch.Tensor, y: torch.Tensor) -> float:
-    """One optimizer step on the batch ``x`` ``(B, 1, D, H, W)``, ``y`` ``(B, K, D, H, W)``; returns its loss."""
-    device = engine.device
-    x = x.to(device, non_blocking=True)
-    y = y.to(device, non_blocking=True)
-    if engine.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    engine.optimizer.zero_grad(set_to_none=True)
-    amp = engine.amp_dtype
-    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        outputs = engine.net(x)
-    loss = engine.criterion(outputs, y)
-    engine.scaler.scale(loss).backward()
-    engine.scaler.step(engine.optimizer)
-    engine.scaler.update()
-    return float(loss.detach())
 
 
 def _mean_loss(meter: EpochMeter, device: torch.device, info: ddp.DistInfo) -> float:

@@ -1,7 +1,8 @@
 """Batch augmentation of 2D slices, on the device the batch lives on: flips, rotation, scaling, intensity.
 
-The field's slice augmentations (nnU-Net's 2D defaults, Inf-Net's flips/rotations): mirroring, in-plane rotation
-and isotropic scaling in one affine resampling, then brightness, contrast and gamma. As in TorchIO, the random
+The field's slice augmentations (nnU-Net's 2D defaults, Inf-Net's flips/rotations; ranges and probabilities in
+:class:`covidseg.config.AugmentConfig`): mirroring, in-plane rotation and isotropic scaling in one affine
+resampling, then brightness, contrast and gamma. As in TorchIO, the random
 part only *draws* parameters (:func:`draw_params`, from an explicit seeded :class:`torch.Generator` on the CPU)
 and a deterministic twin *applies* them (:func:`apply_params`), so a batch can be replayed from its parameters
 and the same seed gives the same batches on any device.
@@ -20,32 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from covidseg.config import AugmentConfig
+
 MASK_THRESHOLD = 0.5
 """A resampled mask pixel is foreground when its bilinear value is >= 0.5."""
-
-
-@dataclass
-class AugmentConfig:
-    """Probabilities and ranges of the slice augmentations (defaults after nnU-Net's 2D settings, milder)."""
-
-    flip_h: float = 0.5
-    """Probability of a left-right mirror."""
-    flip_v: float = 0.5
-    """Probability of an anterior-posterior mirror (nnU-Net mirrors every axis)."""
-    p_affine: float = 0.8
-    """Probability of a rotation + scaling."""
-    rotate_deg: float = 20.0
-    """Rotation drawn uniformly in [-rotate_deg, rotate_deg] degrees."""
-    scale: tuple[float, float] = (0.8, 1.25)
-    """Zoom factor drawn log-uniformly in this range (> 1 enlarges the content)."""
-    p_intensity: float = 0.5
-    """Probability of each intensity change (brightness, contrast, gamma), drawn independently."""
-    brightness: float = 0.1
-    """Additive shift drawn in [-brightness, brightness] (image scale [0, 1])."""
-    contrast: tuple[float, float] = (0.75, 1.25)
-    """Multiplicative contrast around the image mean."""
-    gamma: tuple[float, float] = (0.7, 1.5)
-    """Gamma exponent drawn log-uniformly in this range (applied on [0, 1])."""
 
 
 @dataclass
