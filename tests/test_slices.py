@@ -313,3 +313,19 @@ def test_real_ct_slices_have_the_training_slices_intensities() -> None:
     middle = prep.images[len(prep) // 4: 3 * len(prep) // 4, 0]
     spine_right = [_centroid(im[size // 3: 2 * size // 3] >= 0.99)[1] > size / 2 for im in middle]
     assert np.mean(spine_right) >= 0.8
+
+
+def test_channels_last_inference_form_gives_the_plain_models_probabilities() -> None:
+    """The shipped model in its inference form (batch norm folded, channels-last weights and slices) against the
+    plain training module, with the mirror TTA: the same probabilities up to float rounding."""
+    from covidseg.checkpoint import default_checkpoint
+    from covidseg.inference.backends import load_model
+    from covidseg.models.deploy import deploy_copy
+
+    loaded = load_model(default_checkpoint(), "torch", device="cpu")
+    images = np.random.default_rng(3).uniform(0, 1, (3, 1, 192, 192)).astype(np.float32)
+    plain = predict_slices(loaded.module, images, batch_size=2, flips=((-1,),))
+    fast = predict_slices(deploy_copy(loaded.module, channels_last=True), images, batch_size=2, flips=((-1,),),
+                          channels_last=True)
+    assert plain.std() > 1e-3  # a non-trivial answer
+    np.testing.assert_allclose(fast, plain, atol=1e-4)

@@ -330,13 +330,14 @@ class SliceInfection:
         convention: how a CT becomes slices; ``None`` = the measured convention
             (:class:`~covidseg.inference.slices.SliceConvention`) at the model's ``input_size``.
         min_component_ml: smallest infection component kept (mL); 0 keeps every voxel.
+        channels_last: weights and slices in channels-last memory format (``runtime.channels_last``).
 
     Raises:
         InputError: a model that is not a slice model, or whose input is not square.
     """
 
     def __init__(self, model: LoadedModel, device: str, threads: int = 0, convention: SliceConvention | None = None,
-                 min_component_ml: float = MIN_COMPONENT_ML) -> None:
+                 min_component_ml: float = MIN_COMPONENT_ML, channels_last: bool = True) -> None:
         if not is_slice_model(model):
             raise InputError(f"{model.source}: not a 2D slice model (meta task {model.meta.get('task')!r}, "
                              f"{model.config.model.spatial_dims}D); give a checkpoint of 'covidseg semiseg train'")
@@ -345,7 +346,9 @@ class SliceInfection:
             raise InputError(f"{model.source}: input_size {size}; the slice runner needs a square input")
         self.model = model
         # a covidseg network runs as its inference form (batch norm and gates folded), as in the sliding window
-        self.module = deploy_copy(model.module) if isinstance(model.module, UNet) else model.module
+        self.channels_last = bool(channels_last) and isinstance(model.module, UNet)
+        self.module = deploy_copy(model.module, channels_last=self.channels_last) if isinstance(model.module, UNet) \
+            else model.module
         self.device = device
         self.threads = int(threads)
         self.convention = convention or SliceConvention(size=size[0])
@@ -369,7 +372,7 @@ class SliceInfection:
         prepared = prepare_slices(ct.hu, ct.spacing, lungs, self.convention)
         with torch_threads(self.threads):
             probs = predict_slices(self.module, prepared.images, batch_size=SLICE_BATCH, flips=self.flips,
-                                   device=self.device)
+                                   device=self.device, channels_last=self.channels_last)
         volume = restore_volume(probs, prepared)
         self.slices_run = len(prepared)
         box = _slices_box(prepared.boxes)
@@ -395,6 +398,7 @@ class SliceInfection:
                      "min_slice_spacing_mm": conv.min_slice_spacing_mm, "slices_run": self.slices_run,
                      "flip_tta": bool(self.flips), "threshold": self.threshold,
                      "min_component_ml": self.min_component_ml, "device": self.device,
+                     "channels_last": self.channels_last,
                      "backend": self.model.backend}
         return {"model": model, "inference": inference}
 
@@ -423,7 +427,8 @@ def build_stages(infection: LoadedModel, lung_model: LoadedModel | None, config:
     """
     stage: InfectionStage
     if is_slice_model(infection):
-        stage = SliceInfection(infection, device, threads=config.runtime.threads)
+        stage = SliceInfection(infection, device, threads=config.runtime.threads,
+                               channels_last=config.runtime.channels_last)
     else:
         stage = SlidingWindowInfection(infection, config.inference, device, config.runtime)
     return Stages(lungs=LungStage(config.lungs, config.inference, device, lung_model,

@@ -58,13 +58,14 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
 
 def deploy_copy(model: nn.Module, dtype: torch.dtype = torch.float32, channels_last: bool = False,
                 kernels: CpuKernels = "public") -> nn.Module:
-    """An inference copy of ``model``: ``eval`` mode, batch norm folded, parameters in ``dtype`` and, for a 3D
-    network, in ``channels_last_3d`` memory format when ``channels_last``.
+    """An inference copy of ``model``: ``eval`` mode, batch norm folded, parameters in ``dtype`` and, when
+    ``channels_last``, in channels-last memory format (``channels_last_3d`` for a 3D network).
 
     Args:
         model: a covidseg network (its ``ConvBNReLU`` blocks are folded; other modules are copied as they are).
         dtype: ``torch.float32`` or ``torch.bfloat16`` (feed inputs of the same dtype).
-        channels_last: store 5D weights channels-last (feed ``channels_last_3d`` inputs).
+        channels_last: store the weights channels-last (feed ``channels_last_3d`` inputs to a 3D network,
+            ``channels_last`` ones to a 2D network).
         kernels: ``public``, or ``onednn`` for a copy that runs on the CPU only
             (:func:`covidseg.models.onednn.onednn_form`).
 
@@ -80,8 +81,9 @@ def deploy_copy(model: nn.Module, dtype: torch.dtype = torch.float32, channels_l
     elif kernels != "public":
         raise ValueError(f"kernels={kernels!r}: expected 'public' or 'onednn'")
     out.to(dtype=dtype)
-    if channels_last and int(getattr(out, "spatial_dims", 3)) == 3:
-        out.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+    if channels_last:
+        layout = torch.channels_last_3d if int(getattr(out, "spatial_dims", 3)) == 3 else torch.channels_last
+        out.to(memory_format=layout)  # type: ignore[call-overload]
     for p in out.parameters():
         p.requires_grad_(False)
     return out
