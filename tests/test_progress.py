@@ -9,10 +9,6 @@ from pathlib import Path
 from covidseg.progress import progress_bar
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "covidseg"
-NOT_YET_MOVED = {"inference/cohort.py", "inference/sliding_window.py"}
-"""Modules whose bars still call tqdm themselves (to move to progress_bar)."""
-
-
 class Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
@@ -58,4 +54,4 @@ def test_disabled_bars_write_nothing():
 def test_every_bar_of_the_package_goes_through_the_helper():
     direct = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
               if re.search(r"^\s*from tqdm(\.\w+)? import", p.read_text(encoding="utf-8"), re.M)}
-    assert direct - NOT_YET_MOVED == {"progress.py"}
+    assert direct == {"progress.py"}

@@ -279,8 +279,10 @@ def pick_case(data: Path, test_ids: list[str]) -> str:
 
 
 def segment_one(data: Path, case_id: str, checkpoint: Path, config: Config, out_dir: Path,
-                log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
-    """Segment one phantom CT with the ``segment`` pipeline; compare with the phantom's own masks.
+                log: Callable[[str], None], progress: bool = True
+                ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
+    """Segment one phantom CT with the ``segment`` pipeline (``progress``: its bar over the windows); compare with
+    the phantom's own masks.
 
     Returns:
         ``(report, reference involvement, {"lung_dice", "infection_dice"})``.
@@ -293,7 +295,7 @@ def segment_one(data: Path, case_id: str, checkpoint: Path, config: Config, out_
 
     case = {c.case_id: c for c in find_cases(data)}[case_id]
     options = SegmentOptions(checkpoint=checkpoint, force=True)
-    results = segment(case.ct, out_dir, options, config, log=log)
+    results = segment(case.ct, out_dir, options, config, log=log, progress=progress)
     report = results[0].report
     assert report is not None
     image = read_image(case.ct)
@@ -376,7 +378,7 @@ def run_demo(out: Path | str = DEFAULT_OUT, cohort: DemoCohort | None = None, co
     case_id = pick_case(data, test_ids)
     segment_dir = out / SEGMENT_DIR / case_id
     say(f"[4/5] segmenting held-out phantom {case_id} (classical lungs + the trained model) -> {segment_dir}")
-    report, reference, pipeline_metrics = segment_one(data, case_id, checkpoint, config, segment_dir, say)
+    report, reference, pipeline_metrics = segment_one(data, case_id, checkpoint, config, segment_dir, say, progress)
     timings["segment_s"] = time.perf_counter() - t
     say("[5/5] done")
 

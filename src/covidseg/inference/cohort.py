@@ -237,7 +237,7 @@ def run_cohort(cases: Sequence[Path | str], out_dir: Path | str, process_case: P
     Returns:
         A :class:`CohortResult`.
     """
-    from tqdm import tqdm
+    from covidseg.progress import progress_bar
 
     me = resolve_rank(rank, world_size)
     out = Path(out_dir)
@@ -252,8 +252,8 @@ def run_cohort(cases: Sequence[Path | str], out_dir: Path | str, process_case: P
                          "started": started, "host": socket.gethostname(), "pid": os.getpid()})
 
     processed, skipped, failed, attempts = [], [], [], {}
-    bar = tqdm(mine, desc=f"cohort rank {me.rank}/{me.world_size}", unit="case", disable=not progress or me.local_rank != 0,
-               dynamic_ncols=True)
+    bar = progress_bar(mine, desc=f"cohort rank {me.rank}/{me.world_size}", unit="case",
+                       disable=not progress or me.local_rank != 0)
     for cid in bar:
         previous = read_status(status_path(out, cid)) or {}
         if previous.get("status") == DONE or (previous.get("status") == FAILED and not retry_failed):

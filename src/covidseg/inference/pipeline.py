@@ -123,8 +123,9 @@ def segment_case(input_path: Path, out_dir: Path, stages: Stages, options: Segme
 
 
 def segment(input_path: Path, out: Path, options: SegmentOptions, config: Config,
-            log: Callable[[str], None] | None = None) -> list[CaseResult]:
-    """Segment one input, or a cohort (a folder or a list of inputs: :func:`segment_cohort`).
+            log: Callable[[str], None] | None = None, progress: bool = True) -> list[CaseResult]:
+    """Segment one input, or a cohort (a folder or a list of inputs: :func:`segment_cohort`); ``progress``
+    shows a bar over the infection model's windows of a single input (stderr; plain lines when not a terminal).
 
     Returns:
         One :class:`CaseResult` per case this process handled (for a cohort: this rank's share), in input order.
@@ -135,7 +136,7 @@ def segment(input_path: Path, out: Path, options: SegmentOptions, config: Config
     device = model_device(options.backend, config.runtime.device, local_rank=0)
     check_output(out, options.force, tuple(cases))
     stages = load_stages(options, config, device)
-    return [segment_case(cases[0], out, stages, options, progress=True)]
+    return [segment_case(cases[0], out, stages, options, progress=progress)]
 
 
 def segment_cohort(cases: list[Path], out: Path, options: SegmentOptions, config: Config,

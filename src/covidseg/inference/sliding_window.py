@@ -314,9 +314,9 @@ def _run_windows(
     iterator: Iterator[list[tuple[tuple[int, int, int], tuple[int, ...]]]] | list[
         list[tuple[tuple[int, int, int], tuple[int, ...]]]] = batches
     if progress:
-        from tqdm import tqdm
+        from covidseg.progress import progress_bar
 
-        iterator = tqdm(batches, desc="windows", unit="batch", leave=False)
+        iterator = progress_bar(batches, desc="windows", unit="batch", leave=False)
     with torch.inference_mode(), autocast:
         for batch in iterator:
             wd, wh, ww = batch[0][1]
