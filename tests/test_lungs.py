@@ -342,3 +342,14 @@ def test_a_crop_through_the_lungs_is_flagged(part: str) -> None:
     assert not whole.partial and not whole.cut_at_apex and not whole.cut_at_base
     summary = result.summary()
     assert summary["partial"] and summary["left"]["found"] and summary["reason"] is None
+
+
+def test_a_thin_chest_wall_keeps_the_lung_in_the_body() -> None:
+    """A lateral chest wall thinner than the body's opening (about 10 mm over a stretch of 18 mm, as between a slim
+    patient's ribs) is put back: the left lung stays inside the filled body in those slices."""
+    hu, truth, _ = synthetic_chest(lesion=False)
+    hu[14:31, 56:68, 143:] = AIR_HU  # the wall lateral of the left lung's widest part cut to 7 pixels (10.5 mm)
+    out = classical_lungs(hu, SPACING, LungConfig())
+    for label in (LEFT, RIGHT):
+        assert _dice(out == label, truth == label) >= 0.95
+    assert (out[14:31] == LEFT).sum() >= 0.9 * (truth[14:31] == LEFT).sum()

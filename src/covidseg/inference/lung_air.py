@@ -37,7 +37,10 @@ def body_mask(hu: np.ndarray, spacing: Sequence[float], cfg: LungConfig) -> tupl
     about ``cfg.body_spacing_mm``), opened within each axial slice by ``cfg.body_opening_mm`` (the couch's shells,
     the mattress's cover, blankets and cables are thinner and come off; where the patient lies on the couch the
     contact is cut), then the largest 3D component: the body. The couch, and the air it encloses, is not part of
-    it.
+    it. The opening also erases a chest wall thinner than its element (a slim patient's lateral wall at the bases,
+    between the ribs), which would open the slice's ring and leave the lung outside the filled body: the tissue
+    within twice the opening's radius of the body is put back before the slices are filled (too little to close
+    ring of a couch around the air it encloses).
 
     Args:
         hu: ``(D, H, W)`` CT (HU), full resolution.
@@ -57,7 +60,9 @@ def body_mask(hu: np.ndarray, spacing: Sequence[float], cfg: LungConfig) -> tupl
         return np.zeros(tissue.shape, dtype=bool), step
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    return fill_holes_2d(labels == int(np.argmax(sizes))), step
+    body = labels == int(np.argmax(sizes))
+    body |= tissue & ndimage.binary_dilation(body, structure=SLICE_2D, iterations=2 * steps)
+    return fill_holes_2d(body), step
 
 
 def inside_air(small: np.ndarray, body: np.ndarray, threshold_hu: float) -> np.ndarray:

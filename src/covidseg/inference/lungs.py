@@ -7,7 +7,8 @@ al., Eur Radiol Exp 2020), made to hold on real scans:
 1. work on a grid of about ``cfg.work_spacing_mm`` (block means of the HU volume; values below
    ``cfg.padding_floor_hu``, the padding outside the field of view, count as air);
 2. the body (:func:`~covidseg.inference.lung_air.body_mask`): tissue, opened in-plane so that the couch, the
-   mattress's cover and blankets come off, its largest 3D component, filled per axial slice. Air below
+   mattress's cover and blankets come off, its largest 3D component with the thin chest wall the opening erased
+   put back, filled per axial slice. Air below
    ``cfg.air_threshold_hu`` inside it, per axial slice, is the candidate air: the couch's air is not inside;
 3. the trachea and the main bronchi are removed (small midline air regions followed down from the top slice) and
    so is pure gas (below ``cfg.gas_hu``) pressed against the lung bases (stomach, colon);
