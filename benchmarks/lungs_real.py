@@ -37,6 +37,7 @@ from covidseg.inference.lung_air import body_mask  # noqa: E402
 from covidseg.inference.lungs import LEFT, RIGHT, LungResult, find_lungs  # noqa: E402
 from covidseg.phantom import perturb  # noqa: E402
 from real_ct import (  # noqa: E402
+    CASES,
     lidc_nodule,
     load_case,
     lung_dice,
@@ -167,7 +168,7 @@ def thread_timings(repeats: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
-    p.add_argument("--cases", nargs="+", default=["pancreas-ct-cb-001", "lidc-idri-0314", "chest-2mm-00"])
+    p.add_argument("--cases", nargs="+", default=list(CASES))
     p.add_argument("--no-variants", action="store_true", help="the original CTs only")
     p.add_argument("--repeats", type=int, default=3, help="repeats of the 1- and 2-core timing (0: skip)")
     args = p.parse_args(argv)
