@@ -209,6 +209,43 @@ def test_an_interrupt_as_the_work_folder_is_made_leaves_nothing(tmp_path, monkey
     assert not out.exists() and not partial_folders(out)
 
 
+def test_ctrl_c_as_the_writer_thread_starts_leaves_nothing(tmp_path, monkeypatch):
+    """A real SIGINT right after the mask writer's thread has started, before the pool has recorded it (the moment
+    the signal test above catches when it freezes `segment` as the hidden folder appears): the interrupt waits
+    until the pool knows its writer, the writer is waited for, and no folder is left, not even one the writer
+    made again after the clean-up."""
+    import threading
+
+    from covidseg.inference import outputs
+    from covidseg.inference.case import CaseSegmentation
+    from covidseg.io.volume import make_ct_image
+
+    image = make_ct_image(np.full((6, 5, 4), -1000.0, np.float32), np.eye(4), tmp_path / "ct.nii.gz")
+    zeros = np.zeros(image.shape, np.uint8)
+    seg = CaseSegmentation(hu=image.array, lungs=zeros, infection=zeros, probability=zeros.astype(np.float32),
+                           outside_ml=0.0, convention="hu", box=None, lung_method="classical")
+    real_start, real_write = threading.Thread.start, outputs.write_mask
+    before = set(threading.enumerate())
+
+    def start(self: threading.Thread) -> None:
+        real_start(self)
+        os.kill(os.getpid(), signal.SIGINT)  # as a user's Ctrl-C would land: a signal, not a raise
+
+    def slow_write(*args, **kwargs):
+        time.sleep(0.3)  # still writing when an unwaited-for clean-up would have run
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    monkeypatch.setattr(outputs, "write_mask", slow_write)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        outputs.write_case_folder(out, image, "case", seg, {"model": {"name": "m"}, "inference": {}}, 0.0)
+    monkeypatch.undo()
+    for thread in set(threading.enumerate()) - before:  # a writer left running would write now
+        thread.join(timeout=PROCESS_TIMEOUT_S)
+    assert not out.exists() and not partial_folders(out)
+
+
 @pytest.mark.parametrize("sig, phase", [(signal.SIGINT, "writing"), (signal.SIGTERM, "inference")],
                          ids=["SIGINT-writing", "SIGTERM-inference"])
 def test_ctrl_c_or_sigterm_of_segment_exits_130_and_leaves_nothing(world, tmp_path, sig, phase):

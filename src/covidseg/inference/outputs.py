@@ -38,7 +38,7 @@ import numpy as np
 from covidseg.errors import InputError, OutputExistsError, UserError
 from covidseg.inference.case import CaseSegmentation
 from covidseg.inference.stages import StageDescription
-from covidseg.io.atomic import atomic_write_text
+from covidseg.io.atomic import atomic_write_text, interrupts_deferred
 from covidseg.io.dicom_seg import SEG_FILE, write_dicom_seg
 from covidseg.io.image import write_mask, write_volume
 from covidseg.io.itk import mask_path, write_itk_mask
@@ -244,8 +244,11 @@ def write_case_folder(out_dir: Path, image: CTImage, name: str, seg: CaseSegment
         # the masks are written (mostly gzip, which runs without the GIL) while the picture is drawn; leaving the
         # pool waits for the writer, so on any error the partial folder is removed only after it has stopped
         t_out = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            writing = pool.submit(_write_masks, tmp, image, seg, probability, str(stage["model"].get("name", "")))
+        with contextlib.ExitStack() as stack:
+            with interrupts_deferred():  # the writer is started and known to the pool in one step
+                pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+                writing = pool.submit(_write_masks, tmp, image, seg, probability,
+                                      str(stage["model"].get("name", "")))
             t = time.perf_counter()
             report = build_report(image, name, seg, stage, 0.0)
             render_overview(seg.hu, seg.lungs, seg.infection, image.spacing, report["lungs"], tmp / "overview.png",
