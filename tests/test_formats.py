@@ -283,9 +283,39 @@ def test_bad_series_are_refused_in_one_line_with_no_output(tmp_path: Path, ckpt:
 # --------------------------------------------------------------------------------------------- compressed
 
 
-def test_compressed_slices_of_the_real_series_read_as_the_uncompressed(tmp_path: Path) -> None:
-    from pydicom.uid import JPEGLSLossless, RLELossless
+PYDICOM_ENCODED = ("RLELossless", "JPEGLSLossless")
+"""Transfer syntaxes pydicom itself compresses to (RLE natively, JPEG-LS through pyjpegls)."""
+GDCM_ENCODED = {"JPEGLosslessSV1": "JPEG", "JPEG2000Lossless": "JPEG2000"}
+"""Transfer syntaxes (pydicom's names) that GDCM encodes inside SimpleITK, with the name of its compressor."""
 
+
+def _compress_with_pydicom(path: Path, syntax: str) -> pydicom.Dataset:
+    ds = pydicom.dcmread(path)
+    ds.compress(getattr(pydicom.uid, syntax))
+    return ds
+
+
+def _compress_with_gdcm(path: Path, syntax: str, scratch: Path) -> pydicom.Dataset:
+    """The original file with its pixel data replaced by GDCM's lossless encoding (every other tag kept)."""
+    writer = sitk.ImageFileWriter()
+    writer.SetImageIO("GDCMImageIO")
+    writer.KeepOriginalImageUIDOn()
+    writer.SetUseCompression(True)
+    writer.SetCompressor(GDCM_ENCODED[syntax])
+    writer.SetFileName(str(scratch))
+    writer.Execute(sitk.ReadImage(str(path)))
+    encoded, ds = pydicom.dcmread(scratch), pydicom.dcmread(path)
+    for key in ("BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation"):  # those of the encoded stream
+        setattr(ds, key, encoded.get(key))
+    ds.PixelData = encoded.PixelData
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = encoded.file_meta.TransferSyntaxUID
+    return ds
+
+
+@pytest.mark.parametrize("syntax", [*PYDICOM_ENCODED, *GDCM_ENCODED])
+def test_compressed_slices_of_the_real_series_read_as_the_uncompressed(tmp_path: Path, syntax: str) -> None:
     series = REAL_CT / "pancreas-ct-cb-001" / "dicom"
     if not series.is_dir():
         pytest.skip(f"real series not found at {series.resolve()} (a clone without ../shared)")
@@ -294,14 +324,13 @@ def test_compressed_slices_of_the_real_series_read_as_the_uncompressed(tmp_path:
     for path in files:
         shutil.copy(path, tmp_path / "plain" / path.name)
     plain = read_image(tmp_path / "plain")
-    for syntax in (RLELossless, JPEGLSLossless):
-        folder = tmp_path / syntax.name.split()[0]
-        folder.mkdir()
-        for path in files:
-            ds = pydicom.dcmread(path)
-            ds.compress(syntax)
-            ds.save_as(folder / path.name)
-        assert pydicom.dcmread(next(folder.iterdir())).file_meta.TransferSyntaxUID == syntax
-        packed = read_image(folder)
-        np.testing.assert_array_equal(packed.array, plain.array)
-        np.testing.assert_allclose(packed.affine, plain.affine, atol=1e-6)
+    folder = tmp_path / syntax
+    folder.mkdir()
+    for path in files:
+        ds = (_compress_with_pydicom(path, syntax) if syntax in PYDICOM_ENCODED
+              else _compress_with_gdcm(path, syntax, tmp_path / "encoded.dcm"))
+        ds.save_as(folder / path.name)
+    assert pydicom.dcmread(next(folder.iterdir())).file_meta.TransferSyntaxUID == getattr(pydicom.uid, syntax)
+    packed = read_image(folder)
+    np.testing.assert_array_equal(packed.array, plain.array)
+    np.testing.assert_allclose(packed.affine, plain.affine, atol=1e-6)
