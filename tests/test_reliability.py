@@ -174,10 +174,11 @@ def test_kill9_of_segment_at_random_moments_never_leaves_a_complete_looking_outp
     assert killed_while_writing >= 1, "no kill landed in the writing phase; the test proved nothing about it"
 
 
-@pytest.mark.parametrize("when", ["in mkdir", "after mkdir", "while writing"])
+@pytest.mark.parametrize("when", ["in mkdir", "while drawing", "while writing"])
 def test_an_interrupt_as_the_work_folder_is_made_leaves_nothing(tmp_path, monkeypatch, when):
     """Deterministic twin of the signal tests: Ctrl-C right as the hidden folder appears (the moment a busy machine
-    is most likely to deschedule the process) or while a mask is written, and no folder is left behind."""
+    is most likely to deschedule the process), while the picture is drawn or while a mask is written, and no folder
+    is left behind."""
     from covidseg.inference import outputs
     from covidseg.inference.case import CaseSegmentation
     from covidseg.io.volume import make_ct_image
@@ -201,19 +202,19 @@ def test_an_interrupt_as_the_work_folder_is_made_leaves_nothing(tmp_path, monkey
 
     monkeypatch.setattr(Path, "mkdir", mkdir)
     monkeypatch.setattr(outputs, "write_mask", write_mask)
-    if when == "after mkdir":
-        monkeypatch.setattr(outputs, "ThreadPoolExecutor", lambda **_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    if when == "while drawing":  # the writer is at work meanwhile
+        monkeypatch.setattr("covidseg.report.overview.render_overview",
+                            lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         outputs.write_case_folder(out, image, "case", seg, {"model": {"name": "m"}, "inference": {}}, 0.0)
     assert not out.exists() and not partial_folders(out)
 
 
-def test_ctrl_c_as_the_writer_thread_starts_leaves_nothing(tmp_path, monkeypatch):
-    """A real SIGINT right after the mask writer's thread has started, before the pool has recorded it (the moment
-    the signal test above catches when it freezes `segment` as the hidden folder appears): the interrupt waits
-    until the pool knows its writer, the writer is waited for, and no folder is left, not even one the writer
-    made again after the clean-up."""
+def test_an_interrupt_as_the_writer_thread_starts_leaves_nothing(tmp_path, monkeypatch):
+    """Ctrl-C right after the mask writer's thread has started, before the pool has recorded it (where the signal
+    test below once left a hidden folder on busy cores): the pool would not wait for that writer, which would write
+    on after the clean-up and make the folder again. No folder is left, not even after every thread has ended."""
     import threading
 
     from covidseg.inference import outputs
@@ -229,10 +230,10 @@ def test_ctrl_c_as_the_writer_thread_starts_leaves_nothing(tmp_path, monkeypatch
 
     def start(self: threading.Thread) -> None:
         real_start(self)
-        os.kill(os.getpid(), signal.SIGINT)  # as a user's Ctrl-C would land: a signal, not a raise
+        raise KeyboardInterrupt  # the thread runs; Thread.start has not returned to the pool
 
     def slow_write(*args, **kwargs):
-        time.sleep(0.3)  # still writing when an unwaited-for clean-up would have run
+        time.sleep(0.3)  # still writing when a clean-up that did not wait for it would run
         return real_write(*args, **kwargs)
 
     monkeypatch.setattr(threading.Thread, "start", start)
@@ -241,7 +242,7 @@ def test_ctrl_c_as_the_writer_thread_starts_leaves_nothing(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         outputs.write_case_folder(out, image, "case", seg, {"model": {"name": "m"}, "inference": {}}, 0.0)
     monkeypatch.undo()
-    for thread in set(threading.enumerate()) - before:  # a writer left running would write now
+    for thread in set(threading.enumerate()) - before:  # a writer left running writes now
         thread.join(timeout=PROCESS_TIMEOUT_S)
     assert not out.exists() and not partial_folders(out)
 

@@ -38,7 +38,7 @@ import numpy as np
 from covidseg.errors import InputError, OutputExistsError, UserError
 from covidseg.inference.case import CaseSegmentation
 from covidseg.inference.stages import StageDescription
-from covidseg.io.atomic import atomic_write_text, interrupts_deferred
+from covidseg.io.atomic import atomic_write_text
 from covidseg.io.dicom_seg import SEG_FILE, write_dicom_seg
 from covidseg.io.image import write_mask, write_volume
 from covidseg.io.itk import mask_path, write_itk_mask
@@ -240,15 +240,15 @@ def write_case_folder(out_dir: Path, image: CTImage, name: str, seg: CaseSegment
     # named before it is made, so that an interruption at any moment after the mkdir (even inside it) removes it
     tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex}"
     try:
-        tmp.mkdir(mode=PARTIAL_MODE)
-        # the masks are written (mostly gzip, which runs without the GIL) while the picture is drawn; leaving the
-        # pool waits for the writer, so on any error the partial folder is removed only after it has stopped
+        # the masks are written (mostly gzip, which runs without the GIL) while the picture is drawn. The writer's
+        # thread is started before the folder exists: an interrupt between a thread's start and the pool's record
+        # of it would leave a writer the pool does not wait for, writing into the folder after its removal.
+        # Leaving the pool waits for its one thread, so on any error the folder is removed after the writer stopped.
         t_out = time.perf_counter()
-        with contextlib.ExitStack() as stack:
-            with interrupts_deferred():  # the writer is started and known to the pool in one step
-                pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
-                writing = pool.submit(_write_masks, tmp, image, seg, probability,
-                                      str(stage["model"].get("name", "")))
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pool.submit(int).result()  # max_workers=1: this is the only thread the pool will ever start
+            tmp.mkdir(mode=PARTIAL_MODE)
+            writing = pool.submit(_write_masks, tmp, image, seg, probability, str(stage["model"].get("name", "")))
             t = time.perf_counter()
             report = build_report(image, name, seg, stage, 0.0)
             render_overview(seg.hu, seg.lungs, seg.infection, image.spacing, report["lungs"], tmp / "overview.png",

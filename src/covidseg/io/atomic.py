@@ -8,39 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 DEFAULT_FILE_MODE = 0o666
 """Mode of a newly created file before the umask is applied (what ``open(path, "w")`` gives)."""
-
-
-INTERRUPT_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
-"""The signals that end a command with exit 130 (the CLI turns SIGTERM into a KeyboardInterrupt)."""
-
-
-@contextlib.contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold back Ctrl-C and SIGTERM for the duration of the block; one that arrived is raised right after it.
-
-    For the few statements that must not be cut in two, such as starting a writer thread and keeping its handle:
-    an interrupt between ``Thread.start`` and the bookkeeping that lets the caller wait for the thread would
-    leave a writer running after the caller removed its half-written folder (and the writer would make it
-    again). Threads started inside the block keep the signals blocked for good, which is what a worker wants:
-    the main thread then receives them. Where the process cannot block signals (Windows, a thread other than
-    the main one) the block runs as it is.
-    """
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPT_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _umask() -> int:
