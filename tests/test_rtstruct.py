@@ -67,8 +67,10 @@ def _masks(shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.ndarr
     lungs = np.zeros(shape, np.uint8)
     lungs[((x - 0.45) / 0.45) ** 2 + (y / 0.8) ** 2 + (z / 0.9) ** 2 < 1] = 1
     lungs[((x + 0.45) / 0.45) ** 2 + (y / 0.8) ** 2 + (z / 0.9) ** 2 < 1] = 2
-    k, j, i = d // 2, h // 2, int(np.argmax(lungs[d // 2, h // 2] == 1))
-    lungs[k, j, i + 1] = 0  # a hole: its own contour, read by exclusive or
+    k, j = d // 2, h // 2
+    i = int(np.median(np.nonzero(lungs[k, j] == 1)[0]))
+    assert all(lungs[k, j + dj, i + di] == 1 for dj, di in ((-1, 0), (1, 0), (0, -1), (0, 1)))
+    lungs[k, j, i] = 0  # a hole: its own contour, read by exclusive or
     infection = (rng.random(shape) > 0.97) & (lungs > 0)
     infection[k, j - 1:j + 2, w // 4 - 1:w // 4 + 2] = True  # a ring around (j, w // 4)
     infection[k, j, w // 4] = False
@@ -247,6 +249,33 @@ def test_rtstruct_of_the_real_series_equals_the_nifti_masks(real_case: tuple[CTI
     image, folder = real_case
     check_references(folder / RTSTRUCT_FILE, image)
     assert check_rtstruct_against_nifti(folder / RTSTRUCT_FILE, image, folder) == [1.0, 1.0, 1.0]
+
+
+def _polygon_volume_ml(item: pydicom.Dataset, orientation: np.ndarray, gap_mm: float) -> float:
+    """An ROI's volume as an RT system computes it: the contours' areas (shoelace; holes wind the other way, so
+    they subtract) times the slice gap."""
+    total = 0.0
+    for contour in item.get("ContourSequence", []):
+        points = np.asarray(contour.ContourData, float).reshape(-1, 3)
+        u, v = points @ orientation[:3], points @ orientation[3:]
+        total += 0.5 * float(np.sum(u * np.roll(v, -1) - np.roll(u, -1) * v))
+    return abs(total) * gap_mm / 1000.0
+
+
+@needs_rt_utils
+def test_contour_areas_give_the_voxel_volumes_of_the_real_series(real_case: tuple[CTImage, Path]) -> None:
+    """Polygon areas x slice gap against voxel counts x voxel volume: 1435.78 / 1435.85 mL (left lung), 1442.16 /
+    1442.23 mL (right), a ratio of 0.99995 (marching squares cuts 1/8 pixel off each convex corner and adds it at
+    each concave one)."""
+    image, folder = real_case
+    ds = pydicom.dcmread(folder / RTSTRUCT_FILE)
+    orientation = np.asarray(pydicom.dcmread(image.series_files[0], stop_before_pixels=True).ImageOrientationPatient,
+                             float)
+    expected = _nifti_expected(folder, grid_of(image))
+    for item, mask in zip(ds.ROIContourSequence, expected, strict=True):
+        voxels_ml = float(mask.sum()) * image.voxel_volume_ml
+        assert voxels_ml > 1.0
+        assert abs(_polygon_volume_ml(item, orientation, image.spacing[0]) / voxels_ml - 1.0) < 1e-3
 
 
 @needs_rt_utils

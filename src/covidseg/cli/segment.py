@@ -57,9 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--html", action="store_true", help="also write a self-contained report.html")
     p.add_argument("--rtstruct", action="store_true",
                    help="also write rtstruct.dcm, an RT Structure Set of the lungs and infection referencing the "
-                        "series (RT planning systems, 3D Slicer with SlicerRT). DICOM inputs only: any other input "
-                        "is refused before any work (exit 2), as are all the inputs of a cohort that holds one. "
-                        "Needs rt-utils: pip install 'covidseg[rtstruct]'")
+                        "series (RT planning systems, 3D Slicer with SlicerRT). DICOM inputs only: an input that "
+                        "is not a DICOM folder, or a cohort that holds one, stops before any work with an error "
+                        "(exit 2). Needs rt-utils: pip install 'covidseg[rtstruct]'")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--series", metavar="UID", default=None,
                    help="DICOM folder with several series: the Series Instance UID to segment (default: the CT "

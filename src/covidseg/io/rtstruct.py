@@ -18,7 +18,7 @@ and every other centre as far outside, so a reader that fills the pixels whose c
 back voxel for voxel. rt-utils' own ``add_roi`` draws OpenCV contours through the border pixels' centres instead,
 which such a reader fills half a pixel short all round (about 2 % of each lung's voxels on the real series of
 ``tests/test_rtstruct.py``), and it scales the row direction by the row spacing (Pixel Spacing's first value)
-where the column spacing belongs (qurit/rt-utils issue 92), which misplaces every contour on non-square pixels;
+where the column spacing belongs (qurit/rt-utils#92), which misplaces every contour on non-square pixels;
 neither is used here.
 
 Orientation. Contours are listed in rt-utils' slice order (ascending position along the slice normal,
