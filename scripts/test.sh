@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Sets up .venv with the dev extras, then runs the linter, the type checker and the test suite (CPU only).
+# Sets up .venv with the dev and rtstruct extras, then runs the linter, the type checker and the test suite (CPU only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev
+bash scripts/setup.sh dev,rtstruct
 echo "== ruff"
 .venv/bin/ruff check src tests benchmarks
 echo "== mypy"

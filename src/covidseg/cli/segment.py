@@ -28,8 +28,9 @@ again only does what is left. Under torchrun the processes share the cohort:
 
 Each folder gets lungs.nii.gz, infection.nii.gz (same grid and affine as the input), segmentation.seg.nrrd (3D
 Slicer: named, coloured segments), report.json, report.csv and overview.png (+ probability.nii.gz, report.html on
-request); a DICOM input also gets segmentation.dcm (DICOM-SEG), an NRRD/MetaImage input lungs and infection in
-its own format. Not for diagnosis.
+request); a DICOM input also gets segmentation.dcm (DICOM-SEG) and, with --rtstruct, rtstruct.dcm (RT Structure
+Set: left lung, right lung, infection), an NRRD/MetaImage input lungs and infection in its own format. Not for
+diagnosis.
 """
 
 
@@ -54,6 +55,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "averages with its mirror)")
     p.add_argument("--probability", action="store_true", help="also write probability.nii.gz")
     p.add_argument("--html", action="store_true", help="also write a self-contained report.html")
+    p.add_argument("--rtstruct", action="store_true",
+                   help="also write rtstruct.dcm, an RT Structure Set of the lungs and infection referencing the "
+                        "series (RT planning systems, 3D Slicer with SlicerRT). DICOM inputs only: an input that "
+                        "is not a DICOM folder, or a cohort that holds one, stops before any work with an error "
+                        "(exit 2). Needs rt-utils: pip install 'covidseg[rtstruct]'")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--series", metavar="UID", default=None,
                    help="DICOM folder with several series: the Series Instance UID to segment (default: the CT "
@@ -82,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         config.inference.tta = True
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     options = SegmentOptions(checkpoint=checkpoint, lungs=args.lungs, probability=args.probability,
-                             html=args.html, force=args.force, backend=args.backend, series=args.series)
+                             html=args.html, force=args.force, backend=args.backend, series=args.series,
+                             rtstruct=args.rtstruct)
 
     def log(message: str) -> None:
         sys.stderr.write(message + "\n")

@@ -9,6 +9,8 @@ when all are complete, so an interrupted run never leaves a folder that looks fi
   right lung, infection; :func:`covidseg.io.slicer.write_slicer_segmentation`);
 - ``segmentation.dcm`` for a DICOM series: the same masks as a DICOM-SEG referencing the series
   (:func:`covidseg.io.dicom_seg.write_dicom_seg`);
+- ``rtstruct.dcm`` for a DICOM series when asked for: the same masks as an RT Structure Set referencing the
+  series (:func:`covidseg.io.rtstruct.write_rtstruct`);
 - for an NRRD or MetaImage input, ``lungs`` and ``infection`` also in the input's own format
   (``lungs.nrrd``, ...; :func:`covidseg.io.itk.write_itk_mask`);
 - ``report.json`` and ``report.csv`` (volumes in mL, percentages, severity, spacing, model, versions, timings);
@@ -42,6 +44,7 @@ from covidseg.io.atomic import atomic_write_text
 from covidseg.io.dicom_seg import SEG_FILE, write_dicom_seg
 from covidseg.io.image import write_mask, write_volume
 from covidseg.io.itk import mask_path, write_itk_mask
+from covidseg.io.rtstruct import RTSTRUCT_FILE, write_rtstruct
 from covidseg.io.slicer import write_slicer_segmentation
 from covidseg.io.volume import CTImage
 from covidseg.report import SEVERITY_SOURCE, involvement
@@ -50,7 +53,8 @@ SLICER_FILE = "segmentation.seg.nrrd"
 """The 3D Slicer segmentation of a case (docs/interop.md)."""
 OUTPUT_FILES = ("lungs.nii.gz", "infection.nii.gz", SLICER_FILE, "report.json", "report.csv", "overview.png")
 """Files every case folder holds (``probability.nii.gz`` and ``report.html`` when asked for, ``segmentation.dcm``
-for a DICOM series, the masks in the input's format for NRRD and MetaImage inputs)."""
+for a DICOM series, ``rtstruct.dcm`` for a DICOM series when asked for, the masks in the input's format for NRRD
+and MetaImage inputs)."""
 REPORT_FILE = "report.json"
 """The report; written last, so its presence marks a complete case folder."""
 log = logging.getLogger("covidseg")
@@ -202,8 +206,25 @@ def _write_dicom_seg(tmp: Path, image: CTImage, seg: CaseSegmentation, model: st
     return {"file": SEG_FILE, "series_instance_uid": image.series_uid}
 
 
-def _write_masks(tmp: Path, image: CTImage, seg: CaseSegmentation, probability: bool, model: str) \
-        -> tuple[float, dict[str, Any]]:
+def _write_rtstruct(tmp: Path, image: CTImage, seg: CaseSegmentation, model: str) -> dict[str, Any]:
+    """``rtstruct.dcm`` for a DICOM series; as for the SEG, a series rt-utils refuses (or any other input) gets the
+    other outputs and a warning, and the report says why the RTSTRUCT is missing."""
+    if not image.series_files:
+        reason = f"{image.path}: not a DICOM series; an RTSTRUCT references the slices of a DICOM series"
+        log.warning("no %s: %s", RTSTRUCT_FILE, reason)
+        return {"file": None, "reason": reason}
+    try:
+        result = write_rtstruct(seg.lungs, seg.infection, image, tmp / RTSTRUCT_FILE, model=model)
+    except InputError as exc:
+        log.warning("%s: no %s: %s", image.path, RTSTRUCT_FILE, exc)
+        return {"file": None, "reason": str(exc)}
+    return {"file": RTSTRUCT_FILE, "series_instance_uid": image.series_uid,
+            "contours": dict(zip(("left_lung", "right_lung", "infection"), result.contours, strict=True)),
+            "empty_rois": list(result.empty_rois)}
+
+
+def _write_masks(tmp: Path, image: CTImage, seg: CaseSegmentation, probability: bool, model: str,
+                 rtstruct: bool = False) -> tuple[float, dict[str, Any]]:
     t = time.perf_counter()
     write_mask(seg.lungs, image, tmp / "lungs.nii.gz")
     write_mask(seg.infection, image, tmp / "infection.nii.gz")
@@ -211,6 +232,8 @@ def _write_masks(tmp: Path, image: CTImage, seg: CaseSegmentation, probability: 
     notes: dict[str, Any] = {}
     if image.series_files:
         notes["dicom_seg"] = _write_dicom_seg(tmp, image, seg, model)
+    if rtstruct:
+        notes["rtstruct"] = _write_rtstruct(tmp, image, seg, model)
     if image.source == "itk":  # NRRD/MetaImage in: the masks also in that format
         write_itk_mask(seg.lungs, image, mask_path(image, "lungs", tmp))
         write_itk_mask(seg.infection, image, mask_path(image, "infection", tmp))
@@ -220,7 +243,8 @@ def _write_masks(tmp: Path, image: CTImage, seg: CaseSegmentation, probability: 
 
 
 def write_case_folder(out_dir: Path, image: CTImage, name: str, seg: CaseSegmentation, stage: StageDescription,
-                      start: float, probability: bool = False, html: bool = False) -> dict[str, Any]:
+                      start: float, probability: bool = False, html: bool = False,
+                      rtstruct: bool = False) -> dict[str, Any]:
     """Write the case folder (see the module docstring) and return its report.
 
     Args:
@@ -232,6 +256,7 @@ def write_case_folder(out_dir: Path, image: CTImage, name: str, seg: CaseSegment
         start: ``time.perf_counter()`` at the start of the case (for ``run_time_s``).
         probability: also write ``probability.nii.gz``.
         html: also write ``report.html``.
+        rtstruct: also write ``rtstruct.dcm`` (a DICOM series; needs rt-utils).
     """
     from covidseg.report.html import render_html
     from covidseg.report.overview import render_overview
@@ -248,7 +273,8 @@ def write_case_folder(out_dir: Path, image: CTImage, name: str, seg: CaseSegment
         with ThreadPoolExecutor(max_workers=1) as pool:
             pool.submit(int).result()  # max_workers=1: this is the only thread the pool will ever start
             tmp.mkdir(mode=PARTIAL_MODE)
-            writing = pool.submit(_write_masks, tmp, image, seg, probability, str(stage["model"].get("name", "")))
+            writing = pool.submit(_write_masks, tmp, image, seg, probability, str(stage["model"].get("name", "")),
+                                  rtstruct)
             t = time.perf_counter()
             report = build_report(image, name, seg, stage, 0.0)
             render_overview(seg.hu, seg.lungs, seg.infection, image.spacing, report["lungs"], tmp / "overview.png",

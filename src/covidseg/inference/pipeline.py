@@ -29,6 +29,7 @@ from covidseg.inference.inputs import case_name, find_inputs
 from covidseg.inference.outputs import case_scalars, check_output, read_report, write_case_folder
 from covidseg.inference.stages import Stages, build_stages
 from covidseg.io.image import read_image
+from covidseg.io.rtstruct import require_rt_utils
 
 
 @dataclass
@@ -47,6 +48,8 @@ class SegmentOptions:
             or a checkpoint exported in memory); see :func:`covidseg.inference.backends.load_model`. ONNX Runtime
             runs on the CPU.
         series: Series Instance UID to read from a DICOM folder (``None``: the CT series is chosen).
+        rtstruct: also write ``rtstruct.dcm`` (DICOM inputs only; needs rt-utils, checked by :func:`segment`
+            before any work).
     """
 
     checkpoint: Path | None = None
@@ -56,6 +59,7 @@ class SegmentOptions:
     force: bool = False
     backend: str = "torch"
     series: str | None = None
+    rtstruct: bool = False
 
 
 @dataclass
@@ -115,11 +119,26 @@ def segment_case(input_path: Path, out_dir: Path, stages: Stages, options: Segme
     seg = segment_image(image, stages, progress=progress)
     seg.timings = {"read_s": read_s, **seg.timings}
     report = write_case_folder(out_dir, image, name, seg, stages.infection.describe(), start,
-                               probability=options.probability, html=options.html)
+                               probability=options.probability, html=options.html, rtstruct=options.rtstruct)
     return CaseResult(name, Path(input_path), out_dir, report=report, timings=seg.timings)
 
 
 # ------------------------------------------------------------------------------------------------ runs
+
+
+def check_rtstruct_inputs(cases: list[Path]) -> None:
+    """Refuse ``--rtstruct`` when an input is not a DICOM series (a folder), as TotalSegmentator refuses its DICOM
+    outputs for a NIfTI input: before any work, rather than a cohort that writes the file for some cases only.
+
+    Raises:
+        InputError: naming the first input that is not a DICOM folder.
+    """
+    other = [case for case in cases if not Path(case).is_dir()]
+    if other:
+        count = f" ({len(other)} of the {len(cases)} inputs are not)" if len(cases) > 1 else ""
+        raise InputError(f"{other[0]}: --rtstruct writes an RT Structure Set for DICOM series only, and this is "
+                         f"not one{count}; give DICOM folders, or leave out --rtstruct")
+
 
 
 def segment(input_path: Path, out: Path, options: SegmentOptions, config: Config,
@@ -130,7 +149,11 @@ def segment(input_path: Path, out: Path, options: SegmentOptions, config: Config
     Returns:
         One :class:`CaseResult` per case this process handled (for a cohort: this rank's share), in input order.
     """
+    if options.rtstruct:
+        require_rt_utils()
     cases, batch = find_inputs(input_path)
+    if options.rtstruct:
+        check_rtstruct_inputs(cases)
     if batch:
         return segment_cohort(cases, out, options, config, log=log)
     device = model_device(options.backend, config.runtime.device, local_rank=0)

@@ -317,6 +317,29 @@ def check_slice_positions(files: list[str], positions: np.ndarray, orientation: 
     return step
 
 
+def series_headers(image: CTImage, purpose: str) -> list[Any]:
+    """The headers (no pixels) of a series' files, read again with pydicom in the order of
+    :attr:`~covidseg.io.volume.CTImage.series_files`.
+
+    Args:
+        image: a series read by :func:`read_dicom_series`.
+        purpose: what they are read for, for the message (e.g. ``"the DICOM-SEG"``).
+
+    Raises:
+        InputError: a file cannot be read any more (moved, changed or truncated while covidseg ran).
+    """
+    import pydicom
+
+    headers = []
+    for path in image.series_files:
+        try:
+            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+        except (OSError, ValueError, pydicom.errors.InvalidDicomError) as exc:
+            raise InputError(f"{path}: cannot be read again to reference it in {purpose} ({exc}); keep the "
+                             f"series unchanged while covidseg runs") from None
+    return headers
+
+
 def read_dicom_series(folder: str | Path, series: str | None = None) -> CTImage:
     """Read the CT series of ``folder`` (:func:`choose_series`) as a :class:`CTImage` (HU after Rescale
     Slope/Intercept); its ``series_files`` and ``series_uid`` say which files were stacked, in which order.

@@ -29,6 +29,7 @@ import numpy as np
 
 from covidseg.errors import InputError
 from covidseg.io.atomic import atomic_path
+from covidseg.io.dicom import series_headers
 from covidseg.io.volume import CTImage
 
 log = logging.getLogger("covidseg")
@@ -108,15 +109,7 @@ def _source_headers(image: CTImage) -> list[Any]:
     the slice gap that was read, as thickness where there is none and as spacing, and the first slice's
     orientation. The files are not touched.
     """
-    import pydicom
-
-    headers = []
-    for path in image.series_files:
-        try:
-            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
-        except (OSError, ValueError, pydicom.errors.InvalidDicomError) as exc:
-            raise InputError(f"{path}: cannot be read again to reference it in the DICOM-SEG ({exc}); keep the "
-                             f"series unchanged while covidseg runs") from None
+    headers = series_headers(image, "the DICOM-SEG")
     gap = float(np.sqrt((np.asarray(image.affine)[:3, 2] ** 2).sum()))
     orientation = headers[0].get("ImageOrientationPatient") if headers else None
     for header in headers:
