@@ -58,3 +58,35 @@ def tiny_config(tiny_overrides: tuple[str, ...]) -> Callable[..., Config]:
         return load_config(None, [*tiny_overrides, f"runtime.cache_dir={cache_dir}", *extra])
 
     return make
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 3D infection checkpoint (base width 4, random weights, head bias 0.3 so that some voxels pass the
+    threshold and the infection masks are not empty)."""
+    import torch
+
+    from covidseg.checkpoint import save_checkpoint
+    from covidseg.config import ModelConfig
+    from covidseg.models import create_model
+
+    torch.manual_seed(0)
+    cfg = Config(model=ModelConfig(base_width=4))
+    model = create_model(cfg.model)
+    with torch.no_grad():
+        model.head.bias.fill_(0.3)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", model, cfg, target="infection")
+
+
+@pytest.fixture(scope="module")
+def phantom_sitk(tmp_path_factory: pytest.TempPathFactory):
+    """A small phantom CT as a SimpleITK image (file grid and geometry of its NIfTI)."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    from covidseg.phantom import make_phantom
+
+    ph = make_phantom("coronacases", seed=1, scale=0.15)
+    path = tmp_path_factory.mktemp("phantom") / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(ph.stored_ct(), ph.affine), str(path))
+    return sitk.ReadImage(str(path))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +64,18 @@ def write_dicom_series(folder: Path, volume_zyx: np.ndarray, origin=(0.0, 0.0, 0
             writer.Execute(sl)
             paths.append(path)
     return paths
+
+
+def dciodvfy_clean(iod: str, path: Path) -> None:
+    """dciodvfy (dicom3tools) finds no error in ``path`` and recognises it as ``iod`` (its name for the IOD, e.g.
+    ``Segmentation``, ``RTStructureSet``); skipped where dicom3tools is not installed."""
+    import pytest
+
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        pytest.skip("dciodvfy not installed (Debian: apt-get install dicom3tools)")
+    result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
+    lines = (result.stdout + result.stderr).splitlines()
+    errors = [ln for ln in lines if ln.startswith("Error")]
+    assert not errors, "\n".join(errors)
+    assert iod in lines

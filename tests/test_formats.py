@@ -14,17 +14,12 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-import torch
 
-from covidseg.checkpoint import save_checkpoint
 from covidseg.cli.main import run as cli
-from covidseg.config import Config, ModelConfig
 from covidseg.errors import EXIT_USER, InputError
 from covidseg.io.dicom import series_name
 from covidseg.io.image import read_image
 from covidseg.io.itk import write_itk_mask
-from covidseg.models import create_model
-from covidseg.phantom import make_phantom
 from dicom_series import write_dicom_series
 from real_ct import REAL_CT
 from test_dicom_seg import check_seg_against_nifti
@@ -107,25 +102,6 @@ def test_bad_nrrd_and_metaimage_inputs_raise_input_error(tmp_path: Path) -> None
 # --------------------------------------------------------------------------------------------- `segment`
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    cfg = Config(model=ModelConfig(base_width=4))
-    model = create_model(cfg.model)
-    with torch.no_grad():
-        model.head.bias.fill_(0.3)  # some voxels pass the threshold: the infection masks are not empty
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", model, cfg, target="infection")
-
-
-@pytest.fixture(scope="module")
-def phantom_image(tmp_path_factory: pytest.TempPathFactory) -> sitk.Image:
-    """A small phantom CT as a SimpleITK image (file grid and geometry of its NIfTI)."""
-    ph = make_phantom("coronacases", seed=1, scale=0.15)
-    path = tmp_path_factory.mktemp("phantom") / "ct.nii.gz"
-    nib.save(nib.Nifti1Image(ph.stored_ct(), ph.affine), str(path))
-    return sitk.ReadImage(str(path))
-
-
 def _segment(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     with pytest.raises(SystemExit) as exc:
         cli(["segment", *args, "--set", f"inference.window={WINDOW}", "--set", "runtime.bf16=off"])
@@ -142,17 +118,17 @@ def _assert_refused(code: int, err: str, out: Path, *needles: str) -> None:
     assert not out.exists() and not list(out.parent.glob(f".{out.name}.partial-*"))
 
 
-def test_segment_an_nrrd_writes_masks_in_nrrd_and_nifti(tmp_path: Path, ckpt: Path, phantom_image: sitk.Image,
+def test_segment_an_nrrd_writes_masks_in_nrrd_and_nifti(tmp_path: Path, tiny_ckpt: Path, phantom_sitk: sitk.Image,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    sitk.WriteImage(phantom_image, str(tmp_path / "CT.nrrd"))
-    code, err = _segment([str(tmp_path / "CT.nrrd"), "-o", str(tmp_path / "out"), "--checkpoint", str(ckpt)], capsys)
+    sitk.WriteImage(phantom_sitk, str(tmp_path / "CT.nrrd"))
+    code, err = _segment([str(tmp_path / "CT.nrrd"), "-o", str(tmp_path / "out"), "--checkpoint", str(tiny_ckpt)], capsys)
     assert code == 0, err
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["case"] == "CT"
     for name in ("lungs", "infection"):
         ours, nifti = sitk.ReadImage(str(out / f"{name}.nrrd")), sitk.ReadImage(str(out / f"{name}.nii.gz"))
-        for a, b, c in zip(_geometry(ours), _geometry(phantom_image), _geometry(nifti), strict=True):
+        for a, b, c in zip(_geometry(ours), _geometry(phantom_sitk), _geometry(nifti), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5)
             np.testing.assert_allclose(c, b, atol=1e-4)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(nifti))
@@ -167,10 +143,10 @@ def _phantom_series(folder: Path, image: sitk.Image, uid: str, number: int, **kw
                               **kw)  # type: ignore[arg-type]
 
 
-def test_segment_a_dicom_series_writes_a_seg_of_its_masks(tmp_path: Path, ckpt: Path, phantom_image: sitk.Image,
+def test_segment_a_dicom_series_writes_a_seg_of_its_masks(tmp_path: Path, tiny_ckpt: Path, phantom_sitk: sitk.Image,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    _phantom_series(tmp_path / "DICOM", phantom_image, "1.2.826.0.1.3680043.2.1125.501", 4)
-    code, err = _segment([str(tmp_path / "DICOM"), "-o", str(tmp_path / "out"), "--checkpoint", str(ckpt)], capsys)
+    _phantom_series(tmp_path / "DICOM", phantom_sitk, "1.2.826.0.1.3680043.2.1125.501", 4)
+    code, err = _segment([str(tmp_path / "DICOM"), "-o", str(tmp_path / "out"), "--checkpoint", str(tiny_ckpt)], capsys)
     assert code == 0, err
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
@@ -181,11 +157,11 @@ def test_segment_a_dicom_series_writes_a_seg_of_its_masks(tmp_path: Path, ckpt: 
                             out / "infection.nii.gz")
 
 
-def test_a_series_without_frame_of_reference_gets_the_other_outputs(tmp_path: Path, ckpt: Path,
-                                                                     phantom_image: sitk.Image,
+def test_a_series_without_frame_of_reference_gets_the_other_outputs(tmp_path: Path, tiny_ckpt: Path,
+                                                                     phantom_sitk: sitk.Image,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    _phantom_series(tmp_path / "DICOM", phantom_image, "1.2.826.0.1.3680043.2.1125.502", 5, frame_uid=None)
-    code, err = _segment([str(tmp_path / "DICOM"), "-o", str(tmp_path / "out"), "--checkpoint", str(ckpt)], capsys)
+    _phantom_series(tmp_path / "DICOM", phantom_sitk, "1.2.826.0.1.3680043.2.1125.502", 5, frame_uid=None)
+    code, err = _segment([str(tmp_path / "DICOM"), "-o", str(tmp_path / "out"), "--checkpoint", str(tiny_ckpt)], capsys)
     assert code == 0, err
     report = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
     assert report["dicom_seg"]["file"] is None and "Frame Of Reference" in report["dicom_seg"]["reason"]
@@ -193,13 +169,13 @@ def test_a_series_without_frame_of_reference_gets_the_other_outputs(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_segment_the_real_series_writes_a_seg_equal_to_its_lungs(tmp_path: Path, ckpt: Path,
+def test_segment_the_real_series_writes_a_seg_equal_to_its_lungs(tmp_path: Path, tiny_ckpt: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     series = REAL_CT / "pancreas-ct-cb-001" / "dicom"
     if not series.is_dir():
         pytest.skip(f"real series not found at {series.resolve()} (a clone without ../shared)")
     with pytest.raises(SystemExit) as exc:
-        cli(["segment", str(series), "-o", str(tmp_path / "out"), "--checkpoint", str(ckpt),
+        cli(["segment", str(series), "-o", str(tmp_path / "out"), "--checkpoint", str(tiny_ckpt),
              "--set", "inference.window=16x128x128", "--set", "runtime.bf16=off"])
     assert int(exc.value.code or 0) == 0, capsys.readouterr().err
     out = tmp_path / "out"
@@ -246,12 +222,12 @@ def test_the_ct_series_is_chosen_by_modality_image_type_and_slices(tmp_path: Pat
         read_image(folder, series="9.9")
 
 
-def test_an_ambiguous_folder_is_refused_with_the_series_listed(tmp_path: Path, ckpt: Path,
+def test_an_ambiguous_folder_is_refused_with_the_series_listed(tmp_path: Path, tiny_ckpt: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "exam"
     _small_series(folder, "1.2.3.71", 6, 2)
     _small_series(folder, "1.2.3.72", 6, 3)
-    code, err = _segment([str(folder), "-o", str(tmp_path / "out"), "--checkpoint", str(ckpt)], capsys)
+    code, err = _segment([str(folder), "-o", str(tmp_path / "out"), "--checkpoint", str(tiny_ckpt)], capsys)
     _assert_refused(code, err, tmp_path / "out", "1.2.3.71", "1.2.3.72", "--series")
     pt = tmp_path / "pet"
     _set_tags(_small_series(pt, "1.2.3.73", 6, 2), Modality="PT")
@@ -262,7 +238,7 @@ def test_an_ambiguous_folder_is_refused_with_the_series_listed(tmp_path: Path, c
 # --------------------------------------------------------------------------------------------- bad series
 
 
-def test_bad_series_are_refused_in_one_line_with_no_output(tmp_path: Path, ckpt: Path,
+def test_bad_series_are_refused_in_one_line_with_no_output(tmp_path: Path, tiny_ckpt: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     tilted = _small_series(tmp_path / "tilt", "1.2.3.81", 8, 2)
     for k, path in enumerate(sorted(tilted)):  # the table moves along z, the slices keep their axial orientation:
@@ -276,7 +252,7 @@ def test_bad_series_are_refused_in_one_line_with_no_output(tmp_path: Path, ckpt:
     for name, needles in (("tilt", ("sheared by 15.00 degrees", "gantry", "dcm2niix")),
                           ("gap", ("1 missing slice(s)",)), ("mixed", ("slice orientation",))):
         out = tmp_path / f"out_{name}"
-        code, err = _segment([str(tmp_path / name), "-o", str(out), "--checkpoint", str(ckpt)], capsys)
+        code, err = _segment([str(tmp_path / name), "-o", str(out), "--checkpoint", str(tiny_ckpt)], capsys)
         _assert_refused(code, err, out, *needles)
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,11 +22,8 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-import torch
 
-from covidseg.checkpoint import save_checkpoint
 from covidseg.cli.main import run as cli
-from covidseg.config import Config, ModelConfig
 from covidseg.errors import EXIT_USER, InputError
 from covidseg.evaluation.geometry import Grid, grid_of
 from covidseg.evaluation.structures import read_structures
@@ -36,9 +31,7 @@ from covidseg.io.dicom_seg import SEGMENTS
 from covidseg.io.image import read_image, write_mask
 from covidseg.io.rtstruct import RTSTRUCT_FILE, write_rtstruct
 from covidseg.io.volume import CTImage
-from covidseg.models import create_model
-from covidseg.phantom import make_phantom
-from dicom_series import write_dicom_series
+from dicom_series import dciodvfy_clean, write_dicom_series
 from real_ct import REAL_CT, load_image, pancreas_reference
 from test_dicom_seg import GEOMETRIES, _series
 
@@ -152,18 +145,6 @@ def _write_case(image: CTImage, lungs: np.ndarray, infection: np.ndarray, folder
     return result.path
 
 
-def _dciodvfy_clean(path: Path) -> None:
-    """dciodvfy (dicom3tools) finds no error in ``path``; skipped where dicom3tools is not installed."""
-    tool = shutil.which("dciodvfy")
-    if tool is None:
-        pytest.skip("dciodvfy not installed (Debian: apt-get install dicom3tools)")
-    result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
-    lines = (result.stdout + result.stderr).splitlines()
-    errors = [ln for ln in lines if ln.startswith("Error")]
-    assert not errors, "\n".join(errors)
-    assert "RTStructureSet" in lines
-
-
 # --------------------------------------------------------------------------------------------- synthetic series
 
 
@@ -190,7 +171,7 @@ def test_empty_infection_is_described_without_contours_and_the_file_is_valid(tmp
     assert ds.RTROIObservationsSequence[2].ROIObservationLabel == "Infection"
     check_rtstruct_against_nifti(path, image, tmp_path / "out")
     assert ds.Manufacturer == "covidseg" and ds.ManufacturerModelName == "unet-test" and int(ds.SeriesNumber) == 902
-    _dciodvfy_clean(path)
+    dciodvfy_clean("RTStructureSet", path)
 
 
 @needs_rt_utils
@@ -280,7 +261,7 @@ def test_contour_areas_give_the_voxel_volumes_of_the_real_series(real_case: tupl
 
 @needs_rt_utils
 def test_rtstruct_of_the_real_series_passes_dciodvfy(real_case: tuple[CTImage, Path]) -> None:
-    _dciodvfy_clean(real_case[1] / RTSTRUCT_FILE)
+    dciodvfy_clean("RTStructureSet", real_case[1] / RTSTRUCT_FILE)
 
 
 @needs_rt_utils
@@ -315,24 +296,6 @@ def test_rt_utils_own_contours_lie_inside_ours_half_a_pixel_short(real_case: tup
 # --------------------------------------------------------------------------------------------- `segment --rtstruct`
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    cfg = Config(model=ModelConfig(base_width=4))
-    model = create_model(cfg.model)
-    with torch.no_grad():
-        model.head.bias.fill_(0.3)  # some voxels pass the threshold: the infection masks are not empty
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", model, cfg, target="infection")
-
-
-@pytest.fixture(scope="module")
-def phantom_image(tmp_path_factory: pytest.TempPathFactory) -> sitk.Image:
-    ph = make_phantom("coronacases", seed=1, scale=0.15)
-    path = tmp_path_factory.mktemp("phantom") / "ct.nii.gz"
-    nib.save(nib.Nifti1Image(ph.stored_ct(), ph.affine), str(path))
-    return sitk.ReadImage(str(path))
-
-
 def _phantom_series(folder: Path, image: sitk.Image, **kw: object) -> None:
     write_dicom_series(folder, sitk.GetArrayFromImage(image), image.GetOrigin(), image.GetSpacing(),
                        image.GetDirection(), series_uid="1.2.826.0.1.3680043.2.1125.601", patient_id="P8",
@@ -357,10 +320,10 @@ def _assert_refused(code: int, err: str, out_dir: Path, *needles: str) -> None:
 
 
 @needs_rt_utils
-def test_segment_with_rtstruct_writes_it_and_the_report_says_so(tmp_path: Path, ckpt: Path, phantom_image: sitk.Image,
+def test_segment_with_rtstruct_writes_it_and_the_report_says_so(tmp_path: Path, tiny_ckpt: Path, phantom_sitk: sitk.Image,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    _phantom_series(tmp_path / "DICOM", phantom_image)
-    code, out, err = _segment([str(tmp_path / "DICOM"), "-o", str(tmp_path / "out"), "--checkpoint", str(ckpt),
+    _phantom_series(tmp_path / "DICOM", phantom_sitk)
+    code, out, err = _segment([str(tmp_path / "DICOM"), "-o", str(tmp_path / "out"), "--checkpoint", str(tiny_ckpt),
                                "--rtstruct"], capsys)
     assert code == 0, err
     assert "ROI mask is empty" not in out and len(out.splitlines()) == 1  # stdout holds the result line only
@@ -375,11 +338,11 @@ def test_segment_with_rtstruct_writes_it_and_the_report_says_so(tmp_path: Path, 
 
 
 @needs_rt_utils
-def test_segment_without_frame_of_reference_keeps_the_other_outputs(tmp_path: Path, ckpt: Path,
-                                                                     phantom_image: sitk.Image,
+def test_segment_without_frame_of_reference_keeps_the_other_outputs(tmp_path: Path, tiny_ckpt: Path,
+                                                                     phantom_sitk: sitk.Image,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    _phantom_series(tmp_path / "DICOM", phantom_image, frame_uid=None)
-    code, _, err = _segment([str(tmp_path / "DICOM"), "-o", str(tmp_path / "out"), "--checkpoint", str(ckpt),
+    _phantom_series(tmp_path / "DICOM", phantom_sitk, frame_uid=None)
+    code, _, err = _segment([str(tmp_path / "DICOM"), "-o", str(tmp_path / "out"), "--checkpoint", str(tiny_ckpt),
                              "--rtstruct"], capsys)
     assert code == 0, err
     report = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
@@ -387,10 +350,10 @@ def test_segment_without_frame_of_reference_keeps_the_other_outputs(tmp_path: Pa
     assert (tmp_path / "out" / "lungs.nii.gz").is_file() and not (tmp_path / "out" / RTSTRUCT_FILE).exists()
 
 
-def test_rtstruct_without_rt_utils_exits_2_before_any_work(tmp_path: Path, phantom_image: sitk.Image,
+def test_rtstruct_without_rt_utils_exits_2_before_any_work(tmp_path: Path, phantom_sitk: sitk.Image,
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    _phantom_series(tmp_path / "DICOM", phantom_image)
+    _phantom_series(tmp_path / "DICOM", phantom_sitk)
     monkeypatch.setitem(sys.modules, "rt_utils", None)  # ``import rt_utils`` raises ImportError
     missing = tmp_path / "no-such-checkpoint.pt"  # refused before the model would be looked for
     code, _, err = _segment([str(tmp_path / "DICOM"), "-o", str(tmp_path / "out"), "--checkpoint", str(missing),
@@ -399,9 +362,9 @@ def test_rtstruct_without_rt_utils_exits_2_before_any_work(tmp_path: Path, phant
 
 
 @needs_rt_utils
-def test_rtstruct_of_a_nifti_input_exits_2_before_any_work(tmp_path: Path, phantom_image: sitk.Image,
+def test_rtstruct_of_a_nifti_input_exits_2_before_any_work(tmp_path: Path, phantom_sitk: sitk.Image,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    sitk.WriteImage(phantom_image, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(phantom_sitk, str(tmp_path / "ct.nii.gz"))
     missing = tmp_path / "no-such-checkpoint.pt"
     code, _, err = _segment([str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "out"), "--checkpoint",
                              str(missing), "--rtstruct"], capsys)
