@@ -16,7 +16,7 @@ Timings on a machine shared with other jobs are noisy: the JSON records the load
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import statistics
 import sys
@@ -192,16 +192,14 @@ def main(argv: list[str] | None = None) -> int:
             v_hu, v_spacing, v_ref, lesion = make()
             rows.append(row(case, name, v_hu, v_spacing, v_ref, lesion))
     timing = thread_timings(args.repeats) if args.repeats > 0 else None
-    from _stamp import stamp
+    from _stamp import write_results
 
-    result = {"benchmark": "lungs_real", **stamp({"lungs": LungConfig().__dict__}),
-              "version": code_version(), "machine_description": machine_description(),
+    result = {"benchmark": "lungs_real", "version": code_version(), "machine_description": machine_description(),
               "load_average": os.getloadavg(), "runs": rows, "timing": timing,
               "scoring": "pancreas-ct-cb-001: reference_labels.nii.gz (its RTSTRUCT on the CT grid); others: Dice "
                          "against the unperturbed CT's lungs (thick slices: majority of each slab)"}
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        write_results(args.json, result, {"lungs": dataclasses.asdict(LungConfig())})
         print(f"wrote {args.json}")
     return 0
 

@@ -17,11 +17,8 @@ after each case and the process's CPU time.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the real CTs' paths and readers live in tests/real_ct.py
 
+from _stamp import write_results  # noqa: E402
+
 from covidseg.config import Config  # noqa: E402
 from covidseg.evaluation import read_reference, score  # noqa: E402
 from covidseg.inference.pipeline import SegmentOptions, segment  # noqa: E402
@@ -41,11 +40,6 @@ from real_ct import CASES, REAL_CT, lidc_nodule, load_image, missing_reason  # n
 
 REFERENCES = {"pancreas-ct-cb-001": "rtstruct.dcm"}
 """Case -> its expert lung contours (the others have none)."""
-
-
-def _commit() -> str:
-    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
 
 
 def run_case(case: str, out: Path) -> tuple[dict[str, Any], np.ndarray]:
@@ -119,18 +113,14 @@ def main(argv: list[str] | None = None) -> int:
                 args.images.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(out / "overview.png", args.images / f"real_{case}.png")
     result = {
-        "benchmark": "real_ct", "commit": _commit(), "version": code_version(),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine_description(), "cores": len(os.sched_getaffinity(0)),
-        "config": {"command": "python benchmarks/real_ct.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                   "segment": "covidseg segment CT -o OUT (no --checkpoint: the shipped 2D model; default Config)"},
-        "cases": rows,
+        "benchmark": "real_ct", "version": code_version(), "machine_description": machine_description(),
+        "cores": len(os.sched_getaffinity(0)), "cases": rows,
         "note": "no CT shows COVID-19: every infection voxel is a false positive; lungs scored against the "
                 "expert RTSTRUCT of pancreas-ct-cb-001 only (the others have no lung contours)",
     }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        write_results(args.json, result, {
+            "segment": "covidseg segment CT -o OUT (no --checkpoint: the shipped 2D model; default Config)"})
         print(f"wrote {args.json}")
     return 0
 
