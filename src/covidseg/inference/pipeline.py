@@ -140,7 +140,6 @@ def check_rtstruct_inputs(cases: list[Path]) -> None:
                          f"not one{count}; give DICOM folders, or leave out --rtstruct")
 
 
-
 def segment(input_path: Path, out: Path, options: SegmentOptions, config: Config,
             log: Callable[[str], None] | None = None, progress: bool = True) -> list[CaseResult]:
     """Segment one input, or a cohort (a folder or a list of inputs: :func:`segment_cohort`); ``progress``
