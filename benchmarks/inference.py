@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ct, shape = make_ct(folder, args.slices, args.size, direct=args.direct_phantom)
     ckpt = args.checkpoint or make_checkpoint(folder, ct)
-    print(f"phantom {shape} (D, H, W) made in {time.perf_counter() - t:.1f} s; model {ckpt}; "
+    what = f"CT {args.ct}" if args.ct else "phantom"
+    print(f"{what} {shape} (D, H, W) ready in {time.perf_counter() - t:.1f} s; model {ckpt}; "
           f"{args.threads} threads; CPU {cpu_model()}", flush=True)
 
     out = folder / "covidseg_out"
