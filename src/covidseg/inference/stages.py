@@ -29,6 +29,7 @@ from covidseg.config import Config, InferenceConfig, IntensityConfig, LungConfig
 from covidseg.errors import InputError
 from covidseg.inference.backends import LoadedModel
 from covidseg.inference.lungs import find_lungs, model_lungs
+from covidseg.inference.partial_volume import PARTIAL_VOLUME_MM, band_slices, diaphragm_band
 from covidseg.inference.slices import (
     SliceBox,
     SliceConvention,
@@ -319,9 +320,11 @@ class SliceInfection:
     (window, orientation, crop, slice stride: :mod:`covidseg.inference.slices`) and back to the CT grid.
 
     The probability is the model's (with the flip TTA its meta asks for, :data:`SLICE_MODEL_FLIPS`) inside each
-    slice's lung box, linearly interpolated between processed slices. Connected components of ``probability >=
-    threshold`` inside the lungs smaller than ``min_component_ml`` get probability 0, so the infection mask and
-    ``probability.nii.gz`` agree.
+    slice's lung box, linearly interpolated between processed slices. Then two rules set it to 0, so that the
+    infection mask and ``probability.nii.gz`` agree: voxels of ``probability >= threshold`` inside the lungs on
+    the partial-volume ramp above the diaphragm (:func:`~covidseg.inference.partial_volume.diaphragm_band`,
+    within ``partial_volume_mm``), then the connected components of what is left smaller than
+    ``min_component_ml``.
 
     Args:
         model: a checkpoint of ``covidseg semiseg train`` (:func:`is_slice_model`).
@@ -331,13 +334,16 @@ class SliceInfection:
             (:class:`~covidseg.inference.slices.SliceConvention`) at the model's ``input_size``.
         min_component_ml: smallest infection component kept (mL); 0 keeps every voxel.
         channels_last: weights and slices in channels-last memory format (``runtime.channels_last``).
+        partial_volume_mm: how far below and above a voxel the diaphragm's partial-volume ramp is looked for
+            (mm); 0 keeps those voxels.
 
     Raises:
         InputError: a model that is not a slice model, or whose input is not square.
     """
 
     def __init__(self, model: LoadedModel, device: str, threads: int = 0, convention: SliceConvention | None = None,
-                 min_component_ml: float = MIN_COMPONENT_ML, channels_last: bool = True) -> None:
+                 min_component_ml: float = MIN_COMPONENT_ML, channels_last: bool = True,
+                 partial_volume_mm: float = PARTIAL_VOLUME_MM) -> None:
         if not is_slice_model(model):
             raise InputError(f"{model.source}: not a 2D slice model (meta task {model.meta.get('task')!r}, "
                              f"{model.config.model.spatial_dims}D); give a checkpoint of 'covidseg semiseg train'")
@@ -353,6 +359,8 @@ class SliceInfection:
         self.threads = int(threads)
         self.convention = convention or SliceConvention(size=size[0])
         self.min_component_ml = float(min_component_ml)
+        self.partial_volume_mm = float(partial_volume_mm)
+        self.partial_volume_ml = 0.0
         self.flips = SLICE_MODEL_FLIPS if bool(model.meta.get("flip_tta", False)) else ()
         self.shipped = _is_shipped(model.source)
         self.slices_run = 0
@@ -376,12 +384,30 @@ class SliceInfection:
         volume = restore_volume(probs, prepared)
         self.slices_run = len(prepared)
         box = _slices_box(prepared.boxes)
-        if box is not None and self.min_component_ml > 0:  # the model wrote nothing outside the box
+        self.partial_volume_ml = 0.0
+        if box is not None:  # the model wrote nothing outside the box
             inside = volume[box]
             found = (inside >= self.threshold) & (lungs[box] > 0)
-            min_voxels = int(np.ceil(self.min_component_ml / ct.voxel_ml))
-            inside[found & ~drop_small_components(found, min_voxels)] = 0.0
+            band = self._diaphragm_band(found, box, ct, lungs)
+            self.partial_volume_ml = float(np.count_nonzero(band)) * ct.voxel_ml
+            kept = found & ~band
+            if self.min_component_ml > 0:
+                kept = drop_small_components(kept, int(np.ceil(self.min_component_ml / ct.voxel_ml)))
+            inside[found & ~kept] = 0.0
         return InfectionMap(probability=volume, box=box)
+
+    def _diaphragm_band(self, found: np.ndarray, box: Box, ct: PreparedCT, lungs: np.ndarray) -> np.ndarray:
+        """:func:`diaphragm_band` of ``found`` (the box's voxels), with the columns followed past the box's ends."""
+        steps = band_slices(ct.spacing[0], self.partial_volume_mm)
+        if steps == 0 or not found.any():
+            return np.zeros_like(found)
+        first, stop = box[0].start, box[0].stop
+        lo, hi = max(0, first - steps), min(ct.hu.shape[0], stop + steps)
+        region = (slice(lo, hi), box[1], box[2])
+        grown = np.zeros((hi - lo, *found.shape[1:]), dtype=bool)
+        grown[first - lo:stop - lo] = found
+        band = diaphragm_band(grown, lungs[region], ct.hu[region], ct.spacing[0], self.partial_volume_mm)
+        return band[first - lo:stop - lo]
 
     def describe(self) -> StageDescription:
         """The model (name, checkpoint, data, input convention, CV) and the slice runner's settings."""
@@ -397,7 +423,8 @@ class SliceInfection:
                      "crop_margin_fraction": conv.margin_fraction, "min_box_fraction": conv.min_box_fraction,
                      "min_slice_spacing_mm": conv.min_slice_spacing_mm, "slices_run": self.slices_run,
                      "flip_tta": bool(self.flips), "threshold": self.threshold,
-                     "min_component_ml": self.min_component_ml, "device": self.device,
+                     "min_component_ml": self.min_component_ml, "partial_volume_mm": self.partial_volume_mm,
+                     "partial_volume_removed_ml": round(self.partial_volume_ml, 2), "device": self.device,
                      "channels_last": self.channels_last,
                      "backend": self.model.backend}
         return {"model": model, "inference": inference}
