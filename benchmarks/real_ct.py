@@ -60,6 +60,7 @@ def run_case(case: str, out: Path) -> tuple[dict[str, Any], np.ndarray]:
         "infection": {side: {"lung_ml": round(v["lung_ml"], 1), "infection_ml": round(v["infection_ml"], 2),
                              "percent": round(v["percent"], 3)} for side, v in report["lungs"].items()},
         "infection_outside_lungs_ml": round(report["infection_outside_lungs_ml"], 2),
+        "partial_volume_removed_ml": report["inference"].get("partial_volume_removed_ml"),
         "model": report["model"]["checkpoint"],
     }
     return row, lungs
