@@ -19,18 +19,22 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+CODE_PATHS = ("src", "benchmarks", "scripts", "pyproject.toml")
+"""What decides a benchmark's figures: ``commit_dirty`` says whether these differ from the commit (a benchmark that
+rewrites its own results or pictures under ``docs/`` does not make its stamp dirty)."""
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 """CPU flags that decide the CPU's inference path (AVX2 or AVX-512 kernels; native bfloat16 or not)."""
 
 
 def git_commit(root: Path = ROOT) -> tuple[str | None, bool]:
-    """The full commit hash of ``root``'s checkout and whether its tracked files differ from it; ``(None, False)``
-    outside a git checkout."""
+    """The full commit hash of ``root``'s checkout and whether its tracked code (:data:`CODE_PATHS`) differs from
+    it; ``(None, False)`` outside a git checkout."""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10, check=False)
         if head.returncode == 0:
-            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                    *CODE_PATHS],
                                    capture_output=True, text=True, timeout=10, check=False)
             return head.stdout.strip(), bool(dirty.stdout.strip())
     return None, False

@@ -51,3 +51,29 @@ def test_cpu_flags_read_from_cpuinfo(stamp_module, tmp_path, monkeypatch) -> Non
 
     monkeypatch.setattr(stamp_module, "Path", fake)
     assert stamp_module.cpu_flags() == {"avx2": True, "avx512f": False, "avx512_bf16": False, "amx_bf16": False}
+
+
+def test_only_a_change_to_the_code_makes_the_stamp_dirty(stamp_module, tmp_path) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "repo"
+    for name in ("src/covidseg/a.py", "docs/results/r.json", "docs/images/p.png"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text("0\n", encoding="utf-8")
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    assert stamp_module.git_commit(repo)[1] is False
+    # a benchmark rewriting its results and pictures: still the code of the commit
+    (repo / "docs/results/r.json").write_text("1\n", encoding="utf-8")
+    (repo / "docs/images/p.png").write_text("1\n", encoding="utf-8")
+    assert stamp_module.git_commit(repo)[1] is False
+    (repo / "src/covidseg/a.py").write_text("1\n", encoding="utf-8")
+    assert stamp_module.git_commit(repo)[1] is True
