@@ -8,8 +8,8 @@ within a few millimetres below the voxel, clearly lighter lung within a few mill
 diaphragm is not: above its lowest voxels lies more lesion, as dense as they are. Only a lesion thinner than the
 band itself is indistinguishable from it.
 
-:func:`diaphragm_band` marks the voxels of a mask that lie on such a ramp; :class:`~covidseg.inference.stages.
-SliceInfection` sets their probability to 0 (``partial_volume_mm``; 0 turns it off). The 3D path does not use it:
+:func:`diaphragm_band` marks the voxels of a mask that lie on such a ramp;
+:class:`~covidseg.inference.stages.SliceInfection` sets their probability to 0 (``partial_volume_mm``; 0 turns it off). The 3D path does not use it:
 its network sees the slices above and below.
 """
 
