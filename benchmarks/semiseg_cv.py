@@ -104,9 +104,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--pseudo-per-batch", type=int, default=4,
                    help="pseudo-labelled slices in each batch of the labelled stage (of --batch-size)")
     g.add_argument("--flip-tta", action="store_true", help="predict with a left-right mirror averaged in")
+    p.add_argument("--scales", default="1",
+                   help="comma-separated resize factors of the labelled stage's batches, one drawn per batch "
+                        "(Inf-Net: 0.75,1,1.25); 1 = every batch at --size")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="end the labelled stage with the moving average of its weights at this decay (0 = off)")
     g.add_argument("--save-every-s", type=float, default=300.0,
                    help="seconds between saves of the training state (a rerun of the command resumes)")
     return p.parse_args(argv)
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    """``--scales 0.75,1,1.25`` as a tuple of floats (checked by the trainer)."""
+    from covidseg.errors import ConfigError
+
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ConfigError(f"--scales {text!r}: expected comma-separated numbers, e.g. 0.75,1,1.25") from None
 
 
 def _sync(device: torch.device) -> None:
@@ -147,6 +162,10 @@ def markdown(report: dict[str, Any]) -> str:
            f"{s['config']['pseudo_per_batch']} of every {s['batch_size']} slices per batch; flip TTA "
            f"{'on' if s['config']['flip_tta'] else 'off'}. Held-out folds hold expert slices only."]
           if report.get("pseudo") else []),
+        *([f"Labelled stage: batches resized by one of {', '.join(f'{f:g}' for f in s['config']['scales'])} "
+           "at random (multi-scale training)."] if list(s["config"].get("scales", [1.0])) != [1.0] else []),
+        *([f"Labelled stage ends with the moving average of its weights (decay {s['config']['ema_decay']:g})."]
+          if s["config"].get("ema_decay") else []),
         f"Measured at the code of `{str(report.get('commit'))[:7]}` ({report.get('commit')}), "
         f"{report.get('machine')}, {report.get('date')}.",
         "",
@@ -268,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                          learning_rate=args.lr, folds=args.folds, seed=args.seed, amp=args.amp,
                          device=str(device), flip_tta=args.flip_tta,
                          pretrain_epochs=args.pretrain_epochs if args.pseudo else 0,
-                         pretrain_lr=args.pretrain_lr, pseudo_per_batch=args.pseudo_per_batch if args.pseudo else 0)
+                         pretrain_lr=args.pretrain_lr, pseudo_per_batch=args.pseudo_per_batch if args.pseudo else 0,
+                         scales=parse_scales(args.scales), ema_decay=args.ema)
     report = new_report(args, argv, slices, pseudo_slices, device)
     def write() -> None:
         report["elapsed_s"] = round(time.perf_counter() - t_start, 1)

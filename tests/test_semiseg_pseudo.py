@@ -111,10 +111,14 @@ class _Killed(Exception):
     """Stands for the process being killed."""
 
 
-def test_resume_continues_to_the_uninterrupted_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("extra", [{}, {"scales": (0.5, 1.0, 1.5), "ema_decay": 0.8}],
+                         ids=["plain", "multiscale-ema"])
+def test_resume_continues_to_the_uninterrupted_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      extra: dict) -> None:
     pseudo = resize_stack(load_pseudo_folder(write_pseudo(tmp_path / "p", {"a": 5})), (32, 32))
     images, masks = resize_stack(load_folder(write_labelled(tmp_path / "l", 6)), (32, 32))
-    cfg = SemisegConfig(variant="unet-fv-paspp-ds-2d", **{**TINY, "epochs": 3})  # 3 steps an epoch, 9 in all
+    # 3 steps an epoch, 9 in all; with ``extra`` the scale draws and the weight average must be restored too
+    cfg = SemisegConfig(variant="unet-fv-paspp-ds-2d", **{**TINY, "epochs": 3, **extra})
     full = _weights(train_model(images, masks, cfg, CPU, progress=False, pseudo=pseudo))
 
     state = tmp_path / "run.state.pt"
@@ -143,8 +147,82 @@ def test_resume_continues_to_the_uninterrupted_result(tmp_path: Path, monkeypatc
     from covidseg.errors import ConfigError
 
     with pytest.raises(ConfigError, match="other settings"):
-        train_model(images, masks, SemisegConfig(variant="unet-fv-paspp-ds-2d", **{**TINY, "epochs": 4}), CPU,
-                    progress=False, pseudo=pseudo, state_path=state)
+        train_model(images, masks, SemisegConfig(variant="unet-fv-paspp-ds-2d", **{**TINY, "epochs": 4, **extra}),
+                    CPU, progress=False, pseudo=pseudo, state_path=state)
+
+
+def test_a_state_saved_before_a_setting_existed_resumes_at_its_default(tmp_path: Path) -> None:
+    images, masks = resize_stack(load_folder(write_labelled(tmp_path / "l", 4)), (32, 32))
+    cfg = SemisegConfig(variant="unet-2d", **{**TINY, "pseudo_per_batch": 0})
+    state = tmp_path / "run.state.pt"
+    done = _weights(train_model(images, masks, cfg, CPU, progress=False, state_path=state))
+    saved = torch.load(state, weights_only=False)
+    for key in ("scales", "ema_decay"):  # as an older covidseg wrote it
+        del saved["config"][key]
+    del saved["batches"]["scale"], saved["average"]
+    torch.save(saved, state)
+    again = _weights(train_model(images, masks, cfg, CPU, progress=False, state_path=state))
+    assert all(torch.equal(again[k], done[k]) for k in done)
+    from covidseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="other settings"):  # but not under a setting that is not the default
+        train_model(images, masks, SemisegConfig(variant="unet-2d", **{**TINY, "pseudo_per_batch": 0,
+                                                                          "ema_decay": 0.5}),
+                    CPU, progress=False, state_path=state)
+
+
+def test_multiscale_batches_take_each_size_and_keep_binary_masks(tmp_path: Path) -> None:
+    from covidseg.errors import ConfigError
+    from covidseg.training.slices import scaled_sizes
+
+    assert scaled_sizes((192, 192), (0.75, 1.0, 1.25), 16) == [(144, 144), (192, 192), (240, 240)]
+    assert scaled_sizes((32, 48), (0.1,), 16) == [(16, 16)]  # never below one multiple
+    with pytest.raises(ConfigError, match="positive"):
+        scaled_sizes((32, 32), (0.0,), 4)
+    images, masks = resize_stack(load_folder(write_labelled(tmp_path / "l", 8)), (32, 32))
+    cfg = SemisegConfig(**{**TINY, "pseudo_per_batch": 0, "scales": (0.5, 1.0, 1.5)})
+    batches = SliceBatches(images, masks, None, cfg, seed=0, device=CPU)
+    seen = set()
+    for step in range(30):
+        x, y = batches.batch(step)
+        assert x.shape == y.shape and x.shape[-2:] in {(16, 16), (32, 32), (48, 48)}
+        assert set(torch.unique(y).tolist()) <= {0.0, 1.0}
+        seen.add(tuple(x.shape[-2:]))
+    assert len(seen) == 3
+    one = SliceBatches(images, masks, None, SemisegConfig(**{**TINY, "pseudo_per_batch": 0}), seed=0, device=CPU)
+    assert all(one.batch(step)[0].shape[-2:] == (32, 32) for step in range(10))
+
+
+def test_ema_ends_with_the_moving_average_of_the_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weights returned are ``avg = d * avg + (1 - d) * w`` over the steps (the first step's copied)."""
+    from covidseg.training import slices as slices_mod
+
+    images, masks = resize_stack(load_folder(write_labelled(tmp_path / "l", 8)), (32, 32))
+    cfg = SemisegConfig(variant="unet-2d", **{**TINY, "pseudo_per_batch": 0, "ema_decay": 0.5})
+    after_steps: list[dict[str, torch.Tensor]] = []
+    real_step = slices_mod.train_step
+
+    def recording_step(engine, x, y):  # type: ignore[no-untyped-def]
+        value = real_step(engine, x, y)
+        after_steps.append(_weights(engine.model))
+        return value
+
+    monkeypatch.setattr(slices_mod, "train_step", recording_step)
+    out = _weights(train_model(images, masks, cfg, CPU, progress=False))
+    assert len(after_steps) == 4  # 2 epochs x 2 steps
+    expected = {k: v.clone() for k, v in after_steps[0].items()}
+    for w in after_steps[1:]:
+        for k, v in w.items():
+            if v.is_floating_point():
+                expected[k] = 0.5 * expected[k] + 0.5 * v
+    floats = [k for k, v in expected.items() if v.is_floating_point()]
+    for k in floats:
+        torch.testing.assert_close(out[k], expected[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(out[k], after_steps[-1][k]) for k in floats)  # not the last step's weights
+    from covidseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ema_decay"):
+        train_model(images, masks, SemisegConfig(**{**TINY, "ema_decay": 1.0}), CPU, progress=False)
 
 
 def test_pseudo_slices_never_enter_a_held_out_fold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -331,6 +331,13 @@ class SemisegConfig:
     """Prediction averages the logits of the slice and of its left-right mirror (the shipped model's setting)."""
     threshold: float = 0.5
     """Probability at or above which a pixel is infection (the binary masks; Inf-Net's mean Dice sweeps it)."""
+    scales: tuple[float, ...] = (1.0,)
+    """Multi-scale training of the labelled stage (Inf-Net's ``size_rates`` 0.75 / 1 / 1.25): each augmented batch
+    is resized by one of these factors, drawn at random (sides rounded to multiples of 2^depth); prediction stays
+    at ``size``. ``(1.0,)`` = every batch at ``size``."""
+    ema_decay: float = 0.0
+    """The labelled stage ends with an exponential moving average of its weights and batch-norm buffers, updated
+    after every step with this decay (``torch.optim.swa_utils``); 0 = the last step's weights."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists) for JSON and checkpoints."""

@@ -65,9 +65,10 @@ def make_folds(n: int, k: int, seed: int = 0) -> list[list[int]]:
 
 
 def pretrain_config(cfg: SemisegConfig) -> SemisegConfig:
-    """The settings of the pseudo-label stage: ``cfg`` with its ``pretrain_*`` epochs and learning rate, no mix."""
+    """The settings of the pseudo-label stage: ``cfg`` with its ``pretrain_*`` epochs and learning rate, no mix,
+    one scale and no weight average (``scales`` and ``ema_decay`` are the labelled stage's)."""
     return dataclasses.replace(cfg, epochs=cfg.pretrain_epochs, learning_rate=cfg.pretrain_lr,
-                               pseudo_per_batch=0)
+                               pseudo_per_batch=0, scales=SemisegConfig.scales, ema_decay=SemisegConfig.ema_decay)
 
 
 # --------------------------------------------------------------------------------------------- prediction

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from covidseg.config import SemisegConfig
 from covidseg.errors import ConfigError, UserError
@@ -68,8 +70,10 @@ class SliceBatches:
 
     Each batch holds ``n_labelled`` labelled slices (the next ones of the epoch's permutation; one epoch = every
     labelled slice once) and ``n_pseudo`` pseudo-labelled slices drawn at random, then goes through the seeded
-    :class:`~covidseg.training.augment.SliceAugment`. Every random draw comes from the batch source's own
-    generators (seeds ``seed + 1`` augmentation, ``seed + 2`` order, ``seed + 3`` pseudo draws).
+    :class:`~covidseg.training.augment.SliceAugment`, then, with several ``cfg.scales``, is resized by one of them
+    (images bilinearly, masks bilinearly and binarised at 0.5). Every random draw comes from the batch source's own
+    generators (seeds ``seed + 1`` augmentation, ``seed + 2`` order, ``seed + 3`` pseudo draws, ``seed + 4``
+    scales).
 
     Args:
         images: ``(N, 1, H, W)`` labelled images in [0, 1] (moved to ``device`` once).
@@ -91,6 +95,8 @@ class SliceBatches:
         self.augment = SliceAugment(cfg.augment, seed=seed + 1)
         self.order_gen = torch.Generator().manual_seed(seed + 2)
         self.pseudo_gen = torch.Generator().manual_seed(seed + 3)
+        self.scale_gen = torch.Generator().manual_seed(seed + 4)
+        self.sizes = scaled_sizes((int(images.shape[-2]), int(images.shape[-1])), cfg.scales, 2 ** cfg.depth)
         self.perm: torch.Tensor | None = None
         """The current epoch's order of the labelled slices."""
 
@@ -105,12 +111,18 @@ class SliceBatches:
             pidx = torch.randint(int(self.pseudo[0].shape[0]), (self.n_pseudo,), generator=self.pseudo_gen)
             x = torch.cat([x, self.pseudo[0][pidx.to(x.device)]])
             y = torch.cat([y, self.pseudo[1][pidx.to(y.device)]])
-        return self.augment(x, y)  # (B, 1, H, W) each
+        x, y = self.augment(x, y)  # (B, 1, H, W) each
+        if len(self.sizes) > 1:
+            size = self.sizes[int(torch.randint(len(self.sizes), (1,), generator=self.scale_gen))]
+            if size != tuple(x.shape[-2:]):
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+                y = (F.interpolate(y, size=size, mode="bilinear", align_corners=False) >= 0.5).to(y.dtype)
+        return x, y
 
     def state_dict(self) -> dict[str, Any]:
         """The epoch's order and the generators' states (for :meth:`load_state_dict`)."""
         return {"perm": self.perm, "order": self.order_gen.get_state(), "pseudo": self.pseudo_gen.get_state(),
-                "augment": self.augment.generator.get_state()}
+                "augment": self.augment.generator.get_state(), "scale": self.scale_gen.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the stream :meth:`state_dict` saved."""
@@ -118,16 +130,47 @@ class SliceBatches:
         self.order_gen.set_state(state["order"])
         self.pseudo_gen.set_state(state["pseudo"])
         self.augment.generator.set_state(state["augment"])
+        if "scale" in state:  # a state saved before multi-scale training existed drew no scale
+            self.scale_gen.set_state(state["scale"])
 
 
-def _save(path: Path, engine: Engine, batches: SliceBatches, cfg: SemisegConfig, step: int, running: float) -> None:
+def scaled_sizes(size: tuple[int, int], scales: tuple[float, ...], divisor: int) -> list[tuple[int, int]]:
+    """``size`` times each of ``scales``, each side rounded to the nearest multiple of ``divisor`` (at least one).
+
+    Raises:
+        ConfigError: an empty ``scales`` or a factor that is not positive.
+    """
+    if not scales or any(not (f > 0) for f in scales):
+        raise ConfigError(f"scales {list(scales)}: expected one or more positive factors (e.g. 0.75,1,1.25)")
+    return [tuple(max(divisor, int(round(side * f / divisor)) * divisor) for side in size)  # type: ignore[misc]
+            for f in scales]
+
+
+def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights and buffers (``torch.optim.swa_utils``), or ``None``
+    when ``decay`` is 0.
+
+    Raises:
+        ConfigError: a decay outside [0, 1).
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ConfigError(f"ema_decay {decay}: expected 0 (off) or a decay in (0, 1), e.g. 0.98")
+    if decay == 0.0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _save(path: Path, engine: Engine, batches: SliceBatches, cfg: SemisegConfig, step: int, running: float,
+          average: AveragedModel | None) -> None:
     """Write the run's state atomically (a killed write leaves the previous state intact)."""
     save_state(path, {"config": cfg.to_dict(), "step": step, "running": running,
                       "model": engine.model.state_dict(), "train_state": engine_state(engine),
-                      "batches": batches.state_dict()})
+                      "batches": batches.state_dict(),
+                      "average": None if average is None else average.state_dict()})
 
 
-def _resume(path: Path, engine: Engine, batches: SliceBatches, cfg: SemisegConfig) -> tuple[int, float]:
+def _resume(path: Path, engine: Engine, batches: SliceBatches, cfg: SemisegConfig,
+            average: AveragedModel | None) -> tuple[int, float]:
     """Restore a state written by :func:`_save` for the same settings; returns its step and running loss sum."""
     hint = "delete it to start this stage again"
     try:
@@ -136,11 +179,15 @@ def _resume(path: Path, engine: Engine, batches: SliceBatches, cfg: SemisegConfi
         raise UserError(f"{path}: not a readable training state ({exc}); {hint}") from None
     if not isinstance(state, dict) or not {"train_state", "batches", "model", "step"} <= set(state):
         raise UserError(f"{path}: not a training state of this version of covidseg; {hint}")
-    if state.get("config") != cfg.to_dict():
+    # a setting added after the state was saved ran at its default
+    saved = {**SemisegConfig().to_dict(), **state["config"]} if isinstance(state.get("config"), dict) else None
+    if saved != cfg.to_dict():
         raise ConfigError(f"{path}: saved by a run with other settings; rerun with the same settings or {hint}")
     engine.model.load_state_dict(state["model"])
     load_engine_state(engine, state["train_state"])
     batches.load_state_dict(state["batches"])
+    if average is not None and state.get("average") is not None:
+        average.load_state_dict(state["average"])
     return int(state["step"]), float(state["running"])
 
 
@@ -179,7 +226,8 @@ def train_model(
         save_every_s: seconds between two saves of the state (0 = after every step).
 
     Returns:
-        The trained model in eval mode with deep supervision switched off.
+        The trained model in eval mode with deep supervision switched off; with ``cfg.ema_decay`` it holds the
+        moving average of the weights (:func:`weight_average`) instead of the last step's.
 
     Raises:
         UserError: the loss became NaN or infinite (names the step; lower the learning rate).
@@ -193,11 +241,12 @@ def train_model(
                          weight_decay=cfg.weight_decay, amp=cfg.amp, bce_weight=cfg.bce_weight,
                          dice_weight=cfg.dice_weight, amp_setting=AMP_OPTION)
     batches = SliceBatches(images, masks, pseudo, cfg, seed, device)
+    average = weight_average(engine.model, cfg.ema_decay)
     per_epoch = batches.steps_per_epoch
     total = max(1, cfg.epochs * per_epoch)
     step, running = 0, 0.0  # running: sum of the losses of the epoch in progress
     if state_path is not None and Path(state_path).is_file():
-        step, running = _resume(Path(state_path), engine, batches, cfg)
+        step, running = _resume(Path(state_path), engine, batches, cfg, average)
     bar = progress_bar(total=total, initial=step, desc=desc, unit="step", disable=not progress, leave=False)
     engine.net.train()
     start = last_save = time.perf_counter()
@@ -210,6 +259,8 @@ def train_model(
             raise UserError(f"{desc}: the loss became {value} at step {step}; lower the learning rate")
         running += value
         step += 1
+        if average is not None:
+            average.update_parameters(engine.model)
         bar.update(1)
         if step % per_epoch == 0:
             bar.set_postfix(loss=f"{running / per_epoch:.3f}")
@@ -218,12 +269,14 @@ def train_model(
                      "seconds": time.perf_counter() - start})
             running = 0.0
         if state_path is not None and (step == total or time.perf_counter() - last_save >= save_every_s):
-            _save(Path(state_path), engine, batches, cfg, step, running)
+            _save(Path(state_path), engine, batches, cfg, step, running, average)
             last_save = time.perf_counter()
     bar.close()
+    if average is not None:
+        engine.model.load_state_dict(average.module.state_dict())
     set_heads(engine.model, False)
     engine.model.eval()
     return engine.model
 
 
-__all__ = ["SliceBatches", "build_model", "train_model"]
+__all__ = ["SliceBatches", "build_model", "scaled_sizes", "train_model", "weight_average"]
