@@ -174,6 +174,30 @@ def test_kill9_of_segment_at_random_moments_never_leaves_a_complete_looking_outp
     assert killed_while_writing >= 1, "no kill landed in the writing phase; the test proved nothing about it"
 
 
+def test_the_next_run_removes_what_a_killed_run_left_and_nothing_else(world, tmp_path):
+    """A hidden folder of a dead process of this machine goes; one of a live process, of another machine, of an
+    older name or of another OUT stays."""
+    from covidseg.inference.outputs import _host_tag, partial_folder, remove_stale_partials
+
+    out = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=PROCESS_TIMEOUT_S)  # its PID now names no process (unless reused at once: then kept, safe)
+    host, hex32 = _host_tag(), "0" * 32
+    stale = tmp_path / f".out.partial-{host}-{dead.pid}-{hex32}"
+    kept = [tmp_path / f".out.partial-{host}-{os.getppid()}-{hex32}",  # a live process (pytest's parent)
+            tmp_path / f".out.partial-{'f' * 8 if host != 'f' * 8 else 'e' * 8}-{dead.pid}-{hex32}",  # elsewhere
+            tmp_path / f".out.partial-{hex32}",  # a name without host and PID
+            tmp_path / f".other.partial-{host}-{dead.pid}-{hex32}"]  # another OUT's
+    for folder in [stale, *kept]:
+        folder.mkdir()
+        (folder / "lungs.nii.gz").write_bytes(b"half")
+    assert partial_folder(out).name.startswith(f".out.partial-{host}-{os.getpid()}-")
+    assert cli_code(segment_cmd(world, out)[3:]) == 0
+    assert_complete(out)
+    assert not stale.exists() and all(folder.is_dir() for folder in kept)
+    assert remove_stale_partials(out) == []
+
+
 @pytest.mark.parametrize("when", ["in mkdir", "while drawing", "while writing"])
 def test_an_interrupt_as_the_work_folder_is_made_leaves_nothing(tmp_path, monkeypatch, when):
     """Deterministic twin of the signal tests: Ctrl-C right as the hidden folder appears (the moment a busy machine

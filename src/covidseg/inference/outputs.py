@@ -184,6 +184,55 @@ def check_output(out_dir: Path, force: bool, inputs: tuple[Path, ...] = ()) -> N
                                 "--force to replace it")
 
 
+def _host_tag() -> str:
+    """8 hex digits naming this machine in the hidden folders' names (a PID means nothing on another host)."""
+    import hashlib
+    import socket
+
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def partial_folder(out_dir: Path) -> Path:
+    """The hidden folder a case is written into before it becomes ``out_dir``: ``.NAME.partial-HOST-PID-UUID``."""
+    return out_dir.parent / f".{out_dir.name}.partial-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (POSIX ``kill(pid, 0)``: no signal is sent)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_partials(out_dir: Path) -> list[Path]:
+    """Delete the hidden ``partial_folder`` of ``out_dir`` left by killed runs of this machine; returns them.
+
+    Only folders whose name carries this host's tag and the PID of a process that no longer exists are removed:
+    a run still writing (this one or another), another machine's (a shared disk) and any other name are left.
+    Nothing is removed off POSIX (no way to ask whether a PID is alive without touching it).
+    """
+    if os.name != "posix" or not out_dir.parent.is_dir():
+        return []
+    import re
+
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.partial-(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-[0-9a-f]{{32}}")
+    host, removed = _host_tag(), []
+    for path in out_dir.parent.iterdir():
+        m = pattern.fullmatch(path.name)
+        if m is None or m["host"] != host or not path.is_dir() or path.is_symlink():
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 def publish(tmp: Path, out_dir: Path) -> None:
     """Move the finished temporary folder onto ``out_dir`` (replacing an old one only now)."""
     if out_dir.exists():
@@ -262,8 +311,10 @@ def write_case_folder(out_dir: Path, image: CTImage, name: str, seg: CaseSegment
     from covidseg.report.overview import render_overview
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_partials(out_dir):
+        log.info("removed %s, the unfinished output of a killed run", stale)
     # named before it is made, so that an interruption at any moment after the mkdir (even inside it) removes it
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex}"
+    tmp = partial_folder(out_dir)
     try:
         # the masks are written (mostly gzip, which runs without the GIL) while the picture is drawn. The writer's
         # thread is started before the folder exists: an interrupt between a thread's start and the pool's record
