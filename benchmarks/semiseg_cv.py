@@ -96,6 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--no-final", action="store_true", help="cross-validation only: no final model on all slices")
     g = p.add_argument_group("semi-supervised (with --pseudo)")
     g.add_argument("--pseudo", help="folder of pseudo-labelled slices (Imgs/Data-1_<case>_<k>.jpg + GT/): "
                                     "pretrain on them, then mix them into every training batch of each fold")
@@ -353,9 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[choice] {chosen} (CV mean Dice {pool.get(chosen, {}).get('mean', {}).get('mean_dice_infnet')})",
           flush=True)
     write()
-    train_and_save_final(args, report, slices, base, chosen, device, progress, pseudo, pretrained.get(chosen),
-                         t_start)
-    write()
+    if not args.no_final:
+        train_and_save_final(args, report, slices, base, chosen, device, progress, pseudo, pretrained.get(chosen),
+                             t_start)
+        write()
     print(markdown(report))
     print(f"[done] {time.perf_counter() - t_start:.0f} s; results in {out}", flush=True)
     return 0

@@ -276,3 +276,36 @@ def test_shipped_model_records_what_inference_needs() -> None:
     assert 0.0 < meta["threshold"] < 1.0 and isinstance(meta["flip_tta"], bool)
     assert "/ 255" in meta["input"] and "COVID-SemiSeg" in meta["input"]
     assert meta["n_pseudo"] == 1600 and cfg["pretrain_epochs"] > 0 and cfg["pseudo_per_batch"] > 0
+
+
+def test_cv_benchmark_runs_the_labelled_stage_with_scales_and_ema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/semiseg_cv.py end to end at toy size: pretraining, 2 folds with --scales/--ema, no final model."""
+    import importlib.util
+    import json
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("semiseg_cv", root / "benchmarks" / "semiseg_cv.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "path", [str(root / "benchmarks"), *sys.path])
+    spec.loader.exec_module(module)
+    labelled, pseudo = write_labelled(tmp_path / "l", 6), write_pseudo(tmp_path / "p", {"a": 4})
+    out = tmp_path / "cv"
+    argv = ["--data", str(labelled), "--pseudo", str(pseudo), "--out", str(out), "--device", "cpu",
+            "--variants", "unet-2d", "--folds", "2", "--size", "32", "--base-width", "4", "--epochs", "1",
+            "--pretrain-epochs", "1", "--batch-size", "4", "--pseudo-per-batch", "2", "--amp", "off",
+            "--scales", "0.5,1,1.5", "--ema", "0.9", "--no-final", "--no-progress"]
+    assert module.main(argv) == 0
+    report = json.loads((out / "semiseg_cv.json").read_text())
+    assert report["settings"]["config"]["scales"] == [0.5, 1.0, 1.5]
+    assert report["settings"]["config"]["ema_decay"] == 0.9
+    assert report["variants"]["unet-2d"]["complete"] and report["final"] is None
+    assert not (out / "semiseg-2d.pt").exists()
+    text = (out / "semiseg_cv.md").read_text()
+    assert "0.5, 1, 1.5" in text and "decay 0.9" in text
+    from covidseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--scales"):
+        module.main([*argv[:-4], "--scales", "big", "--no-progress"])
