@@ -191,6 +191,9 @@ def test_multiscale_batches_take_each_size_and_keep_binary_masks(tmp_path: Path)
     assert len(seen) == 3
     one = SliceBatches(images, masks, None, SemisegConfig(**{**TINY, "pseudo_per_batch": 0}), seed=0, device=CPU)
     assert all(one.batch(step)[0].shape[-2:] == (32, 32) for step in range(10))
+    larger = SliceBatches(images, masks, None, SemisegConfig(**{**TINY, "pseudo_per_batch": 0, "scales": (1.5,)}),
+                          seed=0, device=CPU)
+    assert all(larger.batch(step)[0].shape[-2:] == (48, 48) for step in range(3))
 
 
 def test_ema_ends_with_the_moving_average_of_the_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -112,7 +112,7 @@ class SliceBatches:
             x = torch.cat([x, self.pseudo[0][pidx.to(x.device)]])
             y = torch.cat([y, self.pseudo[1][pidx.to(y.device)]])
         x, y = self.augment(x, y)  # (B, 1, H, W) each
-        if len(self.sizes) > 1:
+        if self.sizes != [tuple(self.images.shape[-2:])]:
             size = self.sizes[int(torch.randint(len(self.sizes), (1,), generator=self.scale_gen))]
             if size != tuple(x.shape[-2:]):
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
