@@ -108,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scales", default="1",
                    help="comma-separated resize factors of the labelled stage's batches, one drawn per batch "
                         "(Inf-Net: 0.75,1,1.25); 1 = every batch at --size")
+    p.add_argument("--soup", type=int, default=1,
+                   help="train this many models per fold and for the final model, from the same start with "
+                        "other seeds, and average their weights into one (a model soup; 1 = one model)")
     p.add_argument("--ema", type=float, default=0.0,
                    help="end the labelled stage with the moving average of its weights at this decay (0 = off)")
     g.add_argument("--save-every-s", type=float, default=300.0,
@@ -167,6 +170,8 @@ def markdown(report: dict[str, Any]) -> str:
            "at random (multi-scale training)."] if list(s["config"].get("scales", [1.0])) != [1.0] else []),
         *([f"Labelled stage ends with the moving average of its weights (decay {s['config']['ema_decay']:g})."]
           if s["config"].get("ema_decay") else []),
+        *([f"Labelled stage: {s['config']['soup']} models from the same start (other seeds), their weights "
+           "averaged into one (model soup)."] if s["config"].get("soup", 1) > 1 else []),
         f"Measured at the code of `{str(report.get('commit'))[:7]}` ({report.get('commit')}), "
         f"{report.get('machine')}, {report.get('date')}.",
         "",
@@ -289,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                          device=str(device), flip_tta=args.flip_tta,
                          pretrain_epochs=args.pretrain_epochs if args.pseudo else 0,
                          pretrain_lr=args.pretrain_lr, pseudo_per_batch=args.pseudo_per_batch if args.pseudo else 0,
-                         scales=parse_scales(args.scales), ema_decay=args.ema)
+                         scales=parse_scales(args.scales), ema_decay=args.ema, soup=args.soup)
     report = new_report(args, argv, slices, pseudo_slices, device)
     def write() -> None:
         report["elapsed_s"] = round(time.perf_counter() - t_start, 1)

@@ -299,7 +299,7 @@ def test_cv_benchmark_runs_the_labelled_stage_with_scales_and_ema(tmp_path: Path
     argv = ["--data", str(labelled), "--pseudo", str(pseudo), "--out", str(out), "--device", "cpu",
             "--variants", "unet-2d", "--folds", "2", "--size", "32", "--base-width", "4", "--epochs", "1",
             "--pretrain-epochs", "1", "--batch-size", "4", "--pseudo-per-batch", "2", "--amp", "off",
-            "--scales", "0.5,1,1.5", "--ema", "0.9", "--no-final", "--no-progress"]
+            "--scales", "0.5,1,1.5", "--ema", "0.9", "--soup", "2", "--no-final", "--no-progress"]
     assert module.main(argv) == 0
     report = json.loads((out / "semiseg_cv.json").read_text())
     assert report["settings"]["config"]["scales"] == [0.5, 1.0, 1.5]
@@ -307,8 +307,37 @@ def test_cv_benchmark_runs_the_labelled_stage_with_scales_and_ema(tmp_path: Path
     assert report["variants"]["unet-2d"]["complete"] and report["final"] is None
     assert not (out / "semiseg-2d.pt").exists()
     text = (out / "semiseg_cv.md").read_text()
-    assert "0.5, 1, 1.5" in text and "decay 0.9" in text
+    assert "0.5, 1, 1.5" in text and "decay 0.9" in text and "2 models from the same start" in text
+    assert report["settings"]["config"]["soup"] == 2
+    assert (out / "state" / "unet-2d" / "fold1.m1.state.pt").is_file()
     from covidseg.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--scales"):
         module.main([*argv[:-4], "--scales", "big", "--no-progress"])
+
+
+def test_a_soup_is_the_mean_of_its_members_each_resumable(tmp_path: Path) -> None:
+    from covidseg.errors import ConfigError
+    from covidseg.training.slices import SOUP_SEED_STRIDE, member_state_path, train_soup
+
+    images, masks = resize_stack(load_folder(write_labelled(tmp_path / "l", 4)), (32, 32))
+    one = SemisegConfig(variant="unet-fv-paspp-ds-2d", **{**TINY, "pseudo_per_batch": 0})
+    soup = SemisegConfig(variant="unet-fv-paspp-ds-2d", **{**TINY, "pseudo_per_batch": 0, "soup": 3})
+    init = _weights(build_model(one))
+    members = [_weights(train_model(images, masks, soup, CPU, progress=False, init=init,
+                                    seed=5 + SOUP_SEED_STRIDE * j)) for j in range(3)]
+    state = tmp_path / "fold0.state.pt"
+    out = _weights(train_soup(images, masks, soup, CPU, progress=False, init=init, seed=5, state_path=state))
+    floats = [k for k, v in init.items() if v.is_floating_point()]
+    for k in floats:
+        torch.testing.assert_close(out[k], sum(m[k] for m in members) / 3, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(members[0][k], members[1][k]) for k in floats)  # the members differ
+    assert member_state_path(state, 0) == state and member_state_path(state, 2) == tmp_path / "fold0.m2.state.pt"
+    assert all(member_state_path(state, j).is_file() for j in range(3))
+    again = _weights(train_soup(images, masks, soup, CPU, progress=False, init=init, seed=5, state_path=state))
+    assert all(torch.equal(again[k], out[k]) for k in out)  # from the finished states
+    single = _weights(train_soup(images, masks, one, CPU, progress=False, init=init, seed=5))
+    assert all(torch.equal(single[k], _weights(train_model(images, masks, one, CPU, progress=False, init=init,
+                                                           seed=5))[k]) for k in floats)
+    with pytest.raises(ConfigError, match="soup"):
+        train_soup(images, masks, SemisegConfig(**{**TINY, "soup": 0}), CPU, progress=False)

@@ -335,6 +335,10 @@ class SemisegConfig:
     """Multi-scale training of the labelled stage (Inf-Net's ``size_rates`` 0.75 / 1 / 1.25): each augmented batch
     is resized by one of these factors, drawn at random (sides rounded to multiples of 2^depth); prediction stays
     at ``size``. ``(1.0,)`` = every batch at ``size``."""
+    soup: int = 1
+    """The labelled stage trains this many models from the same start (member ``j`` with seed ``seed + 1000 j``)
+    and averages their weights and batch-norm buffers into one model (a uniform "model soup", Wortsman et al.,
+    ICML 2022): one network at prediction, ``soup`` times the training. 1 = one model."""
     ema_decay: float = 0.0
     """The labelled stage ends with an exponential moving average of its weights and batch-norm buffers, updated
     after every step with this decay (``torch.optim.swa_utils``); 0 = the last step's weights."""

@@ -29,7 +29,7 @@ from covidseg.models.heads import set_heads
 from covidseg.runtime import autocast_dtype
 from covidseg.semiseg.data import Slice, resize_image, resize_stack
 from covidseg.semiseg.metric import slice_metrics, summarize
-from covidseg.training.slices import train_model
+from covidseg.training.slices import train_model, train_soup
 
 VARIANTS_2D = ("unet-2d", "unet-fv-se-2d", "unet-fv-paspp-2d", "unet-fv-paspp-ds-2d")
 """The 2D ablation: UNet, +FV (SE), +FV+PASPP, +FV+PASPP+DS (report Table 3, in 2D)."""
@@ -66,9 +66,10 @@ def make_folds(n: int, k: int, seed: int = 0) -> list[list[int]]:
 
 def pretrain_config(cfg: SemisegConfig) -> SemisegConfig:
     """The settings of the pseudo-label stage: ``cfg`` with its ``pretrain_*`` epochs and learning rate, no mix,
-    one scale and no weight average (``scales`` and ``ema_decay`` are the labelled stage's)."""
+    one scale, one model and no weight average (``scales``, ``soup`` and ``ema_decay`` are the labelled stage's)."""
     return dataclasses.replace(cfg, epochs=cfg.pretrain_epochs, learning_rate=cfg.pretrain_lr,
-                               pseudo_per_batch=0, scales=SemisegConfig.scales, ema_decay=SemisegConfig.ema_decay)
+                               pseudo_per_batch=0, scales=SemisegConfig.scales, ema_decay=SemisegConfig.ema_decay,
+                               soup=SemisegConfig.soup)
 
 
 # --------------------------------------------------------------------------------------------- prediction
@@ -188,7 +189,7 @@ def cross_validate(
         held_out = set(test_idx)
         train_idx = [i for i in range(len(slices)) if i not in held_out]
         fold_log = None if log is None else (lambda rec, k=k: log({"fold": k, **rec}))
-        model = train_model(images[train_idx], masks[train_idx], cfg, device, seed=cfg.seed + k,
+        model = train_soup(images[train_idx], masks[train_idx], cfg, device, seed=cfg.seed + k,
                             desc=f"{cfg.variant} fold {k + 1}/{len(folds)}", progress=progress, init=init,
                             pseudo=pseudo, log=fold_log, save_every_s=save_every_s,
                             state_path=None if work_dir is None else work_dir / f"fold{k}.state.pt")
@@ -228,7 +229,7 @@ def train_final(
 ) -> nn.Module:
     """Train ``cfg.variant`` on every slice (seed ``cfg.seed``) for the shipped model (arguments of :func:`train_model`)."""
     images, masks = resize_stack(list(slices), cfg.size)
-    return train_model(images, masks, cfg, device, seed=cfg.seed, desc=f"{cfg.variant} final", progress=progress,
+    return train_soup(images, masks, cfg, device, seed=cfg.seed, desc=f"{cfg.variant} final", progress=progress,
                        init=init, pseudo=pseudo, state_path=state_path, log=log, save_every_s=save_every_s)
 
 

@@ -279,4 +279,54 @@ def train_model(
     return engine.model
 
 
-__all__ = ["SliceBatches", "build_model", "scaled_sizes", "train_model", "weight_average"]
+SOUP_SEED_STRIDE = 1000
+"""Member ``j`` of a soup trains with seed ``seed + SOUP_SEED_STRIDE * j`` (clear of the folds' ``seed + k``)."""
+
+
+def member_state_path(state_path: Path | None, member: int) -> Path | None:
+    """Member 0 keeps ``state_path``; member ``j`` > 0 saves to ``NAME.m<j>.state.pt`` beside it."""
+    if state_path is None or member == 0:
+        return state_path
+    path = Path(state_path)
+    stem = path.name[:-len(".state.pt")] if path.name.endswith(".state.pt") else path.stem
+    return path.with_name(f"{stem}.m{member}.state.pt")
+
+
+def train_soup(
+    images: torch.Tensor, masks: torch.Tensor, cfg: SemisegConfig, device: torch.device, *,
+    seed: int | None = None, desc: str = "train", state_path: Path | None = None,
+    log: Callable[[dict[str, Any]], None] | None = None, **kwargs: Any,
+) -> nn.Module:
+    """:func:`train_model`, or with ``cfg.soup`` > 1 that many members averaged into one model (a uniform soup).
+
+    Every member starts from the same ``init`` (arguments of :func:`train_model`); member ``j`` draws with seed
+    ``seed + SOUP_SEED_STRIDE * j`` and keeps its resumable state at :func:`member_state_path`. The weights and
+    batch-norm buffers are their mean (``torch.optim.swa_utils.AveragedModel``); a member's log records carry
+    ``"member"``.
+
+    Raises:
+        ConfigError: ``cfg.soup`` < 1.
+    """
+    if cfg.soup < 1:
+        raise ConfigError(f"soup {cfg.soup}: expected 1 (one model) or more members")
+    seed = cfg.seed if seed is None else seed
+    if cfg.soup == 1:
+        return train_model(images, masks, cfg, device, seed=seed, desc=desc, state_path=state_path, log=log,
+                           **kwargs)
+    first: nn.Module | None = None
+    average: AveragedModel | None = None
+    for j in range(cfg.soup):
+        member_log = None if log is None else (lambda rec, j=j: log({"member": j, **rec}))
+        model = train_model(images, masks, cfg, device, seed=seed + SOUP_SEED_STRIDE * j,
+                            desc=f"{desc} member {j + 1}/{cfg.soup}", state_path=member_state_path(state_path, j),
+                            log=member_log, **kwargs)
+        if average is None:
+            first, average = model, AveragedModel(model, use_buffers=True)  # the running mean of the members
+        average.update_parameters(model)  # the first call copies, each later one averages in
+    assert first is not None and average is not None
+    first.load_state_dict(average.module.state_dict())
+    return first
+
+
+__all__ = ["SOUP_SEED_STRIDE", "SliceBatches", "build_model", "scaled_sizes", "member_state_path", "train_model", "train_soup",
+           "weight_average"]
