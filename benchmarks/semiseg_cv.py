@@ -161,6 +161,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{s['epochs']} epochs, batch {s['batch_size']}, {s['size'][0]}x{s['size'][1]} px, Adam {s['lr']:g} "
         f"(poly decay), base width {s['base_width']}, seed {s['seed']}, device {report['device']}"
         + (f" ({report['device_name']})" if report.get("device_name") else "") + ". Mean ± sd over folds.",
+        f"Measured at the code of `{str(report.get('commit'))[:7]}` ({report.get('commit')}), "
+        f"{report.get('machine')}, {report.get('date')}.",
         *([f"Pseudo-labelled slices: {report['n_pseudo']} (`{report['pseudo']}`), pretraining "
            f"{s['config']['pretrain_epochs']} epochs at lr {s['config']['pretrain_lr']:g}, then "
            f"{s['config']['pseudo_per_batch']} of every {s['batch_size']} slices per batch; flip TTA "
@@ -172,8 +174,6 @@ def markdown(report: dict[str, Any]) -> str:
           if s["config"].get("ema_decay") else []),
         *([f"Labelled stage: {s['config']['soup']} models from the same start (other seeds), their weights "
            "averaged into one (model soup)."] if s["config"].get("soup", 1) > 1 else []),
-        f"Measured at the code of `{str(report.get('commit'))[:7]}` ({report.get('commit')}), "
-        f"{report.get('machine')}, {report.get('date')}.",
         "",
         "| model | mean Dice (Inf-Net) | Dice@0.5 | IoU | sensitivity | specificity | precision | folds |",
         "|---|---|---|---|---|---|---|---|",

@@ -243,7 +243,7 @@ def test_pseudo_slices_never_enter_a_held_out_fold(tmp_path: Path, monkeypatch: 
         return real_predict(model, test, *args, **kw)  # type: ignore[arg-type]
 
     trained_on: list[int] = []
-    real_train = tr.train_model
+    real_train = tr.train_soup  # what a fold trains with (one model, or a soup of them)
 
     def spy_train(images: torch.Tensor, *args: object, **kw: object) -> torch.nn.Module:
         assert kw["pseudo"] is pseudo  # every fold trains with the pseudo slices
@@ -251,7 +251,7 @@ def test_pseudo_slices_never_enter_a_held_out_fold(tmp_path: Path, monkeypatch: 
         return real_train(images, *args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(tr, "predict_slices", spy)
-    monkeypatch.setattr(tr, "train_model", spy_train)
+    monkeypatch.setattr(tr, "train_soup", spy_train)
     cv = cross_validate(slices, cfg, CPU, progress=False, pseudo=pseudo, work_dir=tmp_path / "work")
     assert sorted(scored) == sorted(s.name for s in slices)  # every expert slice held out once, nothing else
     assert all(r["name"] in {s.name for s in slices} for f in cv["folds"] for r in f["rows"])
