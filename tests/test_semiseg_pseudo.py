@@ -301,12 +301,12 @@ def test_cv_benchmark_runs_the_labelled_stage_with_scales_and_ema(tmp_path: Path
             "--pretrain-epochs", "1", "--batch-size", "4", "--pseudo-per-batch", "2", "--amp", "off",
             "--scales", "0.5,1,1.5", "--ema", "0.9", "--soup", "2", "--no-final", "--no-progress"]
     assert module.main(argv) == 0
-    report = json.loads((out / "semiseg_cv.json").read_text())
+    report = json.loads((out / "semiseg_cv.json").read_text(encoding="utf-8"))
     assert report["settings"]["config"]["scales"] == [0.5, 1.0, 1.5]
     assert report["settings"]["config"]["ema_decay"] == 0.9
     assert report["variants"]["unet-2d"]["complete"] and report["final"] is None
     assert not (out / "semiseg-2d.pt").exists()
-    text = (out / "semiseg_cv.md").read_text()
+    text = (out / "semiseg_cv.md").read_text(encoding="utf-8")
     assert "0.5, 1, 1.5" in text and "decay 0.9" in text and "2 models from the same start" in text
     assert report["settings"]["config"]["soup"] == 2
     assert (out / "state" / "unet-2d" / "fold1.m1.state.pt").is_file()
