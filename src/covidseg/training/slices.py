@@ -96,7 +96,10 @@ class SliceBatches:
         self.order_gen = torch.Generator().manual_seed(seed + 2)
         self.pseudo_gen = torch.Generator().manual_seed(seed + 3)
         self.scale_gen = torch.Generator().manual_seed(seed + 4)
-        self.sizes = scaled_sizes((int(images.shape[-2]), int(images.shape[-1])), cfg.scales, 2 ** cfg.depth)
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        self.sizes = scaled_sizes(size, cfg.scales, 2 ** cfg.depth)
+        self.rescale = self.sizes != [size]
+        """Whether batches are resized (``cfg.scales`` other than ``(1.0,)``)."""
         self.perm: torch.Tensor | None = None
         """The current epoch's order of the labelled slices."""
 
@@ -112,7 +115,7 @@ class SliceBatches:
             x = torch.cat([x, self.pseudo[0][pidx.to(x.device)]])
             y = torch.cat([y, self.pseudo[1][pidx.to(y.device)]])
         x, y = self.augment(x, y)  # (B, 1, H, W) each
-        if self.sizes != [tuple(self.images.shape[-2:])]:
+        if self.rescale:
             size = self.sizes[int(torch.randint(len(self.sizes), (1,), generator=self.scale_gen))]
             if size != tuple(x.shape[-2:]):
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
