@@ -102,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                     "pretrain on them, then mix them into every training batch of each fold")
     g.add_argument("--pretrain-epochs", type=int, default=3, help="epochs on the pseudo-labelled slices alone")
     g.add_argument("--pretrain-lr", type=float, default=1e-3)
+    g.add_argument("--pretrain-size", type=int, default=None,
+                   help="train the pseudo-label stage at this size (square) and the rest at --size "
+                        "(progressive resizing; default: --size)")
     g.add_argument("--pseudo-per-batch", type=int, default=4,
                    help="pseudo-labelled slices in each batch of the labelled stage (of --batch-size)")
     g.add_argument("--flip-tta", action="store_true", help="predict with a left-right mirror averaged in")
@@ -164,7 +167,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"Measured at the code of `{str(report.get('commit'))[:7]}` ({report.get('commit')}), "
         f"{report.get('machine')}, {report.get('date')}.",
         *([f"Pseudo-labelled slices: {report['n_pseudo']} (`{report['pseudo']}`), pretraining "
-           f"{s['config']['pretrain_epochs']} epochs at lr {s['config']['pretrain_lr']:g}, then "
+           f"{s['config']['pretrain_epochs']} epochs at lr {s['config']['pretrain_lr']:g}"
+           + (f" and {s['config']['pretrain_size'][0]}x{s['config']['pretrain_size'][1]} px"
+              if s['config'].get('pretrain_size') else "") + ", then "
            f"{s['config']['pseudo_per_batch']} of every {s['batch_size']} slices per batch; flip TTA "
            f"{'on' if s['config']['flip_tta'] else 'off'}. Held-out folds hold expert slices only."]
           if report.get("pseudo") else []),
@@ -274,7 +279,7 @@ def new_report(args: argparse.Namespace, argv: list[str] | None, slices: list, p
 def main(argv: list[str] | None = None) -> int:
     from covidseg.errors import ConfigError
     from covidseg.semiseg.data import load_pseudo_folder
-    from covidseg.semiseg.train import pretrain, summarize_cv
+    from covidseg.semiseg.train import pretrain, pretrain_size, summarize_cv
 
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -293,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
                          learning_rate=args.lr, folds=args.folds, seed=args.seed, amp=args.amp,
                          device=str(device), flip_tta=args.flip_tta,
                          pretrain_epochs=args.pretrain_epochs if args.pseudo else 0,
-                         pretrain_lr=args.pretrain_lr, pseudo_per_batch=args.pseudo_per_batch if args.pseudo else 0,
+                         pretrain_lr=args.pretrain_lr,
+                         pretrain_size=(args.pretrain_size, args.pretrain_size) if args.pseudo and args.pretrain_size
+                         else None, pseudo_per_batch=args.pseudo_per_batch if args.pseudo else 0,
                          scales=parse_scales(args.scales), ema_decay=args.ema, soup=args.soup)
     report = new_report(args, argv, slices, pseudo_slices, device)
     def write() -> None:
@@ -311,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
              if args.pseudo else ""), flush=True)
     write()
     pseudo = resize_stack(pseudo_slices, base.size) if pseudo_slices else None
+    pseudo_pretrain = pseudo if pseudo is None or pretrain_size(base) == tuple(base.size) else \
+        resize_stack(pseudo_slices, pretrain_size(base))
     pretrained: dict[str, dict[str, torch.Tensor] | None] = {}
 
     def past_deadline() -> bool:
@@ -334,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             init = None
             if pseudo is not None and work is not None and cfg.pretrain_epochs > 0:
-                init = pretrain(pseudo, cfg, device, progress=progress, log=log_line(f"pretrain {v}", t_start),
+                init = pretrain(pseudo_pretrain, cfg, device, progress=progress, log=log_line(f"pretrain {v}", t_start),
                                 state_path=work / "pretrain.state.pt", save_every_s=args.save_every_s)
             pretrained[v] = init
             res = cross_validate(slices, cfg, device, progress=progress, on_fold=on_fold, should_stop=past_deadline,

@@ -107,6 +107,24 @@ def test_pretrain_then_finetune_changes_the_weights(tmp_path: Path) -> None:
     assert any(not torch.equal(tuned[k], scratch[k]) for k in pre if pre[k].is_floating_point())
 
 
+def test_the_pseudo_label_stage_trains_at_its_own_size(tmp_path: Path) -> None:
+    from covidseg.errors import ConfigError
+    from covidseg.semiseg.train import pretrain_config
+
+    slices = load_pseudo_folder(write_pseudo(tmp_path / "p", {"a": 6}))
+    images, masks = resize_stack(load_folder(write_labelled(tmp_path / "l", 4)), (32, 32))
+    cfg = SemisegConfig(variant="unet-fv-paspp-ds-2d", **{**TINY, "pretrain_size": (16, 16)})
+    stage = pretrain_config(cfg)
+    assert stage.size == (16, 16) and stage.pretrain_size is None and stage.pseudo_per_batch == 0
+    assert pretrain_config(SemisegConfig(**TINY)).size == (32, 32)  # no pretrain_size: the stage runs at size
+    with pytest.raises(ConfigError, match=r"trains at \(16, 16\)"):
+        pretrain(resize_stack(slices, (32, 32)), cfg, CPU, progress=False)
+    pre = pretrain(resize_stack(slices, (16, 16)), cfg, CPU, progress=False)
+    # the same weights fine-tune and predict at 32 x 32 (fully convolutional)
+    tuned = train_model(images, masks, cfg, CPU, progress=False, init=pre, pseudo=resize_stack(slices, (32, 32)))
+    assert tuned(images[:2]).shape == (2, 1, 32, 32)
+
+
 class _Killed(Exception):
     """Stands for the process being killed."""
 
@@ -157,7 +175,7 @@ def test_a_state_saved_before_a_setting_existed_resumes_at_its_default(tmp_path:
     state = tmp_path / "run.state.pt"
     done = _weights(train_model(images, masks, cfg, CPU, progress=False, state_path=state))
     saved = torch.load(state, weights_only=False)
-    for key in ("scales", "ema_decay", "soup"):  # as an older covidseg wrote it
+    for key in ("scales", "ema_decay", "soup", "pretrain_size"):  # as an older covidseg wrote it
         del saved["config"][key]
     del saved["batches"]["scale"], saved["average"]
     torch.save(saved, state)
@@ -283,7 +301,8 @@ def test_shipped_model_records_what_inference_needs() -> None:
 
 def test_cv_benchmark_runs_the_labelled_stage_with_scales_and_ema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    """benchmarks/semiseg_cv.py end to end at toy size: pretraining, 2 folds with --scales/--ema, no final model."""
+    """benchmarks/semiseg_cv.py end to end at toy size: pretraining at its own size, 2 folds with --scales/--ema,
+    no final model."""
     import importlib.util
     import json
     import sys
@@ -298,15 +317,19 @@ def test_cv_benchmark_runs_the_labelled_stage_with_scales_and_ema(tmp_path: Path
     out = tmp_path / "cv"
     argv = ["--data", str(labelled), "--pseudo", str(pseudo), "--out", str(out), "--device", "cpu",
             "--variants", "unet-2d", "--folds", "2", "--size", "32", "--base-width", "4", "--epochs", "1",
-            "--pretrain-epochs", "1", "--batch-size", "4", "--pseudo-per-batch", "2", "--amp", "off",
+            "--pretrain-epochs", "1", "--pretrain-size", "16", "--batch-size", "4", "--pseudo-per-batch", "2", "--amp", "off",
             "--scales", "0.5,1,1.5", "--ema", "0.9", "--soup", "2", "--no-final", "--no-progress"]
     assert module.main(argv) == 0
     report = json.loads((out / "semiseg_cv.json").read_text(encoding="utf-8"))
     assert report["settings"]["config"]["scales"] == [0.5, 1.0, 1.5]
     assert report["settings"]["config"]["ema_decay"] == 0.9
+    assert report["settings"]["config"]["pretrain_size"] == [16, 16]
+    pre = torch.load(out / "state" / "unet-2d" / "pretrain.state.pt", weights_only=False)
+    assert pre["config"]["size"] == [16, 16]  # the pseudo-label stage ran at --pretrain-size, the folds at --size
     assert report["variants"]["unet-2d"]["complete"] and report["final"] is None
     assert not (out / "semiseg-2d.pt").exists()
     text = (out / "semiseg_cv.md").read_text(encoding="utf-8")
+    assert "pretraining 1 epochs at lr 0.001 and 16x16 px" in text
     assert "0.5, 1, 1.5" in text and "decay 0.9" in text and "2 models from the same start" in text
     assert report["settings"]["config"]["soup"] == 2
     assert (out / "state" / "unet-2d" / "fold1.m1.state.pt").is_file()
@@ -341,3 +364,56 @@ def test_a_soup_is_the_mean_of_its_members_each_resumable(tmp_path: Path) -> Non
                                                            seed=5))[k]) for k in floats)
     with pytest.raises(ConfigError, match="soup"):
         train_soup(images, masks, SemisegConfig(**{**TINY, "soup": 0}), CPU, progress=False)
+
+
+def test_cli_trains_semi_supervised_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``covidseg semiseg train --pseudo``: the pseudo-label stage at its own size, folds and final model from it,
+    every stage's state kept, so a rerun after a kill continues and ``--force`` starts again."""
+    import json
+
+    from covidseg.checkpoint import load_checkpoint
+    from covidseg.cli.main import run as cli
+    from covidseg.semiseg import train as semiseg_train
+
+    labelled, pseudo = write_labelled(tmp_path / "l", 4), write_pseudo(tmp_path / "p", {"a": 4})
+    run_dir = tmp_path / "run"
+    args = ["semiseg", "train", "--data", str(labelled), "--pseudo", str(pseudo), "--out", str(run_dir),
+            "--folds", "2", "--epochs", "1", "--pretrain-epochs", "1", "--pretrain-size", "16", "--size", "32",
+            "--variant", "unet-2d", "--device", "cpu", "--base-width", "4", "--batch-size", "2",
+            "--pseudo-per-batch", "1", "--amp", "off", "--flip-tta"]
+    real_final = semiseg_train.train_final
+
+    def interrupted(*a: object, **k: object) -> None:
+        raise KeyboardInterrupt  # what Ctrl-C or a SIGTERM is inside the command
+
+    monkeypatch.setattr("covidseg.semiseg.train.train_final", interrupted)
+    with pytest.raises(SystemExit) as exc:  # stopped after the folds: their states and results are on disk
+        cli(args)
+    assert exc.value.code not in (0, None) and not (run_dir / "final.pt").exists()
+    state = run_dir / "state"
+    assert {p.name for p in state.iterdir()} >= {"pretrain.state.pt", "fold0.json", "fold1.json"}
+    assert torch.load(state / "pretrain.state.pt", weights_only=False)["config"]["size"] == [16, 16]
+    fold0 = (state / "fold0.json").read_text(encoding="utf-8")
+
+    monkeypatch.setattr("covidseg.semiseg.train.train_final", real_final)
+    with pytest.raises(SystemExit) as exc:  # other settings do not continue it (nor reuse its folds)
+        cli([*args, "--lr", "0.01"])
+    assert exc.value.code == 2 and not (run_dir / "final.pt").exists()
+    with pytest.raises(SystemExit) as exc:  # the same command continues: the finished folds are not retrained
+        cli(args)
+    assert exc.value.code in (0, None)
+    assert (state / "fold0.json").read_text(encoding="utf-8") == fold0
+    record = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    assert record["n_pseudo"] == 4 and record["config"]["pretrain_size"] == [16, 16]
+    assert record["config"]["pseudo_per_batch"] == 1 and record["config"]["flip_tta"]
+    _, _, meta = load_checkpoint(run_dir / "final.pt")
+    assert meta["n_pseudo"] == 4 and meta["flip_tta"] and meta["input_size"] == [32, 32]
+    assert len(json.loads((run_dir / "cv.json").read_text(encoding="utf-8"))["folds"]) == 2
+
+    with pytest.raises(SystemExit) as exc:  # --force starts again from nothing
+        cli([*args, "--force"])
+    assert exc.value.code in (0, None)
+    assert (state / "fold0.json").is_file() and (run_dir / "final.pt").is_file()
+    with pytest.raises(SystemExit) as exc:
+        cli([*args[:-1], "--pretrain-epochs", "0", "--force"])
+    assert exc.value.code == 2

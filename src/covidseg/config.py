@@ -324,6 +324,10 @@ class SemisegConfig:
     """Epochs on the pseudo-labelled slices alone before training on the labelled ones (0 = no such stage)."""
     pretrain_lr: float = 1e-3
     """Peak learning rate of the pseudo-label stage (same polynomial decay)."""
+    pretrain_size: tuple[int, int] | None = None
+    """Size (H, W) of the pseudo-label stage when it differs from ``size``: that long stage at a lower resolution
+    (cheaper per step), the labelled stage and prediction at ``size`` (progressive resizing; the network is fully
+    convolutional). ``None`` = ``size``."""
     pseudo_per_batch: int = 0
     """Pseudo-labelled slices mixed into every batch of the labelled stage (the rest of ``batch_size`` is
     labelled slices); 0 = labelled slices only."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from covidseg.cli._common import formatter
 
@@ -11,6 +12,9 @@ The report's network in 2D mode on the expert-labelled COVID-SemiSeg slices (Fan
 MedSeg). A data folder holds Imgs/N.jpg and GT/N.png (optional GT-multiclass/N.png), paired by file stem.
 
   covidseg semiseg train --data ../shared/data/covid-semiseg/train --out runs/semiseg
+  covidseg semiseg train --data ../shared/data/covid-semiseg/train --pseudo ../shared/data/covid-semiseg/pseudo \
+      --out runs/semi --pretrain-epochs 27 --pretrain-size 192 --size 256 --base-width 8 --epochs 15 --lr 5e-4 \
+      --flip-tta --amp bf16          # the shipped model's recipe (semi-supervised)
   covidseg semiseg evaluate --checkpoint default --data DIR [--json result.json]
 
 'mean_dice_infnet' is Inf-Net's own "mean Dice": per image, min-max normalise the probability map, average the
@@ -29,9 +33,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="k-fold cross-validation over the slices, then a final model on all of them",
         description="Train the 2D network (report's loss 0.5 BCE + Dice, Adam, slice augmentation) with k-fold "
                     "cross-validation for model choice, then a final model on every slice. Writes RUN/cv.json, "
-                    "RUN/config.json and RUN/final.pt. On 2 CPU cores one step of 8 slices at 352x352 takes about "
-                    "5-10 s, so the defaults (5 folds x 150 epochs + final) are for a GPU; use --epochs 1 "
-                    "--folds 2 for a CPU smoke test.",
+                    "RUN/config.json and RUN/final.pt. With --pseudo, semi-supervised as Semi-Inf-Net: the network "
+                    "first trains on the pseudo-labelled slices alone (never scored), then every fold and the final "
+                    "model fine-tune it with pseudo-labelled slices mixed into each batch. Every stage keeps its "
+                    "state in RUN/state/: the same command, rerun after a kill, continues where it stopped. On 2 "
+                    "CPU cores one step of 8 slices at 352x352 takes about 5-10 s, so the defaults (5 folds x 150 "
+                    "epochs + final) are for a GPU; use --epochs 1 --folds 2 for a CPU smoke test.",
     )
     t.add_argument("--data", required=True, help="folder with Imgs/ and GT/ (e.g. covid-semiseg/train)")
     t.add_argument("--out", required=True, help="run folder to create (must not hold a run unless --force)")
@@ -48,8 +55,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     t.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="mixed precision (auto: bf16/fp16 on CUDA, off on CPU)")
+    t.add_argument("--flip-tta", action="store_true",
+                   help="predict with the left-right mirror's logits averaged in (scores and the saved model)")
     t.add_argument("--no-final", action="store_true", help="skip the final model on all slices")
-    t.add_argument("--force", action="store_true", help="overwrite an existing run folder's results")
+    t.add_argument("--force", action="store_true",
+                   help="start again in a run folder that holds a run (its results and saved states are replaced)")
+    t.add_argument("--save-every-s", type=float, default=300.0,
+                   help="seconds between two saves of the training state in RUN/state/")
+    g = t.add_argument_group("semi-supervised (pseudo-labelled slices)")
+    g.add_argument("--pseudo", default=None,
+                   help="folder of pseudo-labelled slices (Imgs/Data-1_<case>_<k>.jpg + GT/, e.g. "
+                        "covid-semiseg/pseudo): a stage on them alone, then mixed into every batch")
+    g.add_argument("--pretrain-epochs", type=int, default=27, help="epochs of the stage on pseudo-labelled slices")
+    g.add_argument("--pretrain-lr", type=float, default=1e-3, help="its Adam learning rate (polynomial decay)")
+    g.add_argument("--pretrain-size", type=int, default=None,
+                   help="its slice size, when lower than --size (progressive resizing; default: --size)")
+    g.add_argument("--pseudo-per-batch", type=int, default=4,
+                   help="pseudo-labelled slices in each batch of the folds and the final model")
     t.set_defaults(func=run_train)
 
     e = ssub.add_parser(
@@ -83,32 +105,64 @@ def run(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     import json
+    import shutil
     import sys
     from pathlib import Path
 
     from covidseg import __version__
     from covidseg.config import SemisegConfig
-    from covidseg.errors import OutputExistsError
+    from covidseg.errors import ConfigError, OutputExistsError
     from covidseg.io.atomic import atomic_write_text
     from covidseg.runtime import resolve_device
-    from covidseg.semiseg.data import load_folder
-    from covidseg.semiseg.train import cross_validate, save_semiseg_checkpoint, train_final
+    from covidseg.semiseg.data import load_folder, load_pseudo_folder, resize_stack
+    from covidseg.semiseg.train import (
+        cross_validate,
+        pretrain,
+        pretrain_size,
+        save_semiseg_checkpoint,
+        train_final,
+    )
     from covidseg.training.slices import build_model
 
     out = Path(args.out)
-    if (out / "cv.json").exists() or (out / "final.pt").exists():
-        if not args.force:
-            raise OutputExistsError(f"{out}: already holds a run (cv.json / final.pt); use another --out or --force")
+    work = out / "state"
+    finished = (out / "final.pt").exists() or (args.no_final and (out / "cv.json").exists())
+    if finished and not args.force:
+        raise OutputExistsError(f"{out}: already holds a finished run (final.pt / cv.json); use another --out or "
+                                "--force")
+    if args.force:
+        shutil.rmtree(work, ignore_errors=True)  # --force starts again: no stage resumes from the replaced run
+    semi = args.pseudo is not None
+    if semi and args.pretrain_epochs < 1:
+        raise ConfigError(f"--pretrain-epochs {args.pretrain_epochs}: expected at least 1 with --pseudo")
     cfg = SemisegConfig(variant=args.variant, epochs=args.epochs, batch_size=args.batch_size,
-                        learning_rate=args.lr, base_width=args.base_width, size=(args.size, args.size), folds=args.folds, seed=args.seed,
-                        amp=args.amp, device=args.device)
-    build_model(cfg)  # validate the variant and size before reading data
+                        learning_rate=args.lr, base_width=args.base_width, size=(args.size, args.size),
+                        folds=args.folds, seed=args.seed, amp=args.amp, device=args.device, flip_tta=args.flip_tta,
+                        pretrain_epochs=args.pretrain_epochs if semi else 0, pretrain_lr=args.pretrain_lr,
+                        pretrain_size=(args.pretrain_size, args.pretrain_size) if semi and args.pretrain_size
+                        else None, pseudo_per_batch=args.pseudo_per_batch if semi else 0)
+    build_model(cfg)  # validate the variant and sizes before reading data
+    build_model(SemisegConfig(**{**cfg.__dict__, "size": pretrain_size(cfg)}))
     device = resolve_device(cfg.device)
     slices = load_folder(args.data)
-    out.mkdir(parents=True, exist_ok=True)
+    pseudo_slices = load_pseudo_folder(args.pseudo) if semi else []
     record = {"covidseg_version": __version__, "data": str(Path(args.data).resolve()), "n_images": len(slices),
+              "pseudo": str(Path(args.pseudo).resolve()) if semi else None, "n_pseudo": len(pseudo_slices),
               "device": str(device), "config": cfg.to_dict()}
+    if work.is_dir() and not args.force:  # an unfinished run: continue it, with the same data and settings only
+        before = _read_record(out / "config.json")
+        same = ("data", "n_images", "pseudo", "n_pseudo", "config")
+        if before is None or any(before.get(k) != record[k] for k in same):
+            raise OutputExistsError(f"{out}: holds an unfinished run with other data or settings (config.json); "
+                                    "rerun its own command to continue it, or use another --out or --force")
+        sys.stderr.write(f"{out}: continuing the unfinished run in it\n")
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(record, indent=2) + "\n")
+    init, pseudo = None, None
+    if semi:
+        init = pretrain(resize_stack(pseudo_slices, pretrain_size(cfg)), cfg, device,
+                        state_path=work / "pretrain.state.pt", save_every_s=args.save_every_s)
+        pseudo = resize_stack(pseudo_slices, cfg.size)
     if cfg.folds:
         folds_done: list[dict] = []
 
@@ -120,18 +174,31 @@ def run_train(args: argparse.Namespace) -> int:
                              f"({fold['seconds']:.0f} s)\n")
             atomic_write_text(out / "cv.partial.json", json.dumps({"folds": folds_done}, indent=2) + "\n")
 
-        cv = cross_validate(slices, cfg, device, on_fold=on_fold)
+        cv = cross_validate(slices, cfg, device, on_fold=on_fold, init=init, pseudo=pseudo, work_dir=work,
+                            save_every_s=args.save_every_s)
         atomic_write_text(out / "cv.json", json.dumps(cv, indent=2) + "\n")
         (out / "cv.partial.json").unlink(missing_ok=True)
         m, s = cv["mean"], cv["sd"]
         print(f"{cfg.variant}: {cfg.folds}-fold CV mean Dice (Inf-Net) {m['mean_dice_infnet']:.4f} "
-              f"± {s['mean_dice_infnet']:.4f}, Dice@0.5 {m['dice_at_0_5']:.4f} ± {s['dice_at_0_5']:.4f}")
+              f"+- {s['mean_dice_infnet']:.4f}, Dice@0.5 {m['dice_at_0_5']:.4f} +- {s['dice_at_0_5']:.4f}")
     if not args.no_final:
-        model = train_final(slices, cfg, device)
+        model = train_final(slices, cfg, device, init=init, pseudo=pseudo, state_path=work / "final.state.pt",
+                            save_every_s=args.save_every_s)
         path = save_semiseg_checkpoint(out / "final.pt", model, cfg, n_train=len(slices),
-                                       data=str(Path(args.data).resolve()))
+                                       n_pseudo=len(pseudo_slices), data=str(Path(args.data).resolve()))
         print(f"final model on all {len(slices)} slices: {path}")
     return 0
+
+
+def _read_record(path: Path) -> dict | None:
+    """A run folder's ``config.json``, or ``None`` when missing or unreadable."""
+    import json
+
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

@@ -65,11 +65,18 @@ def make_folds(n: int, k: int, seed: int = 0) -> list[list[int]]:
 
 
 def pretrain_config(cfg: SemisegConfig) -> SemisegConfig:
-    """The settings of the pseudo-label stage: ``cfg`` with its ``pretrain_*`` epochs and learning rate, no mix,
-    one scale, one model and no weight average (``scales``, ``soup`` and ``ema_decay`` are the labelled stage's)."""
+    """The settings of the pseudo-label stage: ``cfg`` with its ``pretrain_*`` epochs, learning rate and size, no
+    mix, one scale, one model and no weight average (``scales``, ``soup`` and ``ema_decay`` are the labelled
+    stage's)."""
     return dataclasses.replace(cfg, epochs=cfg.pretrain_epochs, learning_rate=cfg.pretrain_lr,
-                               pseudo_per_batch=0, scales=SemisegConfig.scales, ema_decay=SemisegConfig.ema_decay,
+                               size=pretrain_size(cfg), pretrain_size=None, pseudo_per_batch=0,
+                               scales=SemisegConfig.scales, ema_decay=SemisegConfig.ema_decay,
                                soup=SemisegConfig.soup)
+
+
+def pretrain_size(cfg: SemisegConfig) -> tuple[int, int]:
+    """(H, W) of the pseudo-label stage: ``cfg.pretrain_size``, or ``cfg.size`` when that is ``None``."""
+    return tuple(cfg.pretrain_size) if cfg.pretrain_size else tuple(cfg.size)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------- prediction
@@ -126,7 +133,17 @@ def pretrain(
 
     The pseudo-labelled slices are never scored, so one pretrained model can start every fold of a
     cross-validation without any held-out labelled slice having been seen in this stage.
+
+    Args:
+        pseudo: ``(M, 1, H, W)`` images and masks at :func:`pretrain_size`.
+
+    Raises:
+        ConfigError: ``pseudo`` is not at that size.
     """
+    size = pretrain_size(cfg)
+    if tuple(pseudo[0].shape[-2:]) != size:
+        raise ConfigError(f"pseudo-labelled slices at {tuple(pseudo[0].shape[-2:])} px; the pseudo-label stage "
+                          f"trains at {size} (resize them with resize_stack(slices, {size}))")
     model = train_model(pseudo[0], pseudo[1], pretrain_config(cfg), device, seed=cfg.seed + 100,
                         desc=f"{cfg.variant} pretrain", progress=progress, log=log, state_path=state_path,
                         save_every_s=save_every_s)
