@@ -17,7 +17,8 @@ A hard ``--deadline-s`` skips the folds not yet started once passed, and the fin
 
 With ``--pseudo DIR`` (Inf-Net's 1,600 pseudo-labelled slices, ``Imgs/Data-1_<case>_<k>.jpg`` + ``GT/``) the
 protocol is semi-supervised, as Semi-Inf-Net's: each variant is first trained on the pseudo-labelled slices alone
-(``--pretrain-epochs``; they are never held out nor scored, so one pretrained model starts every fold), then each
+(``--pretrain-epochs``, at ``--pretrain-size`` when given; they are never held out nor scored, so one pretrained
+model starts every fold), then each
 fold fine-tunes it on its 40 expert slices with ``--pseudo-per-batch`` pseudo-labelled slices mixed into every
 batch, and the final model does the same on all 50. ``--epochs`` must then be a number. Every stage keeps its
 state under ``OUT/state/<variant>/`` (saved every ``--save-every-s`` seconds; finished folds as JSON): the same
@@ -28,10 +29,11 @@ Needs torch, numpy, pillow, scipy and covidseg (MONAI, tqdm optional)::
     python benchmarks/semiseg_cv.py --data ../shared/data/covid-semiseg/train --out out/semiseg --device cuda
     python benchmarks/semiseg_cv.py --data ../shared/data/covid-semiseg/train --out /tmp/s \\
         --device cpu --epochs 1 --folds 2 --variants unet-2d --size 64 --base-width 4     # CPU smoke test
-    OMP_NUM_THREADS=1 python benchmarks/semiseg_cv.py --data ../shared/data/covid-semiseg/train \
+    OMP_NUM_THREADS=2 python benchmarks/semiseg_cv.py --data ../shared/data/covid-semiseg/train \
         --pseudo ../shared/data/covid-semiseg/pseudo --out out/semiseg-pseudo --device cpu \
-        --variants unet-fv-paspp-ds-2d --size 192 --base-width 8 --epochs 15 --lr 5e-4 --pretrain-epochs 9 \
-        --pseudo-per-batch 4 --flip-tta --deadline-s 100000 --no-progress     # the shipped model (CPU, ~1.5 h)
+        --variants unet-fv-paspp-ds-2d --size 256 --pretrain-size 192 --base-width 8 --epochs 15 --lr 5e-4 \
+        --pretrain-epochs 27 --pseudo-per-batch 4 --flip-tta --deadline-s 100000 --save-every-s 240 \
+        --no-progress --amp bf16     # the shipped model (2 CPU cores with AVX512-BF16, about 1 h)
 """
 
 from __future__ import annotations

@@ -417,3 +417,38 @@ def test_cli_trains_semi_supervised_and_resumes(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(SystemExit) as exc:
         cli([*args[:-1], "--pretrain-epochs", "0", "--force"])
     assert exc.value.code == 2
+
+
+def test_cli_and_cv_benchmark_train_the_same_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``covidseg semiseg train --pseudo`` and ``benchmarks/semiseg_cv.py --pseudo`` with the same settings: the
+    same folds' scores and the same final weights (the shipped model's recipe is reachable from the CLI)."""
+    import importlib.util
+    import json
+    import sys
+
+    from covidseg.checkpoint import load_checkpoint
+    from covidseg.cli.main import run as cli
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("semiseg_cv", root / "benchmarks" / "semiseg_cv.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "path", [str(root / "benchmarks"), *sys.path])
+    spec.loader.exec_module(module)
+    labelled, pseudo = write_labelled(tmp_path / "l", 6), write_pseudo(tmp_path / "p", {"a": 4})
+    common = ["--data", str(labelled), "--pseudo", str(pseudo), "--device", "cpu", "--folds", "2", "--size", "32",
+              "--base-width", "4", "--epochs", "1", "--lr", "5e-4", "--pretrain-epochs", "1", "--pretrain-size",
+              "16", "--batch-size", "4", "--pseudo-per-batch", "2", "--amp", "off", "--flip-tta"]
+    assert module.main([*common, "--out", str(tmp_path / "bench"), "--variants", "unet-fv-paspp-ds-2d",
+                        "--no-progress"]) == 0
+    with pytest.raises(SystemExit) as exc:
+        cli(["semiseg", "train", *common, "--out", str(tmp_path / "cli"), "--variant", "unet-fv-paspp-ds-2d"])
+    assert exc.value.code in (0, None)
+    bench = json.loads((tmp_path / "bench" / "semiseg_cv.json").read_text(encoding="utf-8"))
+    cv = json.loads((tmp_path / "cli" / "cv.json").read_text(encoding="utf-8"))
+    assert [f["metrics"] for f in cv["folds"]] == [f["metrics"] for f in
+                                                   bench["variants"]["unet-fv-paspp-ds-2d"]["folds"]]
+    a, _, _ = load_checkpoint(tmp_path / "bench" / "semiseg-2d.pt")
+    b, _, _ = load_checkpoint(tmp_path / "cli" / "final.pt")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

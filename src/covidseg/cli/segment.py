@@ -15,7 +15,7 @@ on the lungs only: a checkpoint of 'covidseg train' in sliding windows over the 
 
 Without --checkpoint (or with --checkpoint default) stage 2 is the shipped 2D model (covidseg/weights/
 semiseg-2d.pt, unet-fv-paspp-ds-2d): trained on 50 expert-labelled slices of one source (MedSeg) and 1,600
-machine-labelled slices of 20 CTs; cross-validated mean Dice 0.731 on those slices. It is not a 3D model, it is
+machine-labelled slices of 20 CTs; cross-validated mean Dice 0.732 on those slices. It is not a 3D model, it is
 not validated on other scanners or on chests without COVID-19, and it is not a medical device.
 
 INPUT is a .nii/.nii.gz, .nrrd/.nhdr or .mha/.mhd file, a DICOM folder, a folder of them, or a text file

@@ -63,8 +63,8 @@ MIN_BOX_FRACTION = 0.7
 MIN_SLICE_SPACING_MM = 2.5
 """Processed slices are at least this far apart (mm); those in between are interpolated. 1 mm slices -> every
 3rd (a third of the model's time); 2-3 mm slices -> every one or every 2nd."""
-TRAIN_SIZE = 192
-"""Default side (px) of the square network input."""
+TRAIN_SIZE = 256
+"""Default side (px) of the square network input: the shipped model's (a checkpoint's ``input_size`` wins)."""
 INTENSITY_LEVELS = 255.0
 """The training slices are 8-bit: the windowed slice is rounded to 1/255 steps."""
 
