@@ -232,6 +232,12 @@ def choose_epochs(args: argparse.Namespace, base: SemisegConfig, slices: list, d
     return int(min(args.max_epochs, max(args.min_epochs, budget / (cost * EVAL_MARGIN))))
 
 
+def print_console(text: str) -> None:
+    """Print ``text``; characters the console cannot show (``±`` on an ASCII terminal) become ``?``."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(text.encode(encoding, errors="replace").decode(encoding, errors="replace"), flush=True)
+
+
 def log_line(stage: str, t_start: float) -> Any:
     """A per-epoch logger printing one plain line (no progress bar characters, fit for a log file)."""
     def log(rec: dict[str, Any]) -> None:
@@ -374,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         train_and_save_final(args, report, slices, base, chosen, device, progress, pseudo, pretrained.get(chosen),
                              t_start)
         write()
-    print(markdown(report))
+    print_console(markdown(report))
     print(f"[done] {time.perf_counter() - t_start:.0f} s; results in {out}", flush=True)
     return 0
 

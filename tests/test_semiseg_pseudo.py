@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -299,12 +300,9 @@ def test_shipped_model_records_what_inference_needs() -> None:
     assert meta["n_pseudo"] == 1600 and cfg["pretrain_epochs"] > 0 and cfg["pseudo_per_batch"] > 0
 
 
-def test_cv_benchmark_runs_the_labelled_stage_with_scales_and_ema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """benchmarks/semiseg_cv.py end to end at toy size: pretraining at its own size, 2 folds with --scales/--ema,
-    no final model."""
+def _cv_script(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``benchmarks/semiseg_cv.py`` imported as a module."""
     import importlib.util
-    import json
     import sys
 
     root = Path(__file__).resolve().parents[1]
@@ -313,6 +311,27 @@ def test_cv_benchmark_runs_the_labelled_stage_with_scales_and_ema(tmp_path: Path
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setattr(sys, "path", [str(root / "benchmarks"), *sys.path])
     spec.loader.exec_module(module)
+    return module
+
+
+def test_cv_benchmark_prints_its_table_on_an_ascii_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import sys
+
+    module = _cv_script(monkeypatch)
+    console = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", console)
+    module.print_console("| 0.732 ± 0.026 |")  # the table's characters would raise UnicodeEncodeError in print()
+    assert console.buffer.getvalue() == b"| 0.732 ? 0.026 |\n"
+
+
+def test_cv_benchmark_runs_the_labelled_stage_with_scales_and_ema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/semiseg_cv.py end to end at toy size: pretraining at its own size, 2 folds with --scales/--ema,
+    no final model."""
+    import json
+
+    module = _cv_script(monkeypatch)
     labelled, pseudo = write_labelled(tmp_path / "l", 6), write_pseudo(tmp_path / "p", {"a": 4})
     out = tmp_path / "cv"
     argv = ["--data", str(labelled), "--pseudo", str(pseudo), "--out", str(out), "--device", "cpu",
