@@ -433,6 +433,11 @@ def test_cli_trains_semi_supervised_and_resumes(tmp_path: Path, monkeypatch: pyt
         cli([*args, "--force"])
     assert exc.value.code in (0, None)
     assert (state / "fold0.json").is_file() and (run_dir / "final.pt").is_file()
+    (state / "notes.txt").write_text("mine", encoding="utf-8")  # not the command's: --force leaves it
+    with pytest.raises(SystemExit) as exc:
+        cli([*args, "--force", "--no-final"])
+    assert exc.value.code in (0, None) and (state / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert (run_dir / "cv.json").is_file() and not (run_dir / "final.pt").exists()  # no final.pt of the old run
     with pytest.raises(SystemExit) as exc:
         cli([*args[:-1], "--pretrain-epochs", "0", "--force"])
     assert exc.value.code == 2

@@ -105,7 +105,6 @@ def run(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     import json
-    import shutil
     import sys
     from pathlib import Path
 
@@ -130,8 +129,10 @@ def run_train(args: argparse.Namespace) -> int:
     if finished and not args.force:
         raise OutputExistsError(f"{out}: already holds a finished run (final.pt / cv.json); use another --out or "
                                 "--force")
-    if args.force:
-        shutil.rmtree(work, ignore_errors=True)  # --force starts again: no stage resumes from the replaced run
+    if args.force:  # start again: no stage resumes from the replaced run, no old result stays beside the new ones
+        _remove_states(work)  # (only files this command writes are removed)
+        for name in ("cv.json", "cv.partial.json", "final.pt"):
+            (out / name).unlink(missing_ok=True)
     semi = args.pseudo is not None
     if semi and args.pretrain_epochs < 1:
         raise ConfigError(f"--pretrain-epochs {args.pretrain_epochs}: expected at least 1 with --pseudo")
@@ -188,6 +189,21 @@ def run_train(args: argparse.Namespace) -> int:
                                        n_pseudo=len(pseudo_slices), data=str(Path(args.data).resolve()))
         print(f"final model on all {len(slices)} slices: {path}")
     return 0
+
+
+def _remove_states(work: Path) -> None:
+    """Delete the saved stages of a run (``*.state.pt``, ``fold<k>.json``) from ``work``, then ``work`` if empty."""
+    import re
+
+    if not work.is_dir():
+        return
+    for path in work.iterdir():
+        if path.is_file() and (path.name.endswith(".state.pt") or re.fullmatch(r"fold\d+\.json", path.name)):
+            path.unlink()
+    try:
+        work.rmdir()
+    except OSError:  # something else is in it: keep it
+        pass
 
 
 def _read_record(path: Path) -> dict | None:
