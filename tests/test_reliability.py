@@ -198,6 +198,31 @@ def test_the_next_run_removes_what_a_killed_run_left_and_nothing_else(world, tmp
     assert remove_stale_partials(out) == []
 
 
+def test_a_kill_between_the_two_renames_of_a_replacement_loses_nothing(tmp_path):
+    """``publish`` moves the previous OUT aside, then the new one in: killed between the two, OUT is missing and the
+    previous output sits in a hidden folder. The next run puts it back (then replaces it as usual); with OUT
+    present the hidden copy is only removed; a live process's and another machine's are left."""
+    from covidseg.inference.outputs import _host_tag, old_folder, remove_stale_partials
+
+    out = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=PROCESS_TIMEOUT_S)
+    host = _host_tag()
+    assert old_folder(out).name == f".out.old-{host}-{os.getpid()}"
+    aside = tmp_path / f".out.old-{host}-{dead.pid}"
+    aside.mkdir()
+    (aside / "report.json").write_text("{}", encoding="utf-8")
+    live = tmp_path / f".out.old-{host}-{os.getppid()}"
+    other = tmp_path / f".out.old-{'f' * 8 if host != 'f' * 8 else 'e' * 8}-{dead.pid}"
+    for folder in (live, other):
+        folder.mkdir()
+    assert remove_stale_partials(out) == []  # put back, not removed
+    assert (out / "report.json").read_text(encoding="utf-8") == "{}" and not aside.exists()
+    aside.mkdir()  # OUT is there now: a hidden copy is only what a kill after the second rename left
+    assert remove_stale_partials(out) == [aside] and not aside.exists() and (out / "report.json").is_file()
+    assert live.is_dir() and other.is_dir()
+
+
 @pytest.mark.parametrize("when", ["in mkdir", "while drawing", "while writing"])
 def test_an_interrupt_as_the_work_folder_is_made_leaves_nothing(tmp_path, monkeypatch, when):
     """Deterministic twin of the signal tests: Ctrl-C right as the hidden folder appears (the moment a busy machine

@@ -209,34 +209,51 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_partials(out_dir: Path) -> list[Path]:
-    """Delete the hidden ``partial_folder`` of ``out_dir`` left by killed runs of this machine; returns them.
+    """Clean up after killed runs of this machine for ``out_dir``; returns the hidden folders removed.
 
-    Only folders whose name carries this host's tag and the PID of a process that no longer exists are removed:
-    a run still writing (this one or another), another machine's (a shared disk) and any other name are left.
-    Nothing is removed off POSIX (no way to ask whether a PID is alive without touching it).
+    A hidden ``partial_folder`` (an unfinished output) is deleted. A hidden ``old_folder`` (the previous output,
+    moved aside by :func:`publish` just before the new one took its place) is put back as ``out_dir`` when the
+    kill came between the two renames and ``out_dir`` is missing (nothing is lost), and deleted otherwise. Only
+    names that carry this host's tag and the PID of a process that no longer exists are touched: a run still
+    writing (this one or another), another machine's (a shared disk) and any other name are left. Nothing is
+    touched off POSIX (no way to ask whether a PID is alive without touching it).
     """
     if os.name != "posix" or not out_dir.parent.is_dir():
         return []
     import re
 
-    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.partial-(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-[0-9a-f]{{32}}")
+    name = re.escape(out_dir.name)
+    pattern = re.compile(rf"\.{name}\.(?:partial-(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-[0-9a-f]{{32}}"
+                         rf"|(?P<old>old)-(?P<old_host>[0-9a-f]{{8}})-(?P<old_pid>\d+))")
     host, removed = _host_tag(), []
-    for path in out_dir.parent.iterdir():
+    for path in sorted(out_dir.parent.iterdir()):
         m = pattern.fullmatch(path.name)
-        if m is None or m["host"] != host or not path.is_dir() or path.is_symlink():
+        if m is None or not path.is_dir() or path.is_symlink():
             continue
-        pid = int(m["pid"])
+        kind = "old" if m["old"] else "partial"
+        if (m["old_host"] if kind == "old" else m["host"]) != host:
+            continue
+        pid = int(m["old_pid"] if kind == "old" else m["pid"])
         if pid == os.getpid() or _pid_alive(pid):
+            continue
+        if kind == "old" and not out_dir.exists():
+            os.replace(path, out_dir)  # killed between publish's two renames: the previous output comes back
+            log.warning("%s: the previous output, moved aside by a run killed while replacing it, is back", out_dir)
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
 
 
+def old_folder(out_dir: Path) -> Path:
+    """Where :func:`publish` moves the previous ``out_dir`` for the moment of the swap (host tag and PID named)."""
+    return out_dir.parent / f".{out_dir.name}.old-{_host_tag()}-{os.getpid()}"
+
+
 def publish(tmp: Path, out_dir: Path) -> None:
     """Move the finished temporary folder onto ``out_dir`` (replacing an old one only now)."""
     if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        old = old_folder(out_dir)
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)
