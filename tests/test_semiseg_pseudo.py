@@ -446,19 +446,12 @@ def test_cli_trains_semi_supervised_and_resumes(tmp_path: Path, monkeypatch: pyt
 def test_cli_and_cv_benchmark_train_the_same_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``covidseg semiseg train --pseudo`` and ``benchmarks/semiseg_cv.py --pseudo`` with the same settings: the
     same folds' scores and the same final weights (the shipped model's recipe is reachable from the CLI)."""
-    import importlib.util
     import json
-    import sys
 
     from covidseg.checkpoint import load_checkpoint
     from covidseg.cli.main import run as cli
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("semiseg_cv", root / "benchmarks" / "semiseg_cv.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setattr(sys, "path", [str(root / "benchmarks"), *sys.path])
-    spec.loader.exec_module(module)
+    module = _cv_script(monkeypatch)
     labelled, pseudo = write_labelled(tmp_path / "l", 6), write_pseudo(tmp_path / "p", {"a": 4})
     common = ["--data", str(labelled), "--pseudo", str(pseudo), "--device", "cpu", "--folds", "2", "--size", "32",
               "--base-width", "4", "--epochs", "1", "--lr", "5e-4", "--pretrain-epochs", "1", "--pretrain-size",
