@@ -106,7 +106,6 @@ def run(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     import json
     import sys
-    from pathlib import Path
 
     from covidseg import __version__
     from covidseg.config import SemisegConfig
@@ -117,6 +116,7 @@ def run_train(args: argparse.Namespace) -> int:
     from covidseg.semiseg.train import (
         cross_validate,
         pretrain,
+        pretrain_config,
         pretrain_size,
         save_semiseg_checkpoint,
         train_final,
@@ -143,7 +143,7 @@ def run_train(args: argparse.Namespace) -> int:
                         pretrain_size=(args.pretrain_size, args.pretrain_size) if semi and args.pretrain_size
                         else None, pseudo_per_batch=args.pseudo_per_batch if semi else 0)
     build_model(cfg)  # validate the variant and sizes before reading data
-    build_model(SemisegConfig(**{**cfg.__dict__, "size": pretrain_size(cfg)}))
+    build_model(pretrain_config(cfg))
     device = resolve_device(cfg.device)
     slices = load_folder(args.data)
     pseudo_slices = load_pseudo_folder(args.pseudo) if semi else []
