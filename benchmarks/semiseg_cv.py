@@ -287,7 +287,7 @@ def new_report(args: argparse.Namespace, argv: list[str] | None, slices: list, p
 def main(argv: list[str] | None = None) -> int:
     from covidseg.errors import ConfigError
     from covidseg.semiseg.data import load_pseudo_folder
-    from covidseg.semiseg.train import pretrain, pretrain_size, summarize_cv
+    from covidseg.semiseg.train import pretrain, pseudo_stacks, summarize_cv
 
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -325,9 +325,7 @@ def main(argv: list[str] | None = None) -> int:
           + (f", after {base.pretrain_epochs} epochs on {len(pseudo_slices)} pseudo-labelled slices"
              if args.pseudo else ""), flush=True)
     write()
-    pseudo = resize_stack(pseudo_slices, base.size) if pseudo_slices else None
-    pseudo_pretrain = pseudo if pseudo is None or pretrain_size(base) == tuple(base.size) else \
-        resize_stack(pseudo_slices, pretrain_size(base))
+    pseudo_pretrain, pseudo = pseudo_stacks(pseudo_slices, base) if pseudo_slices else (None, None)
     pretrained: dict[str, dict[str, torch.Tensor] | None] = {}
 
     def past_deadline() -> bool:
@@ -350,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             init = None
-            if pseudo is not None and work is not None and cfg.pretrain_epochs > 0:
+            if pseudo_pretrain is not None and work is not None and cfg.pretrain_epochs > 0:
                 init = pretrain(pseudo_pretrain, cfg, device, progress=progress, log=log_line(f"pretrain {v}", t_start),
                                 state_path=work / "pretrain.state.pt", save_every_s=args.save_every_s)
             pretrained[v] = init

@@ -112,12 +112,12 @@ def run_train(args: argparse.Namespace) -> int:
     from covidseg.errors import ConfigError, OutputExistsError
     from covidseg.io.atomic import atomic_write_text
     from covidseg.runtime import resolve_device
-    from covidseg.semiseg.data import load_folder, load_pseudo_folder, resize_stack
+    from covidseg.semiseg.data import load_folder, load_pseudo_folder
     from covidseg.semiseg.train import (
         cross_validate,
         pretrain,
         pretrain_config,
-        pretrain_size,
+        pseudo_stacks,
         save_semiseg_checkpoint,
         train_final,
     )
@@ -161,9 +161,9 @@ def run_train(args: argparse.Namespace) -> int:
     atomic_write_text(out / "config.json", json.dumps(record, indent=2) + "\n")
     init, pseudo = None, None
     if semi:
-        init = pretrain(resize_stack(pseudo_slices, pretrain_size(cfg)), cfg, device,
-                        state_path=work / "pretrain.state.pt", save_every_s=args.save_every_s)
-        pseudo = resize_stack(pseudo_slices, cfg.size)
+        pseudo_pretrain, pseudo = pseudo_stacks(pseudo_slices, cfg)
+        init = pretrain(pseudo_pretrain, cfg, device, state_path=work / "pretrain.state.pt",
+                        save_every_s=args.save_every_s)
     if cfg.folds:
         folds_done: list[dict] = []
 

@@ -222,21 +222,20 @@ def remove_stale_partials(out_dir: Path) -> list[Path]:
         return []
     import re
 
-    name = re.escape(out_dir.name)
-    pattern = re.compile(rf"\.{name}\.(?:partial-(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-[0-9a-f]{{32}}"
-                         rf"|(?P<old>old)-(?P<old_host>[0-9a-f]{{8}})-(?P<old_pid>\d+))")
+    # the names partial_folder and old_folder give: host tag, PID (and a partial folder's uuid)
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(?P<kind>partial|old)-(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)"
+                         rf"(?P<uuid>-[0-9a-f]{{32}})?")
     host, removed = _host_tag(), []
-    for path in sorted(out_dir.parent.iterdir()):
+    for path in sorted(out_dir.parent.iterdir()):  # ".OUT.old-" before ".OUT.partial-": put back, then clean
         m = pattern.fullmatch(path.name)
-        if m is None or not path.is_dir() or path.is_symlink():
+        if m is None or (m["kind"] == "partial") != bool(m["uuid"]) or m["host"] != host:
             continue
-        kind = "old" if m["old"] else "partial"
-        if (m["old_host"] if kind == "old" else m["host"]) != host:
+        if not path.is_dir() or path.is_symlink():
             continue
-        pid = int(m["old_pid"] if kind == "old" else m["pid"])
+        pid = int(m["pid"])
         if pid == os.getpid() or _pid_alive(pid):
             continue
-        if kind == "old" and not out_dir.exists():
+        if m["kind"] == "old" and not out_dir.exists():
             os.replace(path, out_dir)  # killed between publish's two renames: the previous output comes back
             log.warning("%s: the previous output, moved aside by a run killed while replacing it, is back", out_dir)
             continue

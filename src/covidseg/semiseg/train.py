@@ -79,6 +79,19 @@ def pretrain_size(cfg: SemisegConfig) -> tuple[int, int]:
     return tuple(cfg.pretrain_size) if cfg.pretrain_size else tuple(cfg.size)  # type: ignore[return-value]
 
 
+Stack = tuple[torch.Tensor, torch.Tensor]
+"""``(N, 1, H, W)`` images and masks (:func:`~covidseg.semiseg.data.resize_stack`)."""
+
+
+def pseudo_stacks(pseudo: Sequence[Slice], cfg: SemisegConfig) -> tuple[Stack, Stack]:
+    """The pseudo-labelled slices at :func:`pretrain_size` (for :func:`pretrain`) and at ``cfg.size`` (mixed into
+    the labelled stage); one stack for both when the sizes agree."""
+    at_size = resize_stack(list(pseudo), cfg.size)
+    if pretrain_size(cfg) == tuple(cfg.size):
+        return at_size, at_size
+    return resize_stack(list(pseudo), pretrain_size(cfg)), at_size
+
+
 # --------------------------------------------------------------------------------------------- prediction
 
 
