@@ -177,12 +177,13 @@ def test_kill9_of_segment_at_random_moments_never_leaves_a_complete_looking_outp
 def test_the_next_run_removes_what_a_killed_run_left_and_nothing_else(world, tmp_path):
     """A hidden folder of a dead process of this machine goes; one of a live process, of another machine, of an
     older name or of another OUT stays."""
-    from covidseg.inference.outputs import _host_tag, partial_folder, remove_stale_partials
+    from covidseg.inference.outputs import partial_folder, remove_stale_partials
+    from covidseg.io.atomic import host_tag
 
     out = tmp_path / "out"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(timeout=PROCESS_TIMEOUT_S)  # its PID now names no process (unless reused at once: then kept, safe)
-    host, hex32 = _host_tag(), "0" * 32
+    host, hex32 = host_tag(), "0" * 32
     stale = tmp_path / f".out.partial-{host}-{dead.pid}-{hex32}"
     kept = [tmp_path / f".out.partial-{host}-{os.getppid()}-{hex32}",  # a live process (pytest's parent)
             tmp_path / f".out.partial-{'f' * 8 if host != 'f' * 8 else 'e' * 8}-{dead.pid}-{hex32}",  # elsewhere
@@ -202,12 +203,13 @@ def test_a_kill_between_the_two_renames_of_a_replacement_loses_nothing(tmp_path)
     """``publish`` moves the previous OUT aside, then the new one in: killed between the two, OUT is missing and the
     previous output sits in a hidden folder. The next run puts it back (then replaces it as usual); with OUT
     present the hidden copy is only removed; a live process's and another machine's are left."""
-    from covidseg.inference.outputs import _host_tag, old_folder, remove_stale_partials
+    from covidseg.inference.outputs import old_folder, remove_stale_partials
+    from covidseg.io.atomic import host_tag
 
     out = tmp_path / "out"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(timeout=PROCESS_TIMEOUT_S)
-    host = _host_tag()
+    host = host_tag()
     assert old_folder(out).name == f".out.old-{host}-{os.getpid()}"
     aside = tmp_path / f".out.old-{host}-{dead.pid}"
     aside.mkdir()
@@ -448,6 +450,35 @@ def test_full_disk_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         atomic_write_bytes(path, b"new" * 1000)
     assert path.read_text(encoding="utf-8") == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="PIDs are only asked about on POSIX")
+def test_the_next_write_removes_the_temporary_a_killed_writer_left_and_nothing_else(tmp_path):
+    """A writer SIGKILLed mid-write leaves its hidden temporary; the next write of that file removes it. A live
+    writer's, another machine's and another file's temporaries stay."""
+    from covidseg.io.atomic import host_tag
+
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"old")
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from covidseg.io.atomic import atomic_path\n"
+        "with atomic_path(Path(sys.argv[1])) as tmp:\n"
+        "    tmp.write_bytes(b'half')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"), str(path)], timeout=PROCESS_TIMEOUT_S)
+    assert killed.returncode == -9
+    (stale,) = [p for p in tmp_path.iterdir() if p.name.endswith(".part.pt")]
+    assert stale.name.startswith(f".last.{host_tag()}-") and path.read_bytes() == b"old"
+    other_host, dead_pid = "f" * 8 if host_tag() != "f" * 8 else "e" * 8, stale.name.split("-")[1]
+    kept = [tmp_path / f".last.{host_tag()}-{os.getppid()}-abc.part.pt",  # a live writer (pytest's parent)
+            tmp_path / f".last.{other_host}-{dead_pid}-abc.part.pt",  # another machine's
+            tmp_path / f".other.{host_tag()}-{dead_pid}-abc.part.pt",  # another file's
+            tmp_path / ".last.abc.part.pt"]  # a name without host and PID
+    for file in kept:
+        file.write_bytes(b"x")
+    atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"new" and not stale.exists() and all(file.is_file() for file in kept)
 
 
 def test_full_disk_while_saving_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):

@@ -40,7 +40,7 @@ import numpy as np
 from covidseg.errors import InputError, OutputExistsError, UserError
 from covidseg.inference.case import CaseSegmentation
 from covidseg.inference.stages import StageDescription
-from covidseg.io.atomic import atomic_write_text
+from covidseg.io.atomic import atomic_write_text, host_tag, pid_alive
 from covidseg.io.dicom_seg import SEG_FILE, write_dicom_seg
 from covidseg.io.image import write_mask, write_volume
 from covidseg.io.itk import mask_path, write_itk_mask
@@ -184,28 +184,9 @@ def check_output(out_dir: Path, force: bool, inputs: tuple[Path, ...] = ()) -> N
                                 "--force to replace it")
 
 
-def _host_tag() -> str:
-    """8 hex digits naming this machine in the hidden folders' names (a PID means nothing on another host)."""
-    import hashlib
-    import socket
-
-    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
-
-
 def partial_folder(out_dir: Path) -> Path:
     """The hidden folder a case is written into before it becomes ``out_dir``: ``.NAME.partial-HOST-PID-UUID``."""
-    return out_dir.parent / f".{out_dir.name}.partial-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex}"
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (POSIX ``kill(pid, 0)``: no signal is sent)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+    return out_dir.parent / f".{out_dir.name}.partial-{host_tag()}-{os.getpid()}-{uuid.uuid4().hex}"
 
 
 def remove_stale_partials(out_dir: Path) -> list[Path]:
@@ -225,7 +206,7 @@ def remove_stale_partials(out_dir: Path) -> list[Path]:
     # the names partial_folder and old_folder give: host tag, PID (and a partial folder's uuid)
     pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(?P<kind>partial|old)-(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)"
                          rf"(?P<uuid>-[0-9a-f]{{32}})?")
-    host, removed = _host_tag(), []
+    host, removed = host_tag(), []
     for path in sorted(out_dir.parent.iterdir()):  # ".OUT.old-" before ".OUT.partial-": put back, then clean
         m = pattern.fullmatch(path.name)
         if m is None or (m["kind"] == "partial") != bool(m["uuid"]) or m["host"] != host:
@@ -233,7 +214,7 @@ def remove_stale_partials(out_dir: Path) -> list[Path]:
         if not path.is_dir() or path.is_symlink():
             continue
         pid = int(m["pid"])
-        if pid == os.getpid() or _pid_alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         if m["kind"] == "old" and not out_dir.exists():
             os.replace(path, out_dir)  # killed between publish's two renames: the previous output comes back
@@ -246,7 +227,7 @@ def remove_stale_partials(out_dir: Path) -> list[Path]:
 
 def old_folder(out_dir: Path) -> Path:
     """Where :func:`publish` moves the previous ``out_dir`` for the moment of the swap (host tag and PID named)."""
-    return out_dir.parent / f".{out_dir.name}.old-{_host_tag()}-{os.getpid()}"
+    return out_dir.parent / f".{out_dir.name}.old-{host_tag()}-{os.getpid()}"
 
 
 def publish(tmp: Path, out_dir: Path) -> None:

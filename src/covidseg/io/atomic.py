@@ -1,13 +1,19 @@
 """Atomic writes: a temporary file in the same folder, then ``os.replace``.
 
 An interrupted command never leaves a file that looks complete: either the old file (or none) or the whole
-new one is there.
+new one is there. The temporary file's name carries this host's tag and the writer's PID
+(``.NAME.HOST-PID-XXXXXXXX.part.SUFFIX``), so that the next write of the same file removes what a killed writer of
+this machine left (a live writer's, another host's and any other name are left alone).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +28,47 @@ def _umask() -> int:
     return mask
 
 
+def host_tag() -> str:
+    """8 hex digits naming this machine in temporary names (a PID means nothing on another host)."""
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (POSIX ``kill(pid, 0)``: no signal is sent)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary files of ``path`` left by killed writers of this machine; returns those removed.
+
+    Only names :func:`atomic_path` gives, with this host's tag and the PID of a process that no longer exists, are
+    touched; nothing off POSIX (no way there to ask whether a PID is alive).
+    """
+    path = Path(path)
+    if os.name != "posix" or not path.parent.is_dir():
+        return []
+    stem, suffix = path.name.split(".")[0], "".join(path.suffixes)
+    pattern = re.compile(rf"\.{re.escape(stem)}\.{host_tag()}-(?P<pid>\d+)-[^./]+\.part{re.escape(suffix)}")
+    removed = []
+    for tmp in sorted(path.parent.glob(f".{glob.escape(stem)}.*.part*")):
+        m = pattern.fullmatch(tmp.name)
+        if m is None or not tmp.is_file() or tmp.is_symlink():
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed.
@@ -30,8 +77,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=".part" + suffix, dir=path.parent)
+    prefix = f".{path.name.split('.')[0]}.{host_tag()}-{os.getpid()}-"
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".part" + suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
