@@ -454,8 +454,9 @@ def test_full_disk_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(os.name != "posix", reason="PIDs are only asked about on POSIX")
 def test_the_next_write_removes_the_temporary_a_killed_writer_left_and_nothing_else(tmp_path):
-    """A writer SIGKILLed mid-write leaves its hidden temporary; the next write of that file removes it. A live
-    writer's, another machine's and another file's temporaries stay."""
+    """A writer SIGKILLed mid-write leaves its hidden temporary; the next process's first write into that folder
+    removes it (and any other dead writer's of this machine there). A live writer's, another machine's and
+    foreign names stay."""
     from covidseg.io.atomic import host_tag
 
     path = tmp_path / "last.pt"
@@ -473,12 +474,13 @@ def test_the_next_write_removes_the_temporary_a_killed_writer_left_and_nothing_e
     other_host, dead_pid = "f" * 8 if host_tag() != "f" * 8 else "e" * 8, stale.name.split("-")[1]
     kept = [tmp_path / f".last.{host_tag()}-{os.getppid()}-abc.part.pt",  # a live writer (pytest's parent)
             tmp_path / f".last.{other_host}-{dead_pid}-abc.part.pt",  # another machine's
-            tmp_path / f".other.{host_tag()}-{dead_pid}-abc.part.pt",  # another file's
             tmp_path / ".last.abc.part.pt"]  # a name without host and PID
-    for file in kept:
+    other_file = tmp_path / f".other.{host_tag()}-{dead_pid}-abc.part.nii.gz"  # another file's, same dead writer
+    for file in [*kept, other_file]:
         file.write_bytes(b"x")
     atomic_write_bytes(path, b"new")
-    assert path.read_bytes() == b"new" and not stale.exists() and all(file.is_file() for file in kept)
+    assert path.read_bytes() == b"new" and not stale.exists() and not other_file.exists()
+    assert all(file.is_file() for file in kept)
 
 
 def test_full_disk_while_saving_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):

@@ -2,14 +2,13 @@
 
 An interrupted command never leaves a file that looks complete: either the old file (or none) or the whole
 new one is there. The temporary file's name carries this host's tag and the writer's PID
-(``.NAME.HOST-PID-XXXXXXXX.part.SUFFIX``), so that the next write of the same file removes what a killed writer of
-this machine left (a live writer's, another host's and any other name are left alone).
+(``.NAME.HOST-PID-XXXXXXXX.part.SUFFIX``), so that the first write of a later process into that folder removes
+what a killed writer of this machine left (a live writer's, another host's and any other name are left alone).
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import os
 import re
@@ -44,19 +43,22 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Remove the temporary files of ``path`` left by killed writers of this machine; returns those removed.
+_SWEPT: set[Path] = set()
+"""Folders this process has already cleaned of dead writers' temporaries (one scan per folder, not per file)."""
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove from ``folder`` the temporaries that killed writers of this machine left; returns those removed.
 
     Only names :func:`atomic_path` gives, with this host's tag and the PID of a process that no longer exists, are
     touched; nothing off POSIX (no way there to ask whether a PID is alive).
     """
-    path = Path(path)
-    if os.name != "posix" or not path.parent.is_dir():
+    folder = Path(folder)
+    if os.name != "posix" or not folder.is_dir():
         return []
-    stem, suffix = path.name.split(".")[0], "".join(path.suffixes)
-    pattern = re.compile(rf"\.{re.escape(stem)}\.{host_tag()}-(?P<pid>\d+)-[^./]+\.part{re.escape(suffix)}")
+    pattern = re.compile(rf"\.[^/]*\.{host_tag()}-(?P<pid>\d+)-[^./]+\.part(\.[^/]*)?")
     removed = []
-    for tmp in sorted(path.parent.glob(f".{glob.escape(stem)}.*.part*")):
+    for tmp in sorted(folder.glob(f".*.{host_tag()}-*.part*")):
         m = pattern.fullmatch(tmp.name)
         if m is None or not tmp.is_file() or tmp.is_symlink():
             continue
@@ -77,7 +79,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
+    if path.parent not in _SWEPT:  # the first write of this process into a folder cleans it
+        remove_stale_temporaries(path.parent)
+        _SWEPT.add(path.parent)
     suffix = "".join(path.suffixes)
     prefix = f".{path.name.split('.')[0]}.{host_tag()}-{os.getpid()}-"
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".part" + suffix, dir=path.parent)
