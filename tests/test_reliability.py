@@ -77,9 +77,16 @@ def segment_cmd(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
             str(world["ckpt"]), "--set", WINDOW, "--threads", "1", *extra]
 
 
+def _default_sigint() -> None:
+    # a child inherits an ignored SIGINT (pytest started in the background of a script), and Python then leaves
+    # Ctrl+C ignored, as a shell's `&` asks; the tests send it to a process that should take it as a user's Ctrl+C
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+                            preexec_fn=_default_sigint)
 
 
 def partial_folders(out: Path) -> list[Path]:
