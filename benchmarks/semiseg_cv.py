@@ -116,6 +116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--soup", type=int, default=1,
                    help="train this many models per fold and for the final model, from the same start with "
                         "other seeds, and average their weights into one (a model soup; 1 = one model)")
+    p.add_argument("--dice-per-slice", action="store_true",
+                   help="the labelled stage's soft Dice per slice, averaged over the batch (default: over the batch)")
+    g.add_argument("--pretrain-dice-per-slice", action="store_true",
+                   help="the same for the pseudo-label stage")
     p.add_argument("--ema", type=float, default=0.0,
                    help="end the labelled stage with the moving average of its weights at this decay (0 = off)")
     g.add_argument("--save-every-s", type=float, default=300.0,
@@ -309,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                          pretrain_lr=args.pretrain_lr,
                          pretrain_size=(args.pretrain_size, args.pretrain_size) if args.pseudo and args.pretrain_size
                          else None, pseudo_per_batch=args.pseudo_per_batch if args.pseudo else 0,
-                         scales=parse_scales(args.scales), ema_decay=args.ema, soup=args.soup)
+                         scales=parse_scales(args.scales), ema_decay=args.ema, soup=args.soup,
+                         batch_dice=not args.dice_per_slice, pretrain_batch_dice=not args.pretrain_dice_per_slice)
     report = new_report(args, argv, slices, pseudo_slices, device)
     def write() -> None:
         report["elapsed_s"] = round(time.perf_counter() - t_start, 1)

@@ -25,6 +25,29 @@ def test_single_output_equals_monai_dice_ce(shape):
     torch.testing.assert_close(SegmentationLoss()(logits, target), reference(logits, target))
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 4, 16, 16), (3, 1, 16, 16), (2, 3, 8, 8)])
+def test_dice_per_sample_equals_monai_dice_without_batch(shape):
+    logits, target = sample(shape, seed=4)
+    target[0] = 0  # an empty sample counts as one Dice of its own
+    reference = DiceLoss(sigmoid=True, batch=False, smooth_nr=DICE_SMOOTH, smooth_dr=DICE_SMOOTH)
+    torch.testing.assert_close(soft_dice_loss(logits, target, batch_dice=False), reference(logits, target))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    torch.testing.assert_close(SegmentationLoss(batch_dice=False)(logits, target),
+                               reference(logits, target) + 0.5 * bce)
+
+
+def test_dice_per_sample_weighs_a_small_lesion_as_much_as_a_large_one():
+    """Batch Dice barely sees a missed small lesion next to a large one that is found; per-sample Dice counts it
+    as half of the batch."""
+    target = torch.zeros(2, 1, 16, 16)
+    target[0, 0, :12] = 1  # large
+    target[1, 0, 0, :2] = 1  # small, missed below
+    logits = torch.full_like(target, -50.0)
+    logits[0] = (target[0] * 2 - 1) * 50
+    assert soft_dice_loss(logits, target) < 0.02
+    assert soft_dice_loss(logits, target, batch_dice=False) == pytest.approx(0.5, abs=1e-3)
+
+
 def test_multichannel_equals_monai_dice_plus_half_bce():
     # MONAI's DiceCELoss switches to softmax cross entropy for K > 1; our channels are independent sigmoids
     logits, target = sample((2, 3, 4, 8, 8), seed=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,24 @@ def test_the_pseudo_label_stage_trains_at_its_own_size(tmp_path: Path) -> None:
     # the same weights fine-tune and predict at 32 x 32 (fully convolutional)
     tuned = train_model(images, masks, cfg, CPU, progress=False, init=pre, pseudo=resize_stack(slices, (32, 32)))
     assert tuned(images[:2]).shape == (2, 1, 32, 32)
+
+
+def test_each_stage_has_its_own_dice() -> None:
+    """``batch_dice`` is the labelled stage's and ``pretrain_batch_dice`` the pseudo-label stage's; either reaches
+    the loss the stage trains with."""
+    from covidseg.losses import SegmentationLoss
+    from covidseg.semiseg.train import pretrain_config
+    from covidseg.training.loop import make_engine
+    from covidseg.training.slices import build_model
+
+    cfg = SemisegConfig(**{**TINY, "batch_dice": False})
+    assert pretrain_config(cfg).batch_dice is True
+    assert pretrain_config(dataclasses.replace(cfg, pretrain_batch_dice=False)).batch_dice is False
+    for batch_dice in (True, False):
+        engine = make_engine(build_model(SemisegConfig(**TINY)), CPU, spatial_dims=2, learning_rate=1e-3,
+                             amp="off", bce_weight=0.5, dice_weight=1.0, batch_dice=batch_dice)
+        loss = engine.criterion.loss
+        assert isinstance(loss, SegmentationLoss) and loss.batch_dice is batch_dice
 
 
 class _Killed(Exception):

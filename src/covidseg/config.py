@@ -312,6 +312,10 @@ class SemisegConfig:
     """Polynomial decay ``lr * (1 - step / steps)^0.9``; off = constant learning rate (the report's)."""
     bce_weight: float = 0.5
     dice_weight: float = 1.0
+    batch_dice: bool = True
+    """The soft Dice of the loss over the whole batch (the report's loss, nnU-Net's ``batch_dice``) or, ``False``, one
+    Dice per slice averaged over the batch (MONAI's ``DiceLoss(batch=False)``), as Inf-Net's mean Dice scores a
+    model. The labelled stage's; :attr:`pretrain_batch_dice` is the pseudo-label stage's."""
     folds: int = 5
     seed: int = 0
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
@@ -324,6 +328,8 @@ class SemisegConfig:
     """Epochs on the pseudo-labelled slices alone before training on the labelled ones (0 = no such stage)."""
     pretrain_lr: float = 1e-3
     """Peak learning rate of the pseudo-label stage (same polynomial decay)."""
+    pretrain_batch_dice: bool = True
+    """:attr:`batch_dice` of the pseudo-label stage."""
     pretrain_size: tuple[int, int] | None = None
     """Size (H, W) of the pseudo-label stage when it differs from ``size``: that long stage at a lower resolution
     (cheaper per step), the labelled stage and prediction at ``size`` (progressive resizing; the network is fully

@@ -5,7 +5,9 @@ Both terms are computed from the logits in float32, so the loss is stable under 
 
 Soft Dice is *batch-wise* (nnU-Net's ``batch_dice``): intersections and sums run over the batch and all voxels of
 each channel, then ``1 - Dice`` is averaged over the channels. Patches without foreground (two thirds of a batch
-under the default sampling) then do not each contribute a degenerate Dice of 0 or 1. Smoothing
+under the default sampling) then do not each contribute a degenerate Dice of 0 or 1. ``batch_dice=False`` takes
+one Dice per sample and channel and averages them (MONAI's ``DiceLoss(batch=False)``), as a per-image metric such
+as Inf-Net's mean Dice scores a model. Smoothing
 ``smooth_nr = smooth_dr = 1e-5`` as MONAI's and nnU-Net's defaults. The single-output loss equals MONAI's
 ``DiceCELoss(sigmoid=True, batch=True, lambda_dice=1, lambda_ce=0.5)`` for one channel (tests/test_losses.py).
 """
@@ -29,24 +31,28 @@ FINAL_WEIGHT = 0.5
 
 
 def soft_dice_loss(
-    logits: torch.Tensor, target: torch.Tensor, smooth_nr: float = DICE_SMOOTH, smooth_dr: float = DICE_SMOOTH
+    logits: torch.Tensor, target: torch.Tensor, smooth_nr: float = DICE_SMOOTH, smooth_dr: float = DICE_SMOOTH,
+    batch_dice: bool = True,
 ) -> torch.Tensor:
-    """Batch-wise soft Dice loss of sigmoid probabilities, mean over channels.
+    """Soft Dice loss of sigmoid probabilities: batch-wise and averaged over channels, or per sample and channel.
 
     Args:
         logits: ``(B, K, *S)`` logits.
         target: ``(B, K, *S)`` in {0, 1} (or soft labels in [0, 1]).
         smooth_nr: added to the numerator ``2 * sum(p * g)``.
         smooth_dr: added to the denominator ``sum(p) + sum(g)``.
+        batch_dice: sums over the batch too (one Dice per channel); ``False``: one Dice per sample and channel.
 
     Returns:
-        Scalar ``mean_k (1 - (2 I_k + smooth_nr) / (P_k + G_k + smooth_dr))`` in float32.
+        Scalar ``mean_k (1 - (2 I_k + smooth_nr) / (P_k + G_k + smooth_dr))`` in float32 (with ``batch_dice=False``
+        the mean runs over samples and channels).
     """
     probs = torch.sigmoid(logits.float())
     target = target.float()
-    axes = [0, *range(2, logits.ndim)]  # batch and spatial axes: one Dice per channel
-    intersection = (probs * target).sum(dim=axes)  # (K,)
-    denominator = probs.sum(dim=axes) + target.sum(dim=axes)  # (K,)
+    spatial = list(range(2, logits.ndim))
+    axes = [0, *spatial] if batch_dice else spatial  # one Dice per channel, or per sample and channel
+    intersection = (probs * target).sum(dim=axes)  # (K,) or (B, K)
+    denominator = probs.sum(dim=axes) + target.sum(dim=axes)
     dice = (2.0 * intersection + smooth_nr) / (denominator + smooth_dr)
     return (1.0 - dice).mean()
 
@@ -59,6 +65,7 @@ class SegmentationLoss(nn.Module):
         dice_weight: weight of the batch-wise soft Dice loss (:func:`soft_dice_loss`).
         smooth_nr: Dice numerator smoothing.
         smooth_dr: Dice denominator smoothing.
+        batch_dice: batch-wise Dice (the default) or one Dice per sample (:func:`soft_dice_loss`).
     """
 
     def __init__(
@@ -67,12 +74,14 @@ class SegmentationLoss(nn.Module):
         dice_weight: float = DICE_WEIGHT,
         smooth_nr: float = DICE_SMOOTH,
         smooth_dr: float = DICE_SMOOTH,
+        batch_dice: bool = True,
     ) -> None:
         super().__init__()
         self.bce_weight = bce_weight
         self.dice_weight = dice_weight
         self.smooth_nr = smooth_nr
         self.smooth_dr = smooth_dr
+        self.batch_dice = batch_dice
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``(B, K, *S)`` logits and ``(B, K, *S)`` targets in {0, 1} -> scalar float32 loss."""
@@ -81,7 +90,7 @@ class SegmentationLoss(nn.Module):
         logits32 = logits.float()
         target32 = target.float()
         bce = F.binary_cross_entropy_with_logits(logits32, target32)
-        dice = soft_dice_loss(logits32, target32, self.smooth_nr, self.smooth_dr)
+        dice = soft_dice_loss(logits32, target32, self.smooth_nr, self.smooth_dr, self.batch_dice)
         return self.bce_weight * bce + self.dice_weight * dice
 
 

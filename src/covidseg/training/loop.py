@@ -53,7 +53,7 @@ class Engine:
 
 def make_engine(
     model: nn.Module, device: torch.device, *, spatial_dims: int, learning_rate: float, weight_decay: float = 0.0,
-    amp: str, bce_weight: float, dice_weight: float, amp_setting: str = "runtime.amp",
+    amp: str, bce_weight: float, dice_weight: float, amp_setting: str = "runtime.amp", batch_dice: bool = True,
 ) -> Engine:
     """``model`` moved to ``device`` with Adam, the grad scaler and the deep-supervision loss.
 
@@ -69,6 +69,7 @@ def make_engine(
         bce_weight: weight of the BCE term of the loss.
         dice_weight: weight of the soft Dice term.
         amp_setting: the option or config key ``amp`` came from, named in errors.
+        batch_dice: the soft Dice over the whole batch (the report's loss) or per sample.
     """
     from covidseg.losses import DeepSupervisionLoss, SegmentationLoss
 
@@ -80,7 +81,7 @@ def make_engine(
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     amp_dtype = autocast_dtype(amp, device, setting=amp_setting)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16 and device.type == "cuda")
-    criterion = DeepSupervisionLoss(SegmentationLoss(bce_weight, dice_weight))
+    criterion = DeepSupervisionLoss(SegmentationLoss(bce_weight, dice_weight, batch_dice=batch_dice))
     return Engine(model, model, optimizer, scaler, criterion, amp_dtype, channels_last, device)
 
 
