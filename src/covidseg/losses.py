@@ -62,7 +62,7 @@ class SegmentationLoss(nn.Module):
 
     Args:
         bce_weight: weight of the mean binary cross entropy.
-        dice_weight: weight of the batch-wise soft Dice loss (:func:`soft_dice_loss`).
+        dice_weight: weight of the soft Dice loss (:func:`soft_dice_loss`).
         smooth_nr: Dice numerator smoothing.
         smooth_dr: Dice denominator smoothing.
         batch_dice: batch-wise Dice (the default) or one Dice per sample (:func:`soft_dice_loss`).
