@@ -40,6 +40,18 @@ def git_commit(root: Path = ROOT) -> tuple[str | None, bool]:
     return None, False
 
 
+def commit_or_unknown(root: Path = ROOT) -> tuple[str, bool]:
+    """:func:`git_commit` for a results file: ``"unknown"`` outside a git checkout, with a warning on stderr (a
+    results file whose figures cannot be traced to a commit fails ``tests/test_docs.py``; run the benchmark from a
+    clone or a ``git worktree`` instead of a code export)."""
+    commit, dirty = git_commit(root)
+    if commit is None:
+        print(f"warning: {root} is not a git checkout, so the results file will say commit 'unknown'; run the "
+              "benchmark from a clone or a git worktree to stamp it with its commit", file=sys.stderr)
+        return "unknown", False
+    return commit, dirty
+
+
 def cpu_flags() -> dict[str, bool]:
     """Which of :data:`CPU_FLAGS` this CPU has (``/proc/cpuinfo``; all false where it cannot be read)."""
     flags: set[str] = set()
@@ -72,11 +84,11 @@ def machine(device: str = "cpu") -> dict[str, Any]:
 def stamp(config: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
     """``commit`` (full hash), ``commit_dirty``, ``config`` (the benchmark, its command line and settings),
     ``machine`` and ``date`` (ISO, local) for a results file."""
-    commit, dirty = git_commit()
+    commit, dirty = commit_or_unknown()
     script = Path(sys.argv[0]).resolve()
     name = script.relative_to(ROOT).as_posix() if script.is_relative_to(ROOT) else sys.argv[0]
     command = " ".join(["python", name, *sys.argv[1:]])
-    return {"commit": commit or "unknown", "commit_dirty": dirty, "config": {"command": command, **config},
+    return {"commit": commit, "commit_dirty": dirty, "config": {"command": command, **config},
             "machine": machine(device), "date": time.strftime("%Y-%m-%d")}
 
 

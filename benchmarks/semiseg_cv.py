@@ -54,6 +54,7 @@ except ImportError:  # a plain checkout: use its src/ folder
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch
+from _stamp import commit_or_unknown
 
 from covidseg.config import SemisegConfig
 from covidseg.io.atomic import atomic_write_text
@@ -251,15 +252,6 @@ def log_line(stage: str, t_start: float) -> Any:
     return log
 
 
-def full_commit() -> str:
-    """The full hash of the checkout's HEAD (``unknown`` outside a git checkout)."""
-    import subprocess
-
-    res = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
-                         capture_output=True, text=True, timeout=10, check=False)
-    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else "unknown"
-
-
 def new_report(args: argparse.Namespace, argv: list[str] | None, slices: list, pseudo_slices: list,
                device: torch.device) -> dict[str, Any]:
     """The report's header: data, machine, code version, date, command, folds, published numbers."""
@@ -272,7 +264,7 @@ def new_report(args: argparse.Namespace, argv: list[str] | None, slices: list, p
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "machine": machine_description(device), "threads": torch.get_num_threads(), "code": code_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "commit": full_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "commit": commit_or_unknown()[0],
         "command": "python benchmarks/semiseg_cv.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "torch": torch.__version__, "python": platform.python_version(),
         "folds_test": [[slices[i].name for i in f] for f in make_folds(n, args.folds, args.seed)],

@@ -77,3 +77,16 @@ def test_only_a_change_to_the_code_makes_the_stamp_dirty(stamp_module, tmp_path)
     assert stamp_module.git_commit(repo)[1] is False
     (repo / "src/covidseg/a.py").write_text("1\n", encoding="utf-8")
     assert stamp_module.git_commit(repo)[1] is True
+
+
+def test_a_code_export_stamps_unknown_and_says_so(stamp_module, tmp_path, capsys) -> None:
+    """Outside a git checkout (a `git archive` export) the commit is 'unknown', and stderr says how to avoid it."""
+    export = tmp_path / "export"
+    export.mkdir()
+    assert stamp_module.commit_or_unknown(export) == ("unknown", False)
+    err = capsys.readouterr().err
+    assert "not a git checkout" in err and str(export) in err and "git worktree" in err
+    commit, _ = stamp_module.git_commit()
+    if commit is not None:  # this checkout: its commit and no warning
+        assert stamp_module.commit_or_unknown()[0] == commit
+        assert capsys.readouterr().err == ""
