@@ -2,7 +2,7 @@
 
 For each CT and each perturbation (``covidseg.phantom.perturb``: padding outside the field of view, a prone
 scan's couch, a couch pressed against the back, thick slices, crops to the abdomen, the bases or the apices, solid
-lesions against the pleura, a colon full of gas): ``covidseg.inference.lungs.find_lungs``, the lungs' volumes and
+lesions against the pleura (spheres, and patches flattened along the chest wall), a colon full of gas): ``covidseg.inference.lungs.find_lungs``, the lungs' volumes and
 flags, the Dice per lung against the expert contours (``pancreas-ct-cb-001``; scored by ``tests/real_ct.py``, the
 one home of the scoring), the share of the LIDC consensus nodule inside the lungs, the Dice against the
 unperturbed CT's lungs (the others), the share of an inserted lesion kept in its lung, and the time. Then the
@@ -121,16 +121,22 @@ def variants(case: str, hu: np.ndarray, spacing: Spacing, labels: np.ndarray
             for label in (LEFT, RIGHT):
                 name = f"lesion {side} r{radius:.0f} mm {'left' if label == LEFT else 'right'}"
                 out.append((name, _lesion_maker(hu, spacing, labels, side, radius, label)))
+        for label in (LEFT, RIGHT):
+            name = f"sub-pleural patch {side} {'left' if label == LEFT else 'right'}"
+            out.append((name, _lesion_maker(hu, spacing, labels, side, 0.0, label, patch=True)))
     return out
 
 
-def _lesion_maker(hu: np.ndarray, spacing: Spacing, labels: np.ndarray, side: str, radius: float, label: int
-                  ) -> Callable[[], tuple[np.ndarray, Spacing, np.ndarray | None, Any]]:
+def _lesion_maker(hu: np.ndarray, spacing: Spacing, labels: np.ndarray, side: str, radius: float, label: int,
+                  patch: bool = False) -> Callable[[], tuple[np.ndarray, Spacing, np.ndarray | None, Any]]:
     def make() -> tuple[np.ndarray, Spacing, np.ndarray | None, Any]:
         lung = labels == label
         zs = np.flatnonzero(lung.any(axis=(1, 2)))
         z = int(zs[0] + 0.6 * (zs[-1] - zs[0]))  # above the diaphragm's dome: lung above and below
-        mask = perturb.pleural_lesion(lung, spacing, radius, side, z=z)
+        if patch:
+            mask = perturb.subpleural_patch(lung, spacing, side, z=z)
+        else:
+            mask = perturb.pleural_lesion(lung, spacing, radius, side, z=z)
         return perturb.add_blob(hu, mask, perturb.TISSUE_HU), spacing, None, (mask, label)
     return make
 

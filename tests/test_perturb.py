@@ -54,3 +54,19 @@ def test_pleural_lesion_lies_in_the_lung_against_its_edge(side: str) -> None:
     assert (lesion & edge).any()
     with pytest.raises(ValueError, match="side"):
         perturb.pleural_lesion(lung, (2.0, 1.0, 1.0), 6.0, "medial")
+
+
+@pytest.mark.parametrize("side", ["lateral", "posterior"])
+def test_sub_pleural_patch_is_flat_along_the_edge(side: str) -> None:
+    """An ellipsoid centred 2 mm inside the edge: what lies in the lung is thinner across the pleura than along it."""
+    lung = perturb.ellipsoid((30, 60, 60), (2.0, 1.0, 1.0), (15, 30, 40), (25.0, 20.0, 12.0))
+    radii = (10.0, 6.0, 14.0) if side == "posterior" else (10.0, 14.0, 6.0)
+    patch = perturb.pleural_lesion(lung, (2.0, 1.0, 1.0), 0.0, side, radii_mm=radii, inset_mm=2.0)
+    assert patch.any() and not (patch & ~lung).any()
+    _, ys, xs = np.nonzero(patch)
+    across, along = (np.ptp(ys), np.ptp(xs)) if side == "posterior" else (np.ptp(xs), np.ptp(ys))
+    assert across < 0.6 * along
+    with pytest.raises(ValueError, match="side"):
+        perturb.subpleural_patch(lung, (2.0, 1.0, 1.0), "medial")
+    sphere = perturb.pleural_lesion(lung, (2.0, 1.0, 1.0), 6.0, side)
+    assert np.array_equal(sphere, perturb.pleural_lesion(lung, (2.0, 1.0, 1.0), 6.0, side, radii_mm=(6.0,) * 3))

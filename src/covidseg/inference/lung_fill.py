@@ -2,7 +2,9 @@
 
 A threshold keeps the aerated lung only: vessels, nodules and any dense lesion (tumour, consolidation) are holes in
 it or bites out of it. :func:`fill_lung_slices` fills, per axial slice and per lung, the holes, closes the outline
-with a disk, and fills the concavities of the convex hull that open towards the chest wall. Two structures are
+with a disk, and fills the concavities that open towards the chest wall: of the convex hull, and of the lung of
+the slices above and below (a consolidation flattened along a convex chest wall lies partly outside the hull of the
+aerated lung its slice keeps). Two structures are
 holes or bites of the lung too and must stay out: the diaphragm's dome (the liver or spleen seen through the basal
 crescent of the lung, first as an island, lower down as a wide bite) and the heart and mediastinum. What tells a
 lesion from the dome is the third dimension: a lesion inside the lung has aerated lung above it *and* below it
@@ -46,10 +48,12 @@ def lung_cover(lung: np.ndarray, slices: int, cut: tuple[bool, bool] = (False, F
 
 
 def fill_lung_slices(lung: np.ndarray, spacing: Sequence[float], cfg: LungConfig, medial_side: int) -> np.ndarray:
-    """Per axial slice: fill holes, close with a disk, and fill the convex-hull concavities that face the chest wall.
+    """Per axial slice: fill holes, close with a disk, and fill the concavities that face the chest wall.
 
     Holes (:func:`fillable_holes`) are filled unless they are the top of the diaphragm's dome; the closing does not
-    reach into the holes left open; concavities follow :func:`lateral_concavities`.
+    reach into the holes left open; concavities follow :func:`lateral_concavities`, in each slice's convex hull
+    widened by the pixels with lung both above and below them (a sub-pleural consolidation flattened along the
+    chest wall is partly outside the hull of the aerated lung around it).
 
     Args:
         lung: ``(D, H, W)`` mask of one lung.
@@ -74,7 +78,11 @@ def fill_lung_slices(lung: np.ndarray, spacing: Sequence[float], cfg: LungConfig
     closed = filled | (closed & ~(fill_holes_2d(filled) & ~filled))  # not into the holes left open (the dome)
     closed |= fillable_holes(closed, above, below, cfg.max_hole_fraction)
     if cfg.fill_concavities:
-        closed |= lateral_concavities(closed, convex_hulls(closed), medial_side, cfg, above, below)
+        # the hull of each slice plus where the lung lies both above and below: a lesion flattened along a convex
+        # chest wall reaches beyond the hull of the aerated lung it leaves in its slice, but not beyond the lung
+        # of the slices around it
+        hull = convex_hulls(closed) | (above & below)
+        closed |= lateral_concavities(closed, hull, medial_side, cfg, above, below)
     result = np.zeros_like(lung)
     result[box] = closed
     return result
@@ -128,7 +136,7 @@ def lateral_concavities(lung: np.ndarray, hull: np.ndarray, medial_side: int, cf
 
     Args:
         lung: ``(D, H, W)`` one lung.
-        hull: ``(D, H, W)`` the convex hull of each of its slices.
+        hull: ``(D, H, W)`` the convex hull of each of its slices (or a superset: what a concavity may fill).
         medial_side: +1 when the mediastinum lies at higher column indices, -1 otherwise.
         cfg: ``max_concavity_fraction``, ``max_medial_cosine``.
         above, below: ``(D, H, W)`` bool, lung above and below (:func:`lung_cover`).

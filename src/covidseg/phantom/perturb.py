@@ -90,27 +90,50 @@ def add_blob(hu: np.ndarray, blob: np.ndarray, value: float, noise_hu: float = 2
 
 
 def pleural_lesion(lung: np.ndarray, spacing: Sequence[float], radius_mm: float, side: str = "lateral",
-                   z: int | None = None) -> np.ndarray:
+                   z: int | None = None, radii_mm: Sequence[float] | None = None,
+                   inset_mm: float | None = None) -> np.ndarray:
     """A sphere of ``radius_mm`` inside ``lung`` touching its pleura: in slice ``z`` (default: the lung's middle
     slice), the lung's most lateral (``side="lateral"``, away from the image's centre) or most posterior
     (``"posterior"``) pixel on the row (column) through the lung's centre, moved inwards by the radius. Returns the
-    sphere's voxels that lie in ``lung`` (the lesion a lung mask must keep)."""
+    sphere's voxels that lie in ``lung`` (the lesion a lung mask must keep).
+
+    ``radii_mm`` (z, y, x semi-axes) makes it an ellipsoid and ``inset_mm`` moves its centre that far inwards
+    instead: a centre closer to the pleura than the semi-axis across it gives a sub-pleural patch flattened along
+    the chest wall (the ellipsoid's part in ``lung``), the typical COVID-19 consolidation."""
     zs = np.flatnonzero(lung.any(axis=(1, 2)))
     if zs.size == 0:
         raise ValueError("pleural_lesion: empty lung mask")
     z = int((zs[0] + zs[-1]) // 2) if z is None else int(z)
+    radii = (radius_mm,) * 3 if radii_mm is None else tuple(float(r) for r in radii_mm)
     rows, cols = np.nonzero(lung[z])
     cy, cx = float(rows.mean()), float(cols.mean())
     if side == "lateral":
+        inset = radii[2] if inset_mm is None else inset_mm
         row = int(round(cy))
         line = np.flatnonzero(lung[z, row])
         outward = 1 if cx > lung.shape[2] / 2.0 else -1
         edge = float(line.max() if outward > 0 else line.min())
-        centre = (float(z), float(row), edge - outward * radius_mm / float(spacing[2]))
+        centre = (float(z), float(row), edge - outward * inset / float(spacing[2]))
     elif side == "posterior":
+        inset = radii[1] if inset_mm is None else inset_mm
         col = int(round(cx))
         line = np.flatnonzero(lung[z, :, col])
-        centre = (float(z), float(line.max()) - radius_mm / float(spacing[1]), float(col))
+        centre = (float(z), float(line.max()) - inset / float(spacing[1]), float(col))
     else:
         raise ValueError(f"pleural_lesion: side {side!r}: use 'lateral' or 'posterior'")
-    return ellipsoid(lung.shape, spacing, centre, (radius_mm,) * 3) & lung
+    return ellipsoid(lung.shape, spacing, centre, radii) & lung
+
+
+PATCH_RADII_MM = {"posterior": (30.0, 20.0, 45.0), "lateral": (30.0, 45.0, 20.0)}
+"""Semi-axes (z, y, x) of :func:`subpleural_patch`: 60 mm high, 90 mm along the chest wall."""
+PATCH_INSET_MM = 5.0
+"""How far inside the pleura :func:`subpleural_patch` is centred: its part in the lung is about 25 mm thick."""
+
+
+def subpleural_patch(lung: np.ndarray, spacing: Sequence[float], side: str = "posterior",
+                     z: int | None = None) -> np.ndarray:
+    """A COVID-19-like consolidation flattened along the posterior or lateral chest wall of ``lung``:
+    :func:`pleural_lesion` with :data:`PATCH_RADII_MM` and :data:`PATCH_INSET_MM`."""
+    if side not in PATCH_RADII_MM:
+        raise ValueError(f"subpleural_patch: side {side!r}: use 'lateral' or 'posterior'")
+    return pleural_lesion(lung, spacing, 0.0, side, z=z, radii_mm=PATCH_RADII_MM[side], inset_mm=PATCH_INSET_MM)
