@@ -46,6 +46,8 @@ from real_ct import (  # noqa: E402
 )
 
 Spacing = tuple[float, float, float]
+SETTINGS = {"lungs": LungConfig()}
+"""The lung stage's settings of this run (``--hull-only`` changes them)."""
 
 
 def _body(hu: np.ndarray, spacing: Spacing) -> np.ndarray:
@@ -67,7 +69,7 @@ def _thick_labels(labels: np.ndarray, spacing: Spacing, mm: float) -> np.ndarray
 def timed(hu: np.ndarray, spacing: Spacing) -> tuple[LungResult, float, float]:
     """``find_lungs`` with its wall-clock and CPU seconds."""
     wall, cpu = time.perf_counter(), time.process_time()
-    result = find_lungs(hu, spacing)
+    result = find_lungs(hu, spacing, SETTINGS["lungs"])
     return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -177,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", nargs="+", default=list(CASES))
     p.add_argument("--no-variants", action="store_true", help="the original CTs only")
     p.add_argument("--repeats", type=int, default=3, help="repeats of the 1- and 2-core timing (0: skip)")
+    p.add_argument("--hull-only", action="store_true",
+                   help="concavities within each slice's convex hull only (LungConfig.concavities_beyond_hull off)")
     args = p.parse_args(argv)
+    if args.hull_only:
+        SETTINGS["lungs"] = dataclasses.replace(LungConfig(), concavities_beyond_hull=False)
     reason = missing_reason()
     if reason:
         print(reason, file=sys.stderr)
@@ -191,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = pancreas_reference() if case == "pancreas-ct-cb-001" else None
         base = row(case, "original", hu, spacing, ref)
         rows.append(base)
-        labels = ref if ref is not None else find_lungs(hu, spacing).labels
+        labels = ref if ref is not None else find_lungs(hu, spacing, SETTINGS["lungs"]).labels
         if args.no_variants:
             continue
         for name, make in variants(case, hu, spacing, labels):
@@ -205,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
               "scoring": "pancreas-ct-cb-001: reference_labels.nii.gz (its RTSTRUCT on the CT grid); others: Dice "
                          "against the unperturbed CT's lungs (thick slices: majority of each slab)"}
     if args.json:
-        write_results(args.json, result, {"lungs": dataclasses.asdict(LungConfig())})
+        write_results(args.json, result, {"lungs": dataclasses.asdict(SETTINGS["lungs"])})
         print(f"wrote {args.json}")
     return 0
 

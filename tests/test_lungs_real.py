@@ -32,7 +32,8 @@ LESION_KEPT = 0.9
 """Share of an inserted solid lesion against the pleura that stays in its lung."""
 PATCH_KEPT = 0.5
 """Share of a sub-pleural patch flattened along the posterior chest wall that stays in its lung (0.58-0.84 on the
-three CTs; 0.30-0.52 before the lung above and below a slice widened its hulls; docs/real-ct.md)."""
+three CTs; within the slices' convex hulls alone, ``LungConfig.concavities_beyond_hull=False``, 0.30-0.52;
+docs/real-ct.md)."""
 SAME_LUNGS = 0.98
 """Dice per lung between a perturbed CT's lungs and the original's, where the perturbation does not touch them."""
 ADULT_LUNG_ML = (1000.0, 4500.0)
@@ -226,3 +227,16 @@ def test_posterior_sub_pleural_patches_stay_in_their_lungs(case: str, request: p
         assert float((out[patch] == label).mean()) >= PATCH_KEPT, (case, label)
         rest = (result.labels == label) & ~patch  # and the rest of the lung stays as it was
         assert float((out[rest] == label).mean()) >= SAME_LUNGS, (case, label)
+
+
+def test_within_the_hull_alone_the_posterior_patch_is_lost(chest) -> None:
+    """What ``concavities_beyond_hull`` adds: without it most of the right lung's posterior patch is cut out."""
+    import dataclasses
+
+    hu, spacing, result = chest
+    lung = result.labels == RIGHT
+    zs = np.flatnonzero(lung.any(axis=(1, 2)))
+    patch = perturb.subpleural_patch(lung, spacing, "posterior", z=int(zs[0] + 0.6 * (zs[-1] - zs[0])))
+    cfg = dataclasses.replace(LungConfig(), concavities_beyond_hull=False)
+    out = find_lungs(perturb.add_blob(hu, patch, perturb.TISSUE_HU), spacing, cfg).labels
+    assert float((out[patch] == RIGHT).mean()) < PATCH_KEPT

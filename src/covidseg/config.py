@@ -182,6 +182,10 @@ class LungConfig:
     """Share of slices a second component must share with the first to count as the other lung."""
     fill_concavities: bool = True
     """Fill convex-hull concavities of each lung slice, except the one facing the heart (sub-pleural lesions)."""
+    concavities_beyond_hull: bool = True
+    """A concavity may reach beyond the slice's convex hull to where the lung lies both above and below (within
+    ``enclosure_mm``): a consolidation flattened along a convex chest wall lies partly outside the hull of the
+    aerated lung its slice keeps."""
     max_concavity_fraction: float = 0.25
     """Largest concavity filled, as a share of the lung slice's area (the diaphragm's dome is larger)."""
     max_hole_fraction: float = 0.1

@@ -81,7 +81,9 @@ def fill_lung_slices(lung: np.ndarray, spacing: Sequence[float], cfg: LungConfig
         # the hull of each slice plus where the lung lies both above and below: a lesion flattened along a convex
         # chest wall reaches beyond the hull of the aerated lung it leaves in its slice, but not beyond the lung
         # of the slices around it
-        hull = convex_hulls(closed) | (above & below)
+        hull = convex_hulls(closed)
+        if cfg.concavities_beyond_hull:
+            hull |= above & below
         closed |= lateral_concavities(closed, hull, medial_side, cfg, above, below)
     result = np.zeros_like(lung)
     result[box] = closed
