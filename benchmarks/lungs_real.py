@@ -2,7 +2,8 @@
 
 For each CT and each perturbation (``covidseg.phantom.perturb``: padding outside the field of view, a prone
 scan's couch, a couch pressed against the back, thick slices, crops to the abdomen, the bases or the apices, solid
-lesions against the pleura (spheres, and patches flattened along the chest wall), a colon full of gas): ``covidseg.inference.lungs.find_lungs``, the lungs' volumes and
+lesions against the pleura (spheres, and patches flattened along the chest wall), bullae at the bases, lower-lobe
+emphysema, a colon full of gas): ``covidseg.inference.lungs.find_lungs``, the lungs' volumes and
 flags, the Dice per lung against the expert contours (``pancreas-ct-cb-001``; scored by ``tests/real_ct.py``, the
 one home of the scoring), the share of the LIDC consensus nodule inside the lungs, the Dice against the
 unperturbed CT's lungs (the others), the share of an inserted lesion kept in its lung, and the time. Then the
@@ -126,7 +127,22 @@ def variants(case: str, hu: np.ndarray, spacing: Spacing, labels: np.ndarray
         for label in (LEFT, RIGHT):
             name = f"sub-pleural patch {side} {'left' if label == LEFT else 'right'}"
             out.append((name, _lesion_maker(hu, spacing, labels, side, 0.0, label, patch=True)))
+            name = f"bulla {side} r20 mm at 25 % {'left' if label == LEFT else 'right'}"
+            out.append((name, _bulla_maker(hu, spacing, labels, side, label)))
+    out.append(("lower-lobe emphysema (-120 HU)",
+                lambda: (perturb.emphysema(hu, labels > 0), spacing, labels, None)))
     return out
+
+
+def _bulla_maker(hu: np.ndarray, spacing: Spacing, labels: np.ndarray, side: str, label: int
+                 ) -> Callable[[], tuple[np.ndarray, Spacing, np.ndarray | None, Any]]:
+    """A 20 mm-radius bulla (-990 HU) against the pleura at a quarter of the lung's height (pure air at the base)."""
+    def make() -> tuple[np.ndarray, Spacing, np.ndarray | None, Any]:
+        lung = labels == label
+        zs = np.flatnonzero(lung.any(axis=(1, 2)))
+        mask = perturb.pleural_lesion(lung, spacing, 20.0, side, z=int(zs[0] + 0.25 * (zs[-1] - zs[0])))
+        return perturb.add_blob(hu, mask, -990.0, noise_hu=10.0), spacing, None, (mask, label)
+    return make
 
 
 def _lesion_maker(hu: np.ndarray, spacing: Spacing, labels: np.ndarray, side: str, radius: float, label: int,
@@ -181,9 +197,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="repeats of the 1- and 2-core timing (0: skip)")
     p.add_argument("--hull-only", action="store_true",
                    help="concavities within each slice's convex hull only (LungConfig.concavities_beyond_hull off)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a LungConfig field for this run, e.g. gas_max_air_around=1.0 (repeatable)")
+    p.add_argument("--only", default=None, metavar="TEXT[,TEXT]",
+                   help="the variants whose name contains one of these comma-separated texts only")
     args = p.parse_args(argv)
-    if args.hull_only:
-        SETTINGS["lungs"] = dataclasses.replace(LungConfig(), concavities_beyond_hull=False)
+    changes: dict[str, Any] = {"concavities_beyond_hull": False} if args.hull_only else {}
+    fields = {f.name: f.type for f in dataclasses.fields(LungConfig)}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in fields or not value:
+            p.error(f"--set {item!r}: use FIELD=VALUE with a LungConfig field ({', '.join(sorted(fields))})")
+        default = getattr(LungConfig(), key)
+        changes[key] = value.lower() in ("1", "true", "on") if isinstance(default, bool) else type(default)(value)
+    SETTINGS["lungs"] = dataclasses.replace(LungConfig(), **changes)
     reason = missing_reason()
     if reason:
         print(reason, file=sys.stderr)
@@ -201,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_variants:
             continue
         for name, make in variants(case, hu, spacing, labels):
+            if args.only is not None and not any(text in name for text in args.only.split(",")):
+                continue
             v_hu, v_spacing, v_ref, lesion = make()
             rows.append(row(case, name, v_hu, v_spacing, v_ref, lesion))
     timing = thread_timings(args.repeats) if args.repeats > 0 else None

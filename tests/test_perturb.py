@@ -70,3 +70,16 @@ def test_sub_pleural_patch_is_flat_along_the_edge(side: str) -> None:
         perturb.subpleural_patch(lung, (2.0, 1.0, 1.0), "medial")
     sphere = perturb.pleural_lesion(lung, (2.0, 1.0, 1.0), 6.0, side)
     assert np.array_equal(sphere, perturb.pleural_lesion(lung, (2.0, 1.0, 1.0), 6.0, side, radii_mm=(6.0,) * 3))
+
+
+def test_emphysema_darkens_the_lower_aerated_lung_only() -> None:
+    lung = perturb.ellipsoid((30, 40, 40), (2.0, 1.0, 1.0), (15, 20, 20), (28.0, 15.0, 15.0))
+    hu = np.where(lung, -850.0, 40.0).astype(np.float32)
+    out = perturb.emphysema(hu, lung, 0.5, -120.0)
+    zs = np.flatnonzero(lung.any(axis=(1, 2)))
+    cut = int(zs[0] + 0.5 * (zs[-1] - zs[0]))
+    assert (out[: cut + 1][lung[: cut + 1]] == -970.0).all()
+    assert (out[cut + 1 :][lung[cut + 1 :]] == -850.0).all() and (out[~lung] == 40.0).all()
+    assert (hu[lung] == -850.0).all()  # the input is left as it was
+    with pytest.raises(ValueError, match="empty"):
+        perturb.emphysema(hu, np.zeros_like(lung))

@@ -171,6 +171,9 @@ class LungConfig:
     """Below this (HU) a region is pure air rather than lung parenchyma (about -850 HU)."""
     min_gas_ml: float = 5.0
     """Smallest gas region removed (mL)."""
+    gas_max_air_around: float = 0.5
+    """A pure-air region at the bases with more than this share of air a few millimetres around it (per slice) lies in
+    the lung (an emphysematous bulla), not in bowel or stomach: it is not removed as gas."""
     gas_median_hu: float = -960.0
     """An air region whose median (HU, on the work grid) is below this is gas (bowel, stomach, a couch's air), not
     lung: aerated lung is about -850 HU, -900 to -930 HU in severe emphysema."""

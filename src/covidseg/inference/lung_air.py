@@ -156,16 +156,50 @@ def track_trachea(air: np.ndarray, spacing: Sequence[float], cfg: LungConfig) ->
     return airway
 
 
+GAS_SHELL_VOXELS = (2, 4)
+"""The shell :func:`basal_gas` looks at, in each axial slice: from 2 to 4 work voxels (about 3-6 mm) out from a
+pure-air region, past the partial-volume rim that air next to bowel wall or lung shares."""
+
+
 def basal_gas(small: np.ndarray, air: np.ndarray, voxel_ml: float, cfg: LungConfig) -> np.ndarray:
     """Bowel and stomach gas pressed against a lung base: pure-air regions (below ``cfg.gas_hu``, which normal
     lung parenchyma at about -850 HU rarely reaches) of at least ``cfg.min_gas_ml`` whose centre lies in the
-    lowest third of the slices holding air inside the body. Partial volume can join such gas to the lung through
-    a thin diaphragm; removing it first keeps it out of the lung mask. (Large basal emphysematous bullae would
-    be removed too: switch off with ``lungs.remove_basal_gas=false``.)"""
+    lowest third of the slices holding air inside the body, and which lie in tissue: at most
+    ``cfg.gas_max_air_around`` of a shell a few millimetres out from the region (past the partial-volume rim) is
+    air (lung, or emphysema around a bulla). Partial volume can join such gas to the lung through a thin
+    diaphragm; removing it first keeps it out of the lung mask. An emphysematous bulla or a basal region of
+    emphysema is pure air too, but lies in the lung: the air around it is lung, and it stays (a bulla in the
+    costophrenic recess, with little lung beside it, is still taken for gas)."""
     out = np.zeros_like(air)
     z = np.flatnonzero(air.any(axis=(1, 2)))
     if z.size == 0:
         return out
+    low = z[0] + (z[-1] - z[0]) / 3.0
+    # only the lower two thirds are looked at (a region centred in the lowest third and reaching above them spans a
+    # third of the chest: a lung's size, not bowel gas)
+    top = min(air.shape[0], int(z[0] + 2.0 * (z[-1] - z[0]) / 3.0) + 3)
+    dark = binary_opening(air[:top] & (small[:top] < cfg.gas_hu))
+    labels, n = ndimage.label(dark)
+    if n == 0:
+        return out
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    min_voxels = max(int(cfg.min_gas_ml / voxel_ml), 1)
+    keep = np.zeros(n + 1, dtype=bool)
+    inner, outer = GAS_SHELL_VOXELS
+    for i, obj in enumerate(ndimage.find_objects(labels), start=1):
+        if obj is None or sizes[i] < min_voxels:
+            continue
+        slices = np.flatnonzero((labels[obj] == i).any(axis=(1, 2))) + obj[0].start
+        if slices.mean() >= low:
+            continue
+        box = (obj[0], *(slice(max(o.start - outer, 0), min(o.stop + outer, size))
+                         for o, size in zip(obj[1:], dark.shape[1:], strict=True)))
+        region = labels[box] == i
+        shell = (ndimage.binary_dilation(region, structure=SLICE_2D, iterations=outer)
+                 & ~ndimage.binary_dilation(region, structure=SLICE_2D, iterations=inner))
+        keep[i] = float(air[:top][box][shell].mean()) <= cfg.gas_max_air_around if shell.any() else True
+    out[:top] = keep[labels]
+    return out
     low = z[0] + (z[-1] - z[0]) / 3.0
     # only the lower two thirds are looked at (a region centred in the lowest third and reaching above them spans a
     # third of the chest: a lung's size, not bowel gas)

@@ -18,8 +18,8 @@ al., Eur Radiol Exp 2020), made to hold on real scans:
    others, split by erosion when they touch; label 1 = patient's LEFT = higher column index of the canonical
    array, 2 = RIGHT;
 5. per axial slice and per lung (:mod:`~covidseg.inference.lung_fill`): holes filled (vessels, nodules), a
-   closing, and the concavities of the convex hull that open towards the chest wall filled (dense lesions against
-   the pleura, which a threshold cuts out);
+   closing, and the concavities that open towards the chest wall filled (dense lesions against the pleura, which a
+   threshold cuts out), within the slice's convex hull widened by the pixels with lung above and below them;
 6. back to the full grid: nearest-neighbour upsampling, the outer border refined by the full-resolution air
    threshold;
 7. what was found (:class:`LungResult`): per lung its volume and slices, whether the lungs reach the first or last

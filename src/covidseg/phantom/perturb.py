@@ -137,3 +137,17 @@ def subpleural_patch(lung: np.ndarray, spacing: Sequence[float], side: str = "po
     if side not in PATCH_RADII_MM:
         raise ValueError(f"subpleural_patch: side {side!r}: use 'lateral' or 'posterior'")
     return pleural_lesion(lung, spacing, 0.0, side, z=z, radii_mm=PATCH_RADII_MM[side], inset_mm=PATCH_INSET_MM)
+
+
+def emphysema(hu: np.ndarray, lung: np.ndarray, below_fraction: float = 0.5, shift_hu: float = -120.0) -> np.ndarray:
+    """The CT with the aerated lung (below -500 HU) of ``lung``'s lowest ``below_fraction`` of slices made darker
+    by ``shift_hu`` (floor -1024 HU): lower-lobe emphysema, much of it below -950 HU."""
+    zs = np.flatnonzero(lung.any(axis=(1, 2)))
+    if zs.size == 0:
+        raise ValueError("emphysema: empty lung mask")
+    out = np.array(hu, dtype=np.float32, copy=True)
+    lower = np.zeros(lung.shape, dtype=bool)
+    lower[: int(zs[0] + below_fraction * (zs[-1] - zs[0])) + 1] = True
+    region = lung & lower & (out < -500.0)
+    out[region] = np.maximum(out[region] + shift_hu, -1024.0)
+    return out
