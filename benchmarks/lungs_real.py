@@ -129,6 +129,9 @@ def variants(case: str, hu: np.ndarray, spacing: Spacing, labels: np.ndarray
             out.append((name, _lesion_maker(hu, spacing, labels, side, 0.0, label, patch=True)))
             name = f"bulla {side} r20 mm at 25 % {'left' if label == LEFT else 'right'}"
             out.append((name, _bulla_maker(hu, spacing, labels, side, label)))
+    for label in (LEFT, RIGHT):
+        name = f"bulla central r20 mm at 25 % {'left' if label == LEFT else 'right'}"
+        out.append((name, _bulla_maker(hu, spacing, labels, "central", label)))
     out.append(("lower-lobe emphysema (-120 HU)",
                 lambda: (perturb.emphysema(hu, labels > 0), spacing, labels, None)))
     return out
@@ -136,11 +139,18 @@ def variants(case: str, hu: np.ndarray, spacing: Spacing, labels: np.ndarray
 
 def _bulla_maker(hu: np.ndarray, spacing: Spacing, labels: np.ndarray, side: str, label: int
                  ) -> Callable[[], tuple[np.ndarray, Spacing, np.ndarray | None, Any]]:
-    """A 20 mm-radius bulla (-990 HU) against the pleura at a quarter of the lung's height (pure air at the base)."""
+    """A 20 mm-radius bulla (-990 HU) at a quarter of the lung's height (pure air at the base), against the pleura
+    (``side`` lateral or posterior) or around the centre of the lung's slice (``"central"``)."""
     def make() -> tuple[np.ndarray, Spacing, np.ndarray | None, Any]:
         lung = labels == label
         zs = np.flatnonzero(lung.any(axis=(1, 2)))
-        mask = perturb.pleural_lesion(lung, spacing, 20.0, side, z=int(zs[0] + 0.25 * (zs[-1] - zs[0])))
+        z = int(zs[0] + 0.25 * (zs[-1] - zs[0]))
+        if side == "central":
+            rows, cols = np.nonzero(lung[z])
+            centre = (float(z), float(rows.mean()), float(cols.mean()))
+            mask = perturb.ellipsoid(lung.shape, spacing, centre, (20.0, 20.0, 20.0)) & lung
+        else:
+            mask = perturb.pleural_lesion(lung, spacing, 20.0, side, z=z)
         return perturb.add_blob(hu, mask, -990.0, noise_hu=10.0), spacing, None, (mask, label)
     return make
 
