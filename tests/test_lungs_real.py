@@ -287,3 +287,15 @@ def test_gas_in_bowel_loops_under_the_lung_base_stays_out(pancreas) -> None:
         out = _run(perturb.add_blob(hu, loops, perturb.GAS_HU, noise_hu=10.0), spacing).labels
         dice = lung_dice(out, result.labels)
         assert min(dice.values()) >= 0.99, (label, dice)
+
+
+@pytest.mark.parametrize("case", [LIDC, CHEST])
+def test_a_pleural_effusion_stays_out_of_the_lung(case: str, request: pytest.FixtureRequest) -> None:
+    """Fluid (10 HU) layering in the posterior costophrenic recess of each lung, up to 30 mm deep (35-140 mL): not
+    lung in an expert's contour, and no lesion either; the filling of concavities must not take it in (what is in
+    the lung mask is the partial-volume rim against the lung)."""
+    hu, spacing, result = request.getfixturevalue({LIDC: "lidc", CHEST: "chest"}[case])
+    for label in (LEFT, RIGHT):
+        fluid = perturb.pleural_effusion(result.labels == label, spacing)
+        out = _run(perturb.add_blob(hu, fluid, 10.0), spacing).labels
+        assert float((out[fluid] == label).mean()) <= 0.15, (case, label)

@@ -83,3 +83,18 @@ def test_emphysema_darkens_the_lower_aerated_lung_only() -> None:
     assert (hu[lung] == -850.0).all()  # the input is left as it was
     with pytest.raises(ValueError, match="empty"):
         perturb.emphysema(hu, np.zeros_like(lung))
+
+
+def test_pleural_effusion_is_posterior_and_deepest_at_the_base() -> None:
+    lung = perturb.ellipsoid((40, 60, 60), (2.0, 1.0, 1.0), (20, 30, 30), (38.0, 25.0, 20.0))
+    fluid = perturb.pleural_effusion(lung, (2.0, 1.0, 1.0), depth_mm=10.0, height_fraction=0.5)
+    assert fluid.any() and not (fluid & ~lung).any()
+    zs = np.flatnonzero(fluid.any(axis=(1, 2)))
+    lung_zs = np.flatnonzero(lung.any(axis=(1, 2)))
+    assert zs.max() <= lung_zs[0] + 0.5 * (lung_zs[-1] - lung_zs[0])
+    share = [fluid[z].sum() / lung[z].sum() for z in zs]
+    assert share[0] > share[len(share) // 2] > share[-1]  # the lung's share that is fluid grows downwards
+    _, ys, _ = np.nonzero(fluid)
+    assert ys.mean() > 30  # behind the lung's centre (higher row = posterior)
+    with pytest.raises(ValueError, match="empty"):
+        perturb.pleural_effusion(np.zeros_like(lung), (2.0, 1.0, 1.0))

@@ -151,3 +151,22 @@ def emphysema(hu: np.ndarray, lung: np.ndarray, below_fraction: float = 0.5, shi
     region = lung & lower & (out < -500.0)
     out[region] = np.maximum(out[region] + shift_hu, -1024.0)
     return out
+
+
+def pleural_effusion(lung: np.ndarray, spacing: Sequence[float], depth_mm: float = 30.0,
+                     height_fraction: float = 0.4) -> np.ndarray:
+    """A layering pleural effusion of ``lung`` (supine): in the lowest ``height_fraction`` of its slices, the
+    lung's posterior part of each column, from 0 mm thick at the top of that range to ``depth_mm`` at the lowest
+    slice. Returns those voxels (fluid, outside the lung of an expert's contour; set them to about 10 HU)."""
+    zs = np.flatnonzero(lung.any(axis=(1, 2)))
+    if zs.size == 0:
+        raise ValueError("pleural_effusion: empty lung mask")
+    top = zs[0] + height_fraction * (zs[-1] - zs[0])
+    rows = np.arange(lung.shape[1])[:, None]
+    out = np.zeros(lung.shape, dtype=bool)
+    for z in zs[zs <= top]:
+        thickness = depth_mm * (top - z) / max(top - zs[0], 1.0) / float(spacing[1])
+        present = lung[z].any(axis=0)
+        last = np.where(present, lung.shape[1] - 1 - np.argmax(lung[z][::-1], axis=0), -1)  # most posterior row
+        out[z] = lung[z] & (rows > last[None, :] - thickness) & present[None, :]
+    return out
