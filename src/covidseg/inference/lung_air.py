@@ -200,20 +200,3 @@ def basal_gas(small: np.ndarray, air: np.ndarray, voxel_ml: float, cfg: LungConf
         keep[i] = float(air[:top][box][shell].mean()) <= cfg.gas_max_air_around if shell.any() else True
     out[:top] = keep[labels]
     return out
-    low = z[0] + (z[-1] - z[0]) / 3.0
-    # only the lower two thirds are looked at (a region centred in the lowest third and reaching above them spans a
-    # third of the chest: a lung's size, not bowel gas)
-    top = min(air.shape[0], int(z[0] + 2.0 * (z[-1] - z[0]) / 3.0) + 3)
-    dark = binary_opening(air[:top] & (small[:top] < cfg.gas_hu))
-    labels, n = ndimage.label(dark)
-    if n == 0:
-        return out
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    min_voxels = max(int(cfg.min_gas_ml / voxel_ml), 1)
-    keep = np.zeros(n + 1, dtype=bool)
-    for i, obj in enumerate(ndimage.find_objects(labels), start=1):
-        if obj is not None and sizes[i] >= min_voxels:
-            slices = np.flatnonzero((labels[obj] == i).any(axis=(1, 2))) + obj[0].start
-            keep[i] = slices.mean() < low
-    out[:top] = keep[labels]
-    return out
