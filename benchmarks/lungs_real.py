@@ -47,8 +47,6 @@ from real_ct import (  # noqa: E402
 )
 
 Spacing = tuple[float, float, float]
-SETTINGS = {"lungs": LungConfig()}
-"""The lung stage's settings of this run (``--hull-only`` changes them)."""
 
 
 def _body(hu: np.ndarray, spacing: Spacing) -> np.ndarray:
@@ -67,17 +65,17 @@ def _thick_labels(labels: np.ndarray, spacing: Spacing, mm: float) -> np.ndarray
     return out
 
 
-def timed(hu: np.ndarray, spacing: Spacing) -> tuple[LungResult, float, float]:
+def timed(hu: np.ndarray, spacing: Spacing, cfg: LungConfig) -> tuple[LungResult, float, float]:
     """``find_lungs`` with its wall-clock and CPU seconds."""
     wall, cpu = time.perf_counter(), time.process_time()
-    result = find_lungs(hu, spacing, SETTINGS["lungs"])
+    result = find_lungs(hu, spacing, cfg)
     return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def row(case: str, name: str, hu: np.ndarray, spacing: Spacing, ref: np.ndarray | None,
+def row(case: str, name: str, hu: np.ndarray, spacing: Spacing, ref: np.ndarray | None, cfg: LungConfig,
         lesion: tuple[np.ndarray, int] | None = None) -> dict[str, Any]:
     """One CT's lungs: the result's summary, Dice against ``ref``, a lesion's share kept, the time."""
-    result, wall, cpu = timed(hu, spacing)
+    result, wall, cpu = timed(hu, spacing, cfg)
     out: dict[str, Any] = {"case": case, "variant": name, "shape": list(hu.shape),
                            "spacing_mm": [round(s, 4) for s in spacing], **result.summary(),
                            "seconds": round(wall, 2), "cpu_seconds": round(cpu, 2)}
@@ -174,7 +172,7 @@ def _colon_gas(hu: np.ndarray, spacing: Spacing) -> np.ndarray:
     return perturb.add_blob(hu, perturb.ellipsoid(hu.shape, spacing, centre, (30.0, 30.0, 80.0)), perturb.GAS_HU)
 
 
-def thread_timings(repeats: int) -> dict[str, Any]:
+def thread_timings(repeats: int, cfg: LungConfig) -> dict[str, Any]:
     """The lung stage on lidc-idri-0314 with the process pinned to 1 core, then to 2 (median seconds)."""
     hu, spacing = load_case("lidc-idri-0314")
     allowed = sorted(os.sched_getaffinity(0))
@@ -186,7 +184,7 @@ def thread_timings(repeats: int) -> dict[str, Any]:
             os.sched_setaffinity(0, allowed[:cores])
             walls, cpus = [], []
             for _ in range(repeats):
-                _, wall, cpu = timed(hu, spacing)
+                _, wall, cpu = timed(hu, spacing, cfg)
                 walls.append(wall)
                 cpus.append(cpu)
             out[f"{cores}_core"] = {"seconds": round(statistics.median(walls), 2),
@@ -205,14 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", nargs="+", default=list(CASES))
     p.add_argument("--no-variants", action="store_true", help="the original CTs only")
     p.add_argument("--repeats", type=int, default=3, help="repeats of the 1- and 2-core timing (0: skip)")
-    p.add_argument("--hull-only", action="store_true",
-                   help="concavities within each slice's convex hull only (LungConfig.concavities_beyond_hull off)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="a LungConfig field for this run, e.g. gas_max_air_around=1.0 (repeatable)")
     p.add_argument("--only", default=None, metavar="TEXT[,TEXT]",
                    help="the variants whose name contains one of these comma-separated texts only")
     args = p.parse_args(argv)
-    changes: dict[str, Any] = {"concavities_beyond_hull": False} if args.hull_only else {}
+    changes: dict[str, Any] = {}
     fields = {f.name: f.type for f in dataclasses.fields(LungConfig)}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -220,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--set {item!r}: use FIELD=VALUE with a LungConfig field ({', '.join(sorted(fields))})")
         default = getattr(LungConfig(), key)
         changes[key] = value.lower() in ("1", "true", "on") if isinstance(default, bool) else type(default)(value)
-    SETTINGS["lungs"] = dataclasses.replace(LungConfig(), **changes)
+    cfg = dataclasses.replace(LungConfig(), **changes)
     reason = missing_reason()
     if reason:
         print(reason, file=sys.stderr)
@@ -232,17 +228,17 @@ def main(argv: list[str] | None = None) -> int:
     for case in args.cases:
         hu, spacing = load_case(case)
         ref = pancreas_reference() if case == "pancreas-ct-cb-001" else None
-        base = row(case, "original", hu, spacing, ref)
+        base = row(case, "original", hu, spacing, ref, cfg)
         rows.append(base)
-        labels = ref if ref is not None else find_lungs(hu, spacing, SETTINGS["lungs"]).labels
+        labels = ref if ref is not None else find_lungs(hu, spacing, cfg).labels
         if args.no_variants:
             continue
         for name, make in variants(case, hu, spacing, labels):
             if args.only is not None and not any(text in name for text in args.only.split(",")):
                 continue
             v_hu, v_spacing, v_ref, lesion = make()
-            rows.append(row(case, name, v_hu, v_spacing, v_ref, lesion))
-    timing = thread_timings(args.repeats) if args.repeats > 0 else None
+            rows.append(row(case, name, v_hu, v_spacing, v_ref, cfg, lesion))
+    timing = thread_timings(args.repeats, cfg) if args.repeats > 0 else None
     from _stamp import write_results
 
     result = {"benchmark": "lungs_real", "version": code_version(), "machine_description": machine_description(),
@@ -250,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
               "scoring": "pancreas-ct-cb-001: reference_labels.nii.gz (its RTSTRUCT on the CT grid); others: Dice "
                          "against the unperturbed CT's lungs (thick slices: majority of each slab)"}
     if args.json:
-        write_results(args.json, result, {"lungs": dataclasses.asdict(SETTINGS["lungs"])})
+        write_results(args.json, result, {"lungs": dataclasses.asdict(cfg)})
         print(f"wrote {args.json}")
     return 0
 
