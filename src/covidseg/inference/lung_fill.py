@@ -4,9 +4,9 @@ A threshold keeps the aerated lung only: vessels, nodules and any dense lesion (
 it or bites out of it. :func:`fill_lung_slices` fills, per axial slice and per lung, the holes, closes the outline
 with a disk, and fills the concavities that open towards the chest wall: of the convex hull, and of the lung of
 the slices above and below (a consolidation flattened along a convex chest wall lies partly outside the hull of the
-aerated lung its slice keeps). Two structures are
-holes or bites of the lung too and must stay out: the diaphragm's dome (the liver or spleen seen through the basal
-crescent of the lung, first as an island, lower down as a wide bite) and the heart and mediastinum. What tells a
+aerated lung its slice keeps). Two structures are holes or bites of the lung too and must stay out: the
+diaphragm's dome (the liver or spleen seen through the basal crescent of the lung, first as an island, lower down
+as a wide bite) and the heart and mediastinum. What tells a
 lesion from the dome is the third dimension: a lesion inside the lung has aerated lung above it *and* below it
 (within ``LungConfig.enclosure_mm``), the dome has lung above it only.
 """

@@ -3,8 +3,9 @@
 Each takes a canonical ``(D, H, W)`` CT in HU (and, where needed, its spacing or masks) and returns a new array;
 the input is never modified. They stand in for scans no one has at hand: a field of view padded with -3024 HU, a
 5 mm reconstruction, a couch moved against the patient's back or to the other side (prone), a solid tumour against
-the pleura, a colon full of gas. Crops to the bases, the apices or the abdomen are plain slicing
-(``hu[lo:hi]``).
+the pleura or a consolidation flattened along it, a bulla, lower-lobe emphysema, a colon full of gas; the lesion and
+effusion makers (:func:`pleural_lesion`, :func:`subpleural_patch`, :func:`pleural_effusion`) return masks to paint
+with :func:`add_blob`. Crops to the bases, the apices or the abdomen are plain slicing (``hu[lo:hi]``).
 """
 
 from __future__ import annotations
