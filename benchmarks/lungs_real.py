@@ -141,14 +141,7 @@ def _bulla_maker(hu: np.ndarray, spacing: Spacing, labels: np.ndarray, side: str
     (``side`` lateral or posterior) or around the centre of the lung's slice (``"central"``)."""
     def make() -> tuple[np.ndarray, Spacing, np.ndarray | None, Any]:
         lung = labels == label
-        zs = np.flatnonzero(lung.any(axis=(1, 2)))
-        z = int(zs[0] + 0.25 * (zs[-1] - zs[0]))
-        if side == "central":
-            rows, cols = np.nonzero(lung[z])
-            centre = (float(z), float(rows.mean()), float(cols.mean()))
-            mask = perturb.ellipsoid(lung.shape, spacing, centre, (20.0, 20.0, 20.0)) & lung
-        else:
-            mask = perturb.pleural_lesion(lung, spacing, 20.0, side, z=z)
+        mask = perturb.bulla(lung, spacing, side, z=perturb.height_slice(lung, 0.25))
         return perturb.add_blob(hu, mask, -990.0, noise_hu=10.0), spacing, None, (mask, label)
     return make
 
@@ -157,8 +150,7 @@ def _lesion_maker(hu: np.ndarray, spacing: Spacing, labels: np.ndarray, side: st
                   patch: bool = False) -> Callable[[], tuple[np.ndarray, Spacing, np.ndarray | None, Any]]:
     def make() -> tuple[np.ndarray, Spacing, np.ndarray | None, Any]:
         lung = labels == label
-        zs = np.flatnonzero(lung.any(axis=(1, 2)))
-        z = int(zs[0] + 0.6 * (zs[-1] - zs[0]))  # above the diaphragm's dome: lung above and below
+        z = perturb.height_slice(lung, 0.6)  # above the diaphragm's dome: lung above and below
         if patch:
             mask = perturb.subpleural_patch(lung, spacing, side, z=z)
         else:

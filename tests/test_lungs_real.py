@@ -221,8 +221,7 @@ def test_posterior_sub_pleural_patches_stay_in_their_lungs(case: str, request: p
     labels = pancreas_reference() if case == PANCREAS else result.labels
     for label in (LEFT, RIGHT):
         lung = labels == label
-        zs = np.flatnonzero(lung.any(axis=(1, 2)))
-        patch = perturb.subpleural_patch(lung, spacing, "posterior", z=int(zs[0] + 0.6 * (zs[-1] - zs[0])))
+        patch = perturb.subpleural_patch(lung, spacing, "posterior", z=perturb.height_slice(lung, 0.6))
         out = _run(perturb.add_blob(hu, patch, perturb.TISSUE_HU), spacing).labels
         assert float((out[patch] == label).mean()) >= PATCH_KEPT, (case, label)
         rest = (result.labels == label) & ~patch  # and the rest of the lung stays as it was
@@ -235,8 +234,7 @@ def test_within_the_hull_alone_the_posterior_patch_is_lost(chest) -> None:
 
     hu, spacing, result = chest
     lung = result.labels == RIGHT
-    zs = np.flatnonzero(lung.any(axis=(1, 2)))
-    patch = perturb.subpleural_patch(lung, spacing, "posterior", z=int(zs[0] + 0.6 * (zs[-1] - zs[0])))
+    patch = perturb.subpleural_patch(lung, spacing, "posterior", z=perturb.height_slice(lung, 0.6))
     cfg = dataclasses.replace(LungConfig(), concavities_beyond_hull=False)
     out = find_lungs(perturb.add_blob(hu, patch, perturb.TISSUE_HU), spacing, cfg).labels
     assert float((out[patch] == RIGHT).mean()) < PATCH_KEPT
@@ -251,12 +249,9 @@ def test_basal_bullae_stay_in_the_lung(case: str, request: pytest.FixtureRequest
     hu, spacing, result = request.getfixturevalue({LIDC: "lidc", CHEST: "chest"}[case])
     for label in (LEFT, RIGHT):
         lung = result.labels == label
-        zs = np.flatnonzero(lung.any(axis=(1, 2)))
-        z = int(zs[0] + 0.25 * (zs[-1] - zs[0]))
-        rows, cols = np.nonzero(lung[z])
-        central = perturb.ellipsoid(lung.shape, spacing, (z, rows.mean(), cols.mean()), (20.0,) * 3) & lung
+        z = perturb.height_slice(lung, 0.25)
         for side in ("lateral", "posterior", "central"):
-            bulla = central if side == "central" else perturb.pleural_lesion(lung, spacing, 20.0, side, z=z)
+            bulla = perturb.bulla(lung, spacing, side, z=z)
             out = _run(perturb.add_blob(hu, bulla, -990.0, noise_hu=10.0), spacing).labels
             assert float((out[bulla] == label).mean()) >= 0.95, (case, label, side)
 

@@ -98,3 +98,17 @@ def test_pleural_effusion_is_posterior_and_deepest_at_the_base() -> None:
     assert ys.mean() > 30  # behind the lung's centre (higher row = posterior)
     with pytest.raises(ValueError, match="empty"):
         perturb.pleural_effusion(np.zeros_like(lung), (2.0, 1.0, 1.0))
+
+
+def test_height_slice_and_bulla() -> None:
+    lung = perturb.ellipsoid((40, 60, 60), (2.0, 1.0, 1.0), (20, 30, 30), (38.0, 25.0, 20.0))
+    zs = np.flatnonzero(lung.any(axis=(1, 2)))
+    assert perturb.height_slice(lung, 0.0) == zs[0] and perturb.height_slice(lung, 1.0) == zs[-1]
+    central = perturb.bulla(lung, (2.0, 1.0, 1.0), "central", radius_mm=6.0)
+    assert central.any() and not (central & ~lung).any()
+    _, ys, xs = np.nonzero(central)
+    assert abs(ys.mean() - 30) <= 1 and abs(xs.mean() - 30) <= 1  # around the slice's centre
+    assert np.array_equal(perturb.bulla(lung, (2.0, 1.0, 1.0), "posterior", radius_mm=6.0),
+                          perturb.pleural_lesion(lung, (2.0, 1.0, 1.0), 6.0, "posterior"))
+    with pytest.raises(ValueError, match="empty"):
+        perturb.height_slice(np.zeros_like(lung), 0.5)

@@ -4,7 +4,7 @@ Each takes a canonical ``(D, H, W)`` CT in HU (and, where needed, its spacing or
 the input is never modified. They stand in for scans no one has at hand: a field of view padded with -3024 HU, a
 5 mm reconstruction, a couch moved against the patient's back or to the other side (prone), a solid tumour against
 the pleura or a consolidation flattened along it, a bulla, lower-lobe emphysema, a colon full of gas; the lesion and
-effusion makers (:func:`pleural_lesion`, :func:`subpleural_patch`, :func:`pleural_effusion`) return masks to paint
+effusion makers (:func:`pleural_lesion`, :func:`subpleural_patch`, :func:`bulla`, :func:`pleural_effusion`) return masks to paint
 with :func:`add_blob`. Crops to the bases, the apices or the abdomen are plain slicing (``hu[lo:hi]``).
 """
 
@@ -129,6 +129,27 @@ PATCH_RADII_MM = {"posterior": (30.0, 20.0, 45.0), "lateral": (30.0, 45.0, 20.0)
 """Semi-axes (z, y, x) of :func:`subpleural_patch`: 60 mm high, 90 mm along the chest wall."""
 PATCH_INSET_MM = 5.0
 """How far inside the pleura :func:`subpleural_patch` is centred: its part in the lung is about 25 mm thick."""
+
+
+def height_slice(lung: np.ndarray, fraction: float) -> int:
+    """The axial slice at ``fraction`` of ``lung``'s height (0 its lowest slice, 1 its highest)."""
+    zs = np.flatnonzero(lung.any(axis=(1, 2)))
+    if zs.size == 0:
+        raise ValueError("height_slice: empty lung mask")
+    return int(zs[0] + fraction * (zs[-1] - zs[0]))
+
+
+def bulla(lung: np.ndarray, spacing: Sequence[float], side: str = "central", z: int | None = None,
+          radius_mm: float = 20.0) -> np.ndarray:
+    """An emphysematous bulla's voxels in ``lung`` (paint them at about -990 HU): a sphere against the pleura
+    (``side`` ``"lateral"`` or ``"posterior"``, :func:`pleural_lesion`) or around the centre of slice ``z`` of the
+    lung (``"central"``; default slice: the lung's middle)."""
+    if side != "central":
+        return pleural_lesion(lung, spacing, radius_mm, side, z=z)
+    z = height_slice(lung, 0.5) if z is None else int(z)
+    rows, cols = np.nonzero(lung[z])
+    centre = (float(z), float(rows.mean()), float(cols.mean()))
+    return ellipsoid(lung.shape, spacing, centre, (radius_mm,) * 3) & lung
 
 
 def subpleural_patch(lung: np.ndarray, spacing: Sequence[float], side: str = "posterior",
