@@ -2,7 +2,8 @@
 
 For each CT and each perturbation (``covidseg.phantom.perturb``: padding outside the field of view, a prone
 scan's couch, a couch pressed against the back, thick slices, crops to the abdomen, the bases or the apices, solid
-lesions against the pleura (spheres, and patches flattened along the chest wall), bullae at the bases, lower-lobe
+lesions against the pleura (spheres up to about 160 mL at three heights, and patches flattened along the chest
+wall), bullae at the bases, lower-lobe
 emphysema, a colon full of gas): ``covidseg.inference.lungs.find_lungs``, the lungs' volumes and
 flags, the Dice per lung against the expert contours (``pancreas-ct-cb-001``; scored by ``tests/real_ct.py``, the
 one home of the scoring), the share of the LIDC consensus nodule inside the lungs, the Dice against the
@@ -47,6 +48,10 @@ from real_ct import (  # noqa: E402
 )
 
 Spacing = tuple[float, float, float]
+LARGE_LESION_MM = 34.0
+"""Radius of the large spheres (about 160 mL), a tumour of that size against the chest wall."""
+LARGE_LESION_HEIGHTS = (0.4, 0.6, 0.8)
+"""Shares of the lung's height the large spheres are centred at."""
 
 
 def _body(hu: np.ndarray, spacing: Spacing) -> np.ndarray:
@@ -122,6 +127,11 @@ def variants(case: str, hu: np.ndarray, spacing: Spacing, labels: np.ndarray
             for label in (LEFT, RIGHT):
                 name = f"lesion {side} r{radius:.0f} mm {'left' if label == LEFT else 'right'}"
                 out.append((name, _lesion_maker(hu, spacing, labels, side, radius, label)))
+        for fraction in LARGE_LESION_HEIGHTS:
+            for label in (LEFT, RIGHT):
+                name = (f"lesion {side} r{LARGE_LESION_MM:.0f} mm at {100 * fraction:.0f} % "
+                        f"{'left' if label == LEFT else 'right'}")
+                out.append((name, _lesion_maker(hu, spacing, labels, side, LARGE_LESION_MM, label, fraction=fraction)))
         for label in (LEFT, RIGHT):
             name = f"sub-pleural patch {side} {'left' if label == LEFT else 'right'}"
             out.append((name, _lesion_maker(hu, spacing, labels, side, 0.0, label, patch=True)))
@@ -147,10 +157,13 @@ def _bulla_maker(hu: np.ndarray, spacing: Spacing, labels: np.ndarray, side: str
 
 
 def _lesion_maker(hu: np.ndarray, spacing: Spacing, labels: np.ndarray, side: str, radius: float, label: int,
-                  patch: bool = False) -> Callable[[], tuple[np.ndarray, Spacing, np.ndarray | None, Any]]:
+                  patch: bool = False, fraction: float = 0.6
+                  ) -> Callable[[], tuple[np.ndarray, Spacing, np.ndarray | None, Any]]:
+    """A solid lesion (40 HU) against the pleura, centred in the slice at ``fraction`` of the lung's height (0.6:
+    above the diaphragm's dome, lung above and below it): a sphere of ``radius`` mm or a sub-pleural patch."""
     def make() -> tuple[np.ndarray, Spacing, np.ndarray | None, Any]:
         lung = labels == label
-        z = perturb.height_slice(lung, 0.6)  # above the diaphragm's dome: lung above and below
+        z = perturb.height_slice(lung, fraction)
         if patch:
             mask = perturb.subpleural_patch(lung, spacing, side, z=z)
         else:

@@ -169,6 +169,35 @@ def test_lidc_lesion_against_the_lateral_pleura_is_kept(lidc) -> None:
     assert lung_dice(np.where(rest, out, 0), np.where(rest, result.labels, 0))["left"] >= SAME_LUNGS
 
 
+LARGE_LESION_KEPT = 0.7
+"""Share kept of the 30 mm-radius lateral sphere in the small right lung of ``lidc-idri-0314`` at 60 % of its
+height, where it reaches the hilum's concavity in its slices (0.78; 0.38 when the merged concavity is judged
+whole, ``LungConfig.split_concavities=False``; docs/real-ct.md)."""
+
+
+def _large_right_lesion(lidc, cfg: LungConfig | None = None) -> float:
+    hu, spacing, result = lidc
+    lung = result.labels == RIGHT
+    lesion = perturb.pleural_lesion(lung, spacing, 30.0, "lateral", z=perturb.height_slice(lung, 0.6))
+    out = find_lungs(perturb.add_blob(hu, lesion, perturb.TISSUE_HU), spacing, cfg).labels
+    rest = ~lesion
+    assert lung_dice(np.where(rest, out, 0), np.where(rest, result.labels, 0))["right"] >= SAME_LUNGS
+    return float((out[lesion] == RIGHT).mean())
+
+
+def test_lidc_large_lesion_reaching_the_hilum_is_kept(lidc) -> None:
+    """A 110 mL sphere against the lateral wall of the small right lung reaches, in its slices, the concavity of
+    the hilum: the part of that merged concavity with lung above and below it is the lesion and is kept."""
+    assert _large_right_lesion(lidc) >= LARGE_LESION_KEPT
+
+
+def test_lidc_large_lesion_is_lost_when_the_merged_concavity_is_judged_whole(lidc) -> None:
+    """What ``split_concavities`` adds: judged as one concavity opening medially, most of the sphere is cut out."""
+    import dataclasses
+
+    assert _large_right_lesion(lidc, dataclasses.replace(LungConfig(), split_concavities=False)) < 0.5
+
+
 @pytest.mark.parametrize("part", ["apices", "bases"])
 def test_lidc_crop_says_where_it_is_cut(lidc, part: str) -> None:
     hu, spacing, full = lidc

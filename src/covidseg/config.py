@@ -189,6 +189,10 @@ class LungConfig:
     """A concavity may reach beyond the slice's convex hull to where the lung lies both above and below (within
     ``enclosure_mm``): a consolidation flattened along a convex chest wall lies partly outside the hull of the
     aerated lung its slice keeps."""
+    split_concavities: bool = True
+    """A concavity that is not filled as a whole (one opening medially, the heart's notch, too large) may still hold
+    a part with lung both above and below it, judged on its own: a large lesion against the chest wall that
+    reaches the hilum's or the heart's concavity in its slice and merges with it."""
     max_concavity_fraction: float = 0.25
     """Largest concavity filled, as a share of the lung slice's area (the diaphragm's dome is larger)."""
     max_hole_fraction: float = 0.1

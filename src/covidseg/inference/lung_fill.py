@@ -134,13 +134,15 @@ def lateral_concavities(lung: np.ndarray, hull: np.ndarray, medial_side: int, cf
     direction above ``cfg.max_medial_cosine`` (the descending aorta, the hilum, the oesophagus, which the lung
     wraps around medially), and when it is larger than ``cfg.max_concavity_fraction`` of the lung slice (the
     diaphragm's dome) unless there is lung both above and below it (a lesion bulging into the lung from the chest
-    wall).
+    wall). With ``cfg.split_concavities``, the part of a concavity left out that has lung both above and below it
+    (its holes filled) is judged again on its own by the same rules: a large lesion against the chest wall can
+    reach the hilum's or the heart's concavity in its slice, and the two make one concavity opening medially.
 
     Args:
         lung: ``(D, H, W)`` one lung.
         hull: ``(D, H, W)`` the convex hull of each of its slices (or a superset: what a concavity may fill).
         medial_side: +1 when the mediastinum lies at higher column indices, -1 otherwise.
-        cfg: ``max_concavity_fraction``, ``max_medial_cosine``.
+        cfg: ``max_concavity_fraction``, ``max_medial_cosine``, ``split_concavities``.
         above, below: ``(D, H, W)`` bool, lung above and below (:func:`lung_cover`).
 
     Returns:
@@ -150,6 +152,22 @@ def lateral_concavities(lung: np.ndarray, hull: np.ndarray, medial_side: int, cf
     labels, n = ndimage.label(defects, structure=SLICE_2D)  # one label per concavity of each slice
     if n == 0:
         return defects
+    fill = _accepted(labels, n, lung, hull, medial_side, cfg, above, below)[labels]
+    if cfg.split_concavities:
+        # a large lesion against the chest wall can reach the concavity of the hilum or the heart in its slice and
+        # merge with it into one defect that opens medially: its part with lung above and below it is judged alone
+        rejected = defects & ~fill
+        pieces = fill_holes_2d(rejected & above & below) & rejected
+        labels, n = ndimage.label(pieces, structure=SLICE_2D)
+        if n:
+            fill |= _accepted(labels, n, lung, hull, medial_side, cfg, above, below)[labels]
+    return fill
+
+
+def _accepted(labels: np.ndarray, n: int, lung: np.ndarray, hull: np.ndarray, medial_side: int, cfg: LungConfig,
+              above: np.ndarray, below: np.ndarray) -> np.ndarray:
+    """``(n + 1,)`` bool: which of the concavities ``labels`` 1..n (2D labels, 0 = none) :func:`lateral_concavities`
+    fills (index 0, the background, False)."""
     zs, ys, xs = np.nonzero(labels)  # statistics over the defects' pixels only
     lab = labels[zs, ys, xs]
     on_border = (hull & ~ndimage.binary_erosion(hull, structure=SLICE_2D, border_value=0))[zs, ys, xs]
@@ -180,4 +198,4 @@ def lateral_concavities(lung: np.ndarray, hull: np.ndarray, medial_side: int, cf
     small = areas <= cfg.max_concavity_fraction * lung_area[z_of]
     enclosed = (up >= MIN_COVER) & (down >= MIN_COVER)
     ok = (n_open > 0) & (small | enclosed) & ~heart & (medial <= cfg.max_medial_cosine)
-    return np.concatenate(([False], ok))[labels]
+    return np.concatenate(([False], ok))
