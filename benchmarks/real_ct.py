@@ -10,7 +10,7 @@ voxel is a false positive. Each case's ``overview.png`` (``covidseg.report``) is
 ``docs/images/real_<case>.png``.
 
 Run: ``python benchmarks/real_ct.py --json docs/results/real_ct.json --images docs/images`` (about 2 minutes on
-2 cores). Timings on a machine shared with other jobs are noisy: the JSON records the load average before and
+2 cores). ``--noise-hu SIGMA`` segments copies with white noise added (``covidseg.phantom.perturb.add_noise``). Timings on a machine shared with other jobs are noisy: the JSON records the load average before and
 after each case and the process's CPU time.
 """
 
@@ -35,18 +35,28 @@ from _stamp import write_results  # noqa: E402
 from covidseg.config import Config  # noqa: E402
 from covidseg.evaluation import read_reference, score  # noqa: E402
 from covidseg.inference.pipeline import SegmentOptions, segment  # noqa: E402
-from covidseg.io.image import read_mask  # noqa: E402
+from covidseg.io.image import read_mask, write_volume  # noqa: E402
+from covidseg.phantom import perturb  # noqa: E402
 from real_ct import CASES, REAL_CT, lidc_nodule, load_image, missing_reason  # noqa: E402
 
 REFERENCES = {"pancreas-ct-cb-001": "rtstruct.dcm"}
 """Case -> its expert lung contours (the others have none)."""
 
 
-def run_case(case: str, out: Path) -> tuple[dict[str, Any], np.ndarray]:
-    """Segment one CT with the default model into ``out``; the report's figures and the canonical lung labels."""
+def noisy_copy(case: str, sigma_hu: float, folder: Path) -> Path:
+    """The CT of ``case`` with white noise of ``sigma_hu`` (``covidseg.phantom.perturb.add_noise``, seed 0), written
+    as NIfTI in ``folder``."""
+    image = load_image(case)
+    return write_volume(perturb.add_noise(image.array, sigma_hu), image, folder / f"{case}_noise{sigma_hu:g}.nii.gz")
+
+
+def run_case(case: str, out: Path, noise_hu: float = 0.0) -> tuple[dict[str, Any], np.ndarray]:
+    """Segment one CT with the default model into ``out``; the report's figures and the canonical lung labels.
+    With ``noise_hu``, a copy of the CT with that much white noise (written next to ``out``) is segmented."""
+    source = noisy_copy(case, noise_hu, out.parent) if noise_hu else REAL_CT / case / CASES[case]
     load = os.getloadavg()[0]
     wall, cpu = time.perf_counter(), time.process_time()
-    result = segment(REAL_CT / case / CASES[case], out, SegmentOptions(force=True), Config())[0]
+    result = segment(source, out, SegmentOptions(force=True), Config())[0]
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     report = result.report
     assert report is not None
@@ -91,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--images", type=Path, default=None, help="copy each overview here as real_<case>.png")
     p.add_argument("--cases", nargs="+", default=list(CASES))
+    p.add_argument("--noise-hu", type=float, default=0.0, metavar="SIGMA",
+                   help="segment copies of the CTs with white Gaussian noise of SIGMA HU added (a noisier scan: a "
+                        "lower dose, a sharper kernel); 0 = the CTs as they are")
     args = p.parse_args(argv)
     reason = missing_reason()
     if reason:
@@ -102,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="real_ct_") as tmp:
         for case in args.cases:
             out = Path(tmp) / case
-            row, lungs = run_case(case, out)
+            row, lungs = run_case(case, out, args.noise_hu)
             row.update(score_case(case, lungs, out))
             rows.append(row)
             inf = row["infection"]
@@ -115,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copyfile(out / "overview.png", args.images / f"real_{case}.png")
     result = {
         "benchmark": "real_ct", "version": code_version(), "machine_description": machine_description(),
-        "cores": len(os.sched_getaffinity(0)), "cases": rows,
+        "cores": len(os.sched_getaffinity(0)), "noise_hu": args.noise_hu, "cases": rows,
         "note": "no CT shows COVID-19: every infection voxel is a false positive; lungs scored against the "
                 "expert RTSTRUCT of pancreas-ct-cb-001 only (the others have no lung contours)",
     }

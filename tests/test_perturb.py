@@ -112,3 +112,13 @@ def test_height_slice_and_bulla() -> None:
                           perturb.pleural_lesion(lung, (2.0, 1.0, 1.0), 6.0, "posterior"))
     with pytest.raises(ValueError, match="empty"):
         perturb.height_slice(np.zeros_like(lung), 0.5)
+
+
+def test_noise_has_the_asked_spread_and_spares_the_padding() -> None:
+    hu = np.full((4, 64, 64), 40.0, dtype=np.float32)
+    hu[:, :, :8] = -3024.0
+    out = perturb.add_noise(hu, 50.0)
+    assert out.dtype == np.float32 and hu[0, 0, 20] == 40.0  # a copy
+    assert np.all(out[:, :, :8] == -3024.0)
+    body = out[:, :, 8:] - 40.0
+    assert abs(float(body.std()) - 50.0) < 2.0 and abs(float(body.mean())) < 2.0

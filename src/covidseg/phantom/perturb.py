@@ -3,7 +3,7 @@
 Each takes a canonical ``(D, H, W)`` CT in HU (and, where needed, its spacing or masks) and returns a new array;
 the input is never modified. They stand in for scans no one has at hand: a field of view padded with -3024 HU, a
 5 mm reconstruction, a couch moved against the patient's back or to the other side (prone), a solid tumour against
-the pleura or a consolidation flattened along it, a bulla, lower-lobe emphysema, a colon full of gas; the lesion and
+the pleura or a consolidation flattened along it, a bulla, lower-lobe emphysema, a colon full of gas, white noise of a lower dose or a sharper kernel; the lesion and
 effusion makers (:func:`pleural_lesion`, :func:`subpleural_patch`, :func:`bulla`, :func:`pleural_effusion`) return masks to paint
 with :func:`add_blob`. Crops to the bases, the apices or the abdomen are plain slicing (``hu[lo:hi]``).
 """
@@ -80,6 +80,15 @@ def ellipsoid(shape: Sequence[int], spacing: Sequence[float], centre: Sequence[f
     z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
     dist = sum(((g - c) * s / r) ** 2 for g, c, s, r in zip((z, y, x), centre, spacing, radii_mm, strict=True))
     return np.asarray(dist <= 1.0)
+
+
+def add_noise(hu: np.ndarray, sigma_hu: float, seed: int = 0) -> np.ndarray:
+    """The CT plus white Gaussian noise of ``sigma_hu`` (HU) in every voxel: a noisier scan (a lower dose, a sharper
+    reconstruction kernel), as a float32 copy; values below -1024 HU (padding) are left as they were."""
+    out = np.array(hu, dtype=np.float32, copy=True)
+    inside = out >= -1024.0
+    out[inside] += np.random.default_rng(seed).normal(0.0, sigma_hu, int(inside.sum())).astype(np.float32)
+    return out
 
 
 def add_blob(hu: np.ndarray, blob: np.ndarray, value: float, noise_hu: float = 20.0, seed: int = 0) -> np.ndarray:
