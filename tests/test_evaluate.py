@@ -392,6 +392,45 @@ def test_score_of_masks_in_memory():
     assert scores["left_lung"].dice == pytest.approx(2 * 16 / (16 + 24))
 
 
+def test_reference_slices_leave_out_the_prediction_beyond_the_reference():
+    """A reference contoured on slices 1-2 of 4 (an RTSTRUCT that stops short of the scan's edge): the lung the
+    prediction finds on slices 0 and 3 is counted and, with ``reference_slices``, left out of the scores."""
+    ref = {"left_lung": np.zeros((4, 6, 6), bool)}
+    ref["left_lung"][1:3, 1:5, 1:4] = True
+    pred = {"left_lung": np.zeros((4, 6, 6), bool)}
+    pred["left_lung"][:, 1:5, 1:4] = True
+    plain = score(pred, ref, (2.0, 1.0, 1.0))["left_lung"]
+    assert plain.dice == pytest.approx(2 * 24 / (24 + 48))
+    assert plain.pred_ml_beyond_ref_slices == pytest.approx(24 * 2.0 / 1000) and plain.ref_slices == [1, 2]
+    within = score(pred, ref, (2.0, 1.0, 1.0), reference_slices=True)["left_lung"]
+    assert within.dice == 1.0 and within.within_ref_slices and within.pred_voxels == 24
+    assert within.pred_ml_beyond_ref_slices == plain.pred_ml_beyond_ref_slices
+    # an empty reference spans no slice: the whole prediction is beyond it, and scored as it is without the option
+    empty = score(pred, {"left_lung": np.zeros((4, 6, 6), bool)}, (2.0, 1.0, 1.0), reference_slices=True)
+    assert empty["left_lung"].ref_slices is None and empty["left_lung"].dice == 0.0
+
+
+def test_cli_reports_and_optionally_drops_the_prediction_beyond_the_reference(tmp_path, capsys):
+    import json
+
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    pred_map = np.zeros((12, 10, 6), np.uint8)
+    pred_map[2:6, 2:8, :] = 1  # file axes (x, y, z): the left lung on every slice
+    ref_map = pred_map.copy()
+    ref_map[..., 5] = 0  # the reference stops a slice short of the top
+    pred = _nifti(tmp_path / "pred.nii.gz", pred_map, affine)
+    ref = _nifti(tmp_path / "ref.nii.gz", ref_map, affine)
+    code, out, err = _run(["evaluate", str(pred), str(ref)], capsys)
+    assert code == 0, err
+    assert "axial slices the reference does not reach" in out and "--reference-slices scores only" in out
+    code, out, err = _run(["evaluate", str(pred), str(ref), "--reference-slices", "--json",
+                           str(tmp_path / "s.json")], capsys)
+    assert code == 0, err
+    assert "left out (--reference-slices)" in out
+    scores = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))["scores"]
+    assert scores["left_lung"]["dice"] == 1.0 and scores["left_lung"]["within_ref_slices"] is True
+
+
 # ------------------------------------------------------------------------------------------------ RTSTRUCT
 
 

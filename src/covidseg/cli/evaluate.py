@@ -22,11 +22,14 @@ lesion, GGO, consolidation, COVID -> infection. A label map's values go by covid
 REF, --pred-map for PRED (LABEL none leaves a structure out); structures that map onto nothing are listed.
 
 NSD tolerance: 1 mm for the lungs and 3 mm for the infection by default (the COVID-19-CT-Seg benchmark's), or
---tolerance-mm for every label. See docs/evaluate.md.
+--tolerance-mm for every label. A reference drawn on part of the scan (or an RTSTRUCT that stops a slice short
+of its edge) leaves the prediction beyond its slices as false positives: the table says how much, and
+--reference-slices scores only the slices from the reference's first to its last. See docs/evaluate.md.
 
 examples:
   covidseg evaluate OUT rtstruct.dcm --ct dicom/
   covidseg evaluate OUT/lungs.nii.gz expert_lungs.nii.gz --json scores.json
+  covidseg evaluate OUT rtstruct.dcm --ct dicom/ --reference-slices
   covidseg evaluate OUT expert.seg.dcm --ct dicom/ --map "GGO and consolidation=infection"
   covidseg evaluate my_labels.nii.gz rtstruct.dcm --ct dicom/ --pred-map 2=left_lung --pred-map 3=right_lung
 """
@@ -47,6 +50,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the same for PRED's structures (e.g. label values of a NIfTI: --pred-map 2=left_lung)")
     p.add_argument("--tolerance-mm", type=float, default=None, metavar="X",
                    help="NSD tolerance in mm for every label; without it, 1 for the lungs and 3 for the infection")
+    p.add_argument("--reference-slices", action="store_true",
+                   help="score each label only on the axial slices from the first to the last its reference "
+                        "contours (a reference drawn on part of the scan, or one that stops a slice short of its "
+                        "edge); the prediction's volume beyond them is reported either way")
     p.add_argument("--json", metavar="FILE", default=None, help="also write every number to this JSON file")
     p.set_defaults(func=run)
 
@@ -57,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from covidseg.evaluation import evaluate, format_table, parse_map, write_json
 
     result = evaluate(args.pred, args.ref, ct=args.ct, ref_map=parse_map(args.ref_map, "--map"),
-                      pred_map=parse_map(args.pred_map, "--pred-map"), tolerance_mm=args.tolerance_mm)
+                      pred_map=parse_map(args.pred_map, "--pred-map"), tolerance_mm=args.tolerance_mm,
+                      reference_slices=args.reference_slices)
     sys.stdout.write(format_table(result))
     if args.json:
         written = write_json(result, args.json, inputs=(args.pred, args.ref, args.ct))

@@ -48,6 +48,10 @@ class LabelScore:
         pred_ml, ref_ml: volumes (mL).
         pred_voxels, ref_voxels: voxel counts.
         pred_structures, ref_structures: the structures each side's mask is the union of.
+        pred_ml_beyond_ref_slices: the prediction's volume (mL) on axial slices beyond the first and last that
+            the reference contours (a reference drawn on part of the scan; counted also when not scored).
+        ref_slices: ``[first, last]`` axial slice (canonical index) the reference contours, ``None`` when empty.
+        within_ref_slices: whether only those slices were scored (``reference_slices``).
     """
 
     label: str
@@ -64,6 +68,16 @@ class LabelScore:
     ref_voxels: int
     pred_structures: list[str] = field(default_factory=list)
     ref_structures: list[str] = field(default_factory=list)
+    pred_ml_beyond_ref_slices: float = 0.0
+    ref_slices: list[int] | None = None
+    within_ref_slices: bool = False
+
+
+def reference_slab(ref: np.ndarray) -> tuple[int, int] | None:
+    """First and last axial slice (axis 0 of a canonical ``(D, H, W)`` mask) holding any of ``ref``; ``None`` if
+    it is empty."""
+    zs = np.flatnonzero(np.asarray(ref).reshape(ref.shape[0], -1).any(axis=1))
+    return (int(zs[0]), int(zs[-1])) if zs.size else None
 
 
 def default_tolerance_mm(label: str) -> float:
@@ -72,15 +86,29 @@ def default_tolerance_mm(label: str) -> float:
 
 
 def score_label(label: str, pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float],
-                tolerance_mm: float | None = None) -> LabelScore:
-    """Score one label's canonical ``(D, H, W)`` masks at ``spacing`` (mm along D, H, W)."""
+                tolerance_mm: float | None = None, reference_slices: bool = False) -> LabelScore:
+    """Score one label's canonical ``(D, H, W)`` masks at ``spacing`` (mm along D, H, W).
+
+    With ``reference_slices`` only the axial slices from the first to the last that the reference contours are
+    scored (the prediction beyond them is left out; a reference drawn on part of the scan, an RTSTRUCT that
+    stops a slice short of the scan's edge); an empty reference is scored as it is."""
     tol = default_tolerance_mm(label) if tolerance_mm is None else float(tolerance_mm)
-    m = binary_metrics(pred, ref, spacing=spacing, tolerance_mm=tol)
     voxel_ml = float(np.prod(spacing)) / 1000.0
+    pred = np.asarray(pred, dtype=bool)
+    slab = reference_slab(ref)
+    inside = np.zeros(pred.shape[0], dtype=bool)
+    if slab is not None:
+        inside[slab[0] : slab[1] + 1] = True
+    beyond = int(np.count_nonzero(pred[~inside]))
+    if reference_slices and beyond and slab is not None:  # an empty reference spans no slice: nothing to keep to
+        pred = pred & inside[:, None, None]
+    m = binary_metrics(pred, ref, spacing=spacing, tolerance_mm=tol)
     n_p, n_r = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
     return LabelScore(label=label, dice=m["dice"], iou=m["iou"], sensitivity=m["sensitivity"],
                       precision=m["precision"], nsd=m["nsd"], hd95_mm=m["hd95"], tolerance_mm=tol,
-                      pred_ml=n_p * voxel_ml, ref_ml=n_r * voxel_ml, pred_voxels=n_p, ref_voxels=n_r)
+                      pred_ml=n_p * voxel_ml, ref_ml=n_r * voxel_ml, pred_voxels=n_p, ref_voxels=n_r,
+                      pred_ml_beyond_ref_slices=beyond * voxel_ml,
+                      ref_slices=list(slab) if slab is not None else None, within_ref_slices=reference_slices)
 
 
 def with_lungs(masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -92,7 +120,7 @@ def with_lungs(masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def score(pred: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], spacing: tuple[float, float, float],
-          tolerance_mm: float | None = None) -> dict[str, LabelScore]:
+          tolerance_mm: float | None = None, reference_slices: bool = False) -> dict[str, LabelScore]:
     """Score every label the reference has and the prediction has too.
 
     Args:
@@ -100,13 +128,15 @@ def score(pred: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], spacing
         ref: label -> mask of the same shape (e.g. from :func:`read_reference`).
         spacing: voxel size in mm along ``(D, H, W)``.
         tolerance_mm: NSD tolerance for every label; ``None``: :func:`default_tolerance_mm` per label.
+        reference_slices: score each label only on the axial slices its reference spans (:func:`score_label`).
 
     Returns:
         label -> :class:`LabelScore`, in the order of :data:`~covidseg.evaluation.labels.LABELS`; a reference
         ``lungs`` is scored against the prediction's two lungs together when it has no ``lungs`` of its own.
     """
     pred = with_lungs(pred)
-    return {label: score_label(label, np.asarray(pred[label]), np.asarray(ref[label]), spacing, tolerance_mm)
+    return {label: score_label(label, np.asarray(pred[label]), np.asarray(ref[label]), spacing, tolerance_mm,
+                               reference_slices)
             for label in LABELS if label in ref and label in pred}
 
 
@@ -181,7 +211,7 @@ def _described(assignment: Assignment) -> dict[str, list[str]]:
 
 def evaluate(pred: str | Path, ref: str | Path, ct: str | Path | None = None,
              ref_map: Mapping[str, str] | None = None, pred_map: Mapping[str, str] | None = None,
-             tolerance_mm: float | None = None) -> Evaluation:
+             tolerance_mm: float | None = None, reference_slices: bool = False) -> Evaluation:
     """Score a prediction against a reference on one voxel grid (what ``covidseg evaluate`` runs).
 
     Args:
@@ -191,6 +221,7 @@ def evaluate(pred: str | Path, ref: str | Path, ct: str | Path | None = None,
         ref_map, pred_map: structure name -> label overrides for each side (:func:`~covidseg.evaluation.labels.
             parse_map`).
         tolerance_mm: NSD tolerance for every label; ``None``: the benchmark's per label (mm).
+        reference_slices: score each label only on the axial slices its reference spans.
 
     Raises:
         InputError: a bad input (see :func:`~covidseg.evaluation.structures.read_structures`), or no label that
@@ -216,7 +247,7 @@ def evaluate(pred: str | Path, ref: str | Path, ct: str | Path | None = None,
     needed = set(common) | ({LEFT_LUNG, RIGHT_LUNG} if LUNGS in common and LUNGS not in pred_side.labels else set())
     pred_masks = {label: _union(grid, pred_side, label) for label in pred_side.labels if label in needed}
     ref_masks = {label: _union(grid, ref_side, label) for label in common}
-    scores = score(pred_masks, ref_masks, grid.spacing, tolerance_mm)
+    scores = score(pred_masks, ref_masks, grid.spacing, tolerance_mm, reference_slices)
     for label, item in scores.items():
         item.ref_structures = [s.name for s in ref_side.labels[label]]
         item.pred_structures = [s.name for s in pred_side.labels.get(label, [])] or \
@@ -260,6 +291,14 @@ def format_table(result: Evaluation) -> str:
         notes.append(f"NSD tolerance {', '.join(f'{t:g}' for t in tight)} mm is below the in-plane voxel size "
                      f"({in_plane:.3g} mm): a border one voxel off already counts as a miss; --tolerance-mm "
                      f"{2 * in_plane:.2g} scores at the voxel scale")
+    for s in result.scores.values():
+        if s.pred_ml_beyond_ref_slices > 0 and s.ref_slices is not None:
+            first, last = s.ref_slices
+            how = ("left out (--reference-slices)" if s.within_ref_slices else
+                   "scored; --reference-slices scores only the slices the reference contours")
+            notes.append(f"{s.label}: {s.pred_ml_beyond_ref_slices:.1f} mL of the prediction lie on axial slices "
+                         f"the reference does not reach (it spans slices {first}-{last} of "
+                         f"{result.grid['shape_dhw'][0]}): {how}")
     if result.not_in_prediction:
         notes.append(f"reference labels the prediction lacks (not scored): {', '.join(result.not_in_prediction)}")
     if result.not_in_reference:
