@@ -3,10 +3,9 @@
 For each CT and each perturbation (``covidseg.phantom.perturb``: padding outside the field of view, a prone
 scan's couch, a couch pressed against the back, thick slices, crops to the abdomen, the bases or the apices, solid
 lesions against the pleura (spheres up to about 160 mL at three heights, and patches flattened along the chest
-wall), bullae at the bases, lower-lobe
-emphysema, a colon full of gas): ``covidseg.inference.lungs.find_lungs``, the lungs' volumes and
-flags, the Dice per lung against the expert contours (``pancreas-ct-cb-001``; scored by ``tests/real_ct.py``, the
-one home of the scoring), the share of the LIDC consensus nodule inside the lungs, the Dice against the
+wall), bullae at the bases, lower-lobe emphysema, a colon full of gas): ``covidseg.inference.lungs.find_lungs``,
+the lungs' volumes and flags, the Dice per lung against the expert contours (``pancreas-ct-cb-001``; scored by
+``tests/real_ct.py``, the one home of the scoring), the share of the LIDC consensus nodule inside the lungs, the Dice against the
 unperturbed CT's lungs (the others), the share of an inserted lesion kept in its lung, and the time. Then the
 lung stage's time on ``lidc-idri-0314`` (512 x 512 x 275) with 1 and with 2 cores (the process's CPU affinity;
 median of ``--repeats``).

@@ -10,8 +10,9 @@ voxel is a false positive. Each case's ``overview.png`` (``covidseg.report``) is
 ``docs/images/real_<case>.png``.
 
 Run: ``python benchmarks/real_ct.py --json docs/results/real_ct.json --images docs/images`` (about 2 minutes on
-2 cores). ``--noise-hu SIGMA`` segments copies with white noise added (``covidseg.phantom.perturb.add_noise``). Timings on a machine shared with other jobs are noisy: the JSON records the load average before and
-after each case and the process's CPU time.
+2 cores). ``--noise-hu SIGMA`` segments copies with white noise added (``covidseg.phantom.perturb.add_noise``).
+Timings on a machine shared with other jobs are noisy: the JSON records the load average before and after each
+case and the process's CPU time.
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ class LabelScore:
         pred_ml_beyond_ref_slices: the prediction's volume (mL) on axial slices beyond the first and last that
             the reference contours (a reference drawn on part of the scan; counted also when not scored).
         ref_slices: ``[first, last]`` axial slice (canonical index) the reference contours, ``None`` when empty.
-        within_ref_slices: whether only those slices were scored (``reference_slices``).
+        within_ref_slices: whether only those slices were scored (``reference_slices`` and a reference that is
+            not empty).
     """
 
     label: str
@@ -108,7 +109,8 @@ def score_label(label: str, pred: np.ndarray, ref: np.ndarray, spacing: tuple[fl
                       precision=m["precision"], nsd=m["nsd"], hd95_mm=m["hd95"], tolerance_mm=tol,
                       pred_ml=n_p * voxel_ml, ref_ml=n_r * voxel_ml, pred_voxels=n_p, ref_voxels=n_r,
                       pred_ml_beyond_ref_slices=beyond * voxel_ml,
-                      ref_slices=list(slab) if slab is not None else None, within_ref_slices=reference_slices)
+                      ref_slices=list(slab) if slab is not None else None,
+                      within_ref_slices=reference_slices and slab is not None)
 
 
 def with_lungs(masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

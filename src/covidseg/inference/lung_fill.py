@@ -152,7 +152,9 @@ def lateral_concavities(lung: np.ndarray, hull: np.ndarray, medial_side: int, cf
     labels, n = ndimage.label(defects, structure=SLICE_2D)  # one label per concavity of each slice
     if n == 0:
         return defects
-    fill = _accepted(labels, n, lung, hull, medial_side, cfg, above, below)[labels]
+    border = hull & ~ndimage.binary_erosion(hull, structure=SLICE_2D, border_value=0)  # where a concavity opens
+    floor = ndimage.binary_dilation(lung, structure=SLICE_2D)  # where it touches the lung
+    fill = _accepted(labels, n, lung, border, floor, medial_side, cfg, above, below)[labels]
     if cfg.split_concavities:
         # a large lesion against the chest wall can reach the concavity of the hilum or the heart in its slice and
         # merge with it into one defect that opens medially: its part with lung above and below it is judged alone
@@ -160,18 +162,19 @@ def lateral_concavities(lung: np.ndarray, hull: np.ndarray, medial_side: int, cf
         pieces = fill_holes_2d(rejected & above & below) & rejected
         labels, n = ndimage.label(pieces, structure=SLICE_2D)
         if n:
-            fill |= _accepted(labels, n, lung, hull, medial_side, cfg, above, below)[labels]
+            fill |= _accepted(labels, n, lung, border, floor, medial_side, cfg, above, below)[labels]
     return fill
 
 
-def _accepted(labels: np.ndarray, n: int, lung: np.ndarray, hull: np.ndarray, medial_side: int, cfg: LungConfig,
-              above: np.ndarray, below: np.ndarray) -> np.ndarray:
+def _accepted(labels: np.ndarray, n: int, lung: np.ndarray, border: np.ndarray, floor: np.ndarray, medial_side: int,
+              cfg: LungConfig, above: np.ndarray, below: np.ndarray) -> np.ndarray:
     """``(n + 1,)`` bool: which of the concavities ``labels`` 1..n (2D labels, 0 = none) :func:`lateral_concavities`
-    fills (index 0, the background, False)."""
+    fills (index 0, the background, False). ``border``: the hull's border pixels (a concavity's opening);
+    ``floor``: the lung dilated by one pixel in-plane (a concavity's floor on the lung)."""
     zs, ys, xs = np.nonzero(labels)  # statistics over the defects' pixels only
     lab = labels[zs, ys, xs]
-    on_border = (hull & ~ndimage.binary_erosion(hull, structure=SLICE_2D, border_value=0))[zs, ys, xs]
-    on_floor = ndimage.binary_dilation(lung, structure=SLICE_2D)[zs, ys, xs]
+    on_border = border[zs, ys, xs]
+    on_floor = floor[zs, ys, xs]
 
     def centre(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         count = np.bincount(lab[sel], minlength=n + 1)[1:]
