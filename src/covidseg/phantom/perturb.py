@@ -3,9 +3,10 @@
 Each takes a canonical ``(D, H, W)`` CT in HU (and, where needed, its spacing or masks) and returns a new array;
 the input is never modified. They stand in for scans no one has at hand: a field of view padded with -3024 HU, a
 5 mm reconstruction, a couch moved against the patient's back or to the other side (prone), a solid tumour against
-the pleura or a consolidation flattened along it, a bulla, lower-lobe emphysema, a colon full of gas, white noise of a lower dose or a sharper kernel; the lesion and
-effusion makers (:func:`pleural_lesion`, :func:`subpleural_patch`, :func:`bulla`, :func:`pleural_effusion`) return masks to paint
-with :func:`add_blob`. Crops to the bases, the apices or the abdomen are plain slicing (``hu[lo:hi]``).
+the pleura or a consolidation flattened along it, a bulla, lower-lobe emphysema, a colon full of gas, the white
+noise of a lower dose or a sharper kernel. The lesion and effusion makers (:func:`pleural_lesion`,
+:func:`subpleural_patch`, :func:`bulla`, :func:`pleural_effusion`) return masks to paint with :func:`add_blob`.
+Crops to the bases, the apices or the abdomen are plain slicing (``hu[lo:hi]``).
 """
 
 from __future__ import annotations
@@ -99,6 +100,14 @@ def add_blob(hu: np.ndarray, blob: np.ndarray, value: float, noise_hu: float = 2
     return out
 
 
+def _lung_slices(lung: np.ndarray, caller: str) -> np.ndarray:
+    """The axial slices holding ``lung``, in order; ``ValueError`` naming ``caller`` when there are none."""
+    zs = np.flatnonzero(lung.any(axis=(1, 2)))
+    if zs.size == 0:
+        raise ValueError(f"{caller}: empty lung mask")
+    return zs
+
+
 def pleural_lesion(lung: np.ndarray, spacing: Sequence[float], radius_mm: float, side: str = "lateral",
                    z: int | None = None, radii_mm: Sequence[float] | None = None,
                    inset_mm: float | None = None) -> np.ndarray:
@@ -110,9 +119,7 @@ def pleural_lesion(lung: np.ndarray, spacing: Sequence[float], radius_mm: float,
     ``radii_mm`` (z, y, x semi-axes) makes it an ellipsoid and ``inset_mm`` moves its centre that far inwards
     instead: a centre closer to the pleura than the semi-axis across it gives a sub-pleural patch flattened along
     the chest wall (the ellipsoid's part in ``lung``), the typical COVID-19 consolidation."""
-    zs = np.flatnonzero(lung.any(axis=(1, 2)))
-    if zs.size == 0:
-        raise ValueError("pleural_lesion: empty lung mask")
+    zs = _lung_slices(lung, "pleural_lesion")
     z = int((zs[0] + zs[-1]) // 2) if z is None else int(z)
     radii = (radius_mm,) * 3 if radii_mm is None else tuple(float(r) for r in radii_mm)
     rows, cols = np.nonzero(lung[z])
@@ -142,9 +149,7 @@ PATCH_INSET_MM = 5.0
 
 def height_slice(lung: np.ndarray, fraction: float) -> int:
     """The axial slice at ``fraction`` of ``lung``'s height (0 its lowest slice, 1 its highest)."""
-    zs = np.flatnonzero(lung.any(axis=(1, 2)))
-    if zs.size == 0:
-        raise ValueError("height_slice: empty lung mask")
+    zs = _lung_slices(lung, "height_slice")
     return int(zs[0] + fraction * (zs[-1] - zs[0]))
 
 
@@ -173,12 +178,10 @@ def subpleural_patch(lung: np.ndarray, spacing: Sequence[float], side: str = "po
 def emphysema(hu: np.ndarray, lung: np.ndarray, below_fraction: float = 0.5, shift_hu: float = -120.0) -> np.ndarray:
     """The CT with the aerated lung (below -500 HU) of ``lung``'s lowest ``below_fraction`` of slices made darker
     by ``shift_hu`` (floor -1024 HU): lower-lobe emphysema, much of it below -950 HU."""
-    zs = np.flatnonzero(lung.any(axis=(1, 2)))
-    if zs.size == 0:
-        raise ValueError("emphysema: empty lung mask")
+    _lung_slices(lung, "emphysema")
     out = np.array(hu, dtype=np.float32, copy=True)
     lower = np.zeros(lung.shape, dtype=bool)
-    lower[: int(zs[0] + below_fraction * (zs[-1] - zs[0])) + 1] = True
+    lower[: height_slice(lung, below_fraction) + 1] = True
     region = lung & lower & (out < -500.0)
     out[region] = np.maximum(out[region] + shift_hu, -1024.0)
     return out
@@ -189,9 +192,7 @@ def pleural_effusion(lung: np.ndarray, spacing: Sequence[float], depth_mm: float
     """A layering pleural effusion of ``lung`` (supine): in the lowest ``height_fraction`` of its slices, the
     lung's posterior part of each column, from 0 mm thick at the top of that range to ``depth_mm`` at the lowest
     slice. Returns those voxels (fluid, outside the lung of an expert's contour; set them to about 10 HU)."""
-    zs = np.flatnonzero(lung.any(axis=(1, 2)))
-    if zs.size == 0:
-        raise ValueError("pleural_effusion: empty lung mask")
+    zs = _lung_slices(lung, "pleural_effusion")
     top = zs[0] + height_fraction * (zs[-1] - zs[0])
     rows = np.arange(lung.shape[1])[:, None]
     out = np.zeros(lung.shape, dtype=bool)
