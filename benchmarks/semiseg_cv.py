@@ -56,7 +56,7 @@ except ImportError:  # a plain checkout: use its src/ folder
 import torch
 from _stamp import commit_or_unknown
 
-from covidseg.config import SemisegConfig
+from covidseg.config import AugmentConfig, SemisegConfig
 from covidseg.io.atomic import atomic_write_text
 from covidseg.runtime import resolve_device
 from covidseg.semiseg.data import load_folder, resize_stack
@@ -121,6 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the labelled stage's soft Dice per slice, averaged over the batch (default: over the batch)")
     g.add_argument("--pretrain-dice-per-slice", action="store_true",
                    help="the same for the pseudo-label stage")
+    p.add_argument("--augment-noise", type=float, default=0.0, metavar="P",
+                   help="probability of white noise on a training slice (AugmentConfig.p_noise; 0 = off)")
+    p.add_argument("--augment-kernel", type=float, default=0.0, metavar="P",
+                   help="probability of a sharper or softer reconstruction kernel (AugmentConfig.p_kernel; 0 = off)")
     p.add_argument("--ema", type=float, default=0.0,
                    help="end the labelled stage with the moving average of its weights at this decay (0 = off)")
     g.add_argument("--save-every-s", type=float, default=300.0,
@@ -306,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                          pretrain_size=(args.pretrain_size, args.pretrain_size) if args.pseudo and args.pretrain_size
                          else None, pseudo_per_batch=args.pseudo_per_batch if args.pseudo else 0,
                          scales=parse_scales(args.scales), ema_decay=args.ema, soup=args.soup,
-                         batch_dice=not args.dice_per_slice, pretrain_batch_dice=not args.pretrain_dice_per_slice)
+                         batch_dice=not args.dice_per_slice, pretrain_batch_dice=not args.pretrain_dice_per_slice,
+                         augment=AugmentConfig(p_noise=args.augment_noise, p_kernel=args.augment_kernel))
     report = new_report(args, argv, slices, pseudo_slices, device)
     def write() -> None:
         report["elapsed_s"] = round(time.perf_counter() - t_start, 1)

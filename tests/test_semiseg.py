@@ -16,7 +16,14 @@ from covidseg.config import AugmentConfig, SemisegConfig
 from covidseg.errors import ConfigError, InputError
 from covidseg.semiseg.data import load_folder, resize_stack
 from covidseg.semiseg.train import cross_validate, make_folds, predict_slices, save_semiseg_checkpoint
-from covidseg.training.augment import AugmentParams, SliceAugment, affine_theta, apply_params
+from covidseg.training.augment import (
+    AugmentParams,
+    SliceAugment,
+    affine_theta,
+    apply_params,
+    draw_params,
+    gaussian_blur,
+)
 from covidseg.training.slices import train_model
 
 REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "covid-semiseg" / "train"
@@ -198,6 +205,75 @@ def test_augmentation_is_seeded_and_replayable() -> None:
     assert torch.allclose(xo, images, atol=1e-5) and torch.equal(yo, masks)
 
 
+def test_noise_and_kernel_are_off_by_default_and_draw_nothing() -> None:
+    params = draw_params(4, AugmentConfig(), torch.Generator().manual_seed(0))
+    assert params.noise_std is None and params.kernel_amount is None
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    draw_params(4, AugmentConfig(), g1)
+    draw_params(4, AugmentConfig(p_noise=1.0, p_kernel=1.0), g2)
+    # the usual draws come first and are the same; only the switched-on ones draw more
+    assert not torch.equal(g1.get_state(), g2.get_state())
+    a = draw_params(4, AugmentConfig(), torch.Generator().manual_seed(5))
+    b = draw_params(4, AugmentConfig(p_noise=1.0, p_kernel=1.0), torch.Generator().manual_seed(5))
+    assert torch.equal(a.angle, b.angle) and torch.equal(a.gamma, b.gamma)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
+def test_gaussian_blur_matches_scipy(sigma: float) -> None:
+    images, _ = _batch(b=2, n=33)
+    out = gaussian_blur(images, torch.tensor([sigma, 1.0]))
+    ref = ndimage.gaussian_filter(images[0, 0].double().numpy(), sigma, mode="mirror", truncate=3.0)
+    assert np.allclose(out[0, 0].numpy(), ref, atol=1e-5)
+
+
+def test_noise_is_replayed_and_has_its_std() -> None:
+    images = torch.full((3, 1, 64, 64), 0.5)
+    p = AugmentParams.identity(3)
+    p.noise_std = torch.tensor([0.0, 0.02, 0.05])
+    p.noise_seed = torch.tensor([1, 2, 3])
+    out, _ = apply_params(images, None, p)
+    again, _ = apply_params(images, None, p)
+    assert torch.equal(out, again)
+    assert torch.equal(out[0], images[0])
+    assert abs(float((out[1] - 0.5).std()) - 0.02) < 0.003
+    assert abs(float((out[2] - 0.5).std()) - 0.05) < 0.006
+
+
+def test_kernel_sharpens_and_softens() -> None:
+    images, _ = _batch(b=3, n=48)
+    p = AugmentParams.identity(3)
+    p.kernel_amount = torch.tensor([0.0, 2.0, -1.0])
+    p.kernel_sigma = torch.tensor([1.0, 1.0, 1.0])
+    images = images * 0.5 + 0.25  # room for the overshoot before the [0, 1] clip
+    out, _ = apply_params(images, None, p)
+    blur = gaussian_blur(images, torch.ones(3))
+    assert torch.allclose(out[0], images[0], atol=1e-5)
+    assert torch.allclose(out[2], blur[2], atol=1e-5)  # amount -1: the blur itself
+    detail = (images[1] - blur[1]).abs().mean()
+    assert float((out[1] - gaussian_blur(out[1:2], torch.ones(1))[0]).abs().mean()) > 2.0 * float(detail)
+
+
+def test_bad_augment_settings_are_one_line_errors() -> None:
+    with pytest.raises(ConfigError, match="p_noise"):
+        SliceAugment(AugmentConfig(p_noise=1.5))
+    with pytest.raises(ConfigError, match="kernel_sigma"):
+        SliceAugment(AugmentConfig(p_kernel=0.5, kernel_sigma=(0.0, 1.0)))
+
+
+def test_augmentation_with_noise_and_kernel_is_seeded_and_replayable() -> None:
+    images, masks = _batch(b=4)
+    cfg = AugmentConfig(p_noise=1.0, p_kernel=1.0)
+    a1, a2 = SliceAugment(cfg, seed=3), SliceAugment(cfg, seed=3)
+    x1, y1 = a1(images, masks)
+    x2, _ = a2(images, masks)
+    assert torch.equal(x1, x2)
+    assert a1.last_params is not None
+    xr, yr = apply_params(images, masks, a1.last_params)
+    assert torch.equal(xr, x1) and torch.equal(yr, y1)
+    plain, _ = SliceAugment(seed=3)(images, masks)
+    assert not torch.equal(plain, x1)
+
+
 # --------------------------------------------------------------------------------------------- training
 
 
@@ -349,3 +425,4 @@ def test_cli_scores_the_default_model_without_json(tmp_path: Path, capsys: pytes
     out = capsys.readouterr().out
     assert "mean_dice_infnet" in out and "semiseg-2d.pt" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["subset"]
+

@@ -301,6 +301,20 @@ class AugmentConfig:
     """Multiplicative contrast around the image mean."""
     gamma: tuple[float, float] = (0.7, 1.5)
     """Gamma exponent drawn log-uniformly in this range (applied on [0, 1])."""
+    p_noise: float = 0.0
+    """Probability of white Gaussian noise (a noisier scan: lower dose, sharper kernel); 0 = off, and nothing is
+    drawn for it (the other draws stay those of a run without it)."""
+    noise_std: tuple[float, float] = (0.0, 0.05)
+    """Its standard deviation, drawn uniformly (image scale: 0.05 is about 68 HU in the window of the real-CT
+    slices, 1,355 HU wide)."""
+    p_kernel: float = 0.0
+    """Probability of another reconstruction kernel, ``image + amount * (image - blur(image, sigma))``: sharper
+    (``amount > 0``, edges and noise boosted, as a lung kernel) or softer (``amount < 0``); applied after the noise,
+    so that the noise is shaped by it as a kernel shapes it. 0 = off, nothing drawn."""
+    kernel_amount: tuple[float, float] = (-0.6, 3.0)
+    """``amount``, drawn uniformly."""
+    kernel_sigma: tuple[float, float] = (0.5, 1.0)
+    """The Gaussian's sigma in pixels of the training size, drawn uniformly."""
 
 
 @dataclass

@@ -72,6 +72,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="its slice size, when lower than --size (progressive resizing; default: --size)")
     g.add_argument("--pseudo-per-batch", type=int, default=4,
                    help="pseudo-labelled slices in each batch of the folds and the final model")
+    t.add_argument("--augment-noise", type=float, default=0.0, metavar="P",
+                   help="probability of white noise on a training slice (a noisier scan; 0 = off)")
+    t.add_argument("--augment-kernel", type=float, default=0.0, metavar="P",
+                   help="probability of a sharper or softer reconstruction kernel on a training slice (an unsharp "
+                        "mask; 0 = off)")
     t.set_defaults(func=run_train)
 
     e = ssub.add_parser(
@@ -108,7 +113,7 @@ def run_train(args: argparse.Namespace) -> int:
     import sys
 
     from covidseg import __version__
-    from covidseg.config import SemisegConfig
+    from covidseg.config import AugmentConfig, SemisegConfig
     from covidseg.errors import ConfigError, OutputExistsError
     from covidseg.io.atomic import atomic_write_text
     from covidseg.runtime import resolve_device
@@ -141,7 +146,8 @@ def run_train(args: argparse.Namespace) -> int:
                         folds=args.folds, seed=args.seed, amp=args.amp, device=args.device, flip_tta=args.flip_tta,
                         pretrain_epochs=args.pretrain_epochs if semi else 0, pretrain_lr=args.pretrain_lr,
                         pretrain_size=(args.pretrain_size, args.pretrain_size) if semi and args.pretrain_size
-                        else None, pseudo_per_batch=args.pseudo_per_batch if semi else 0)
+                        else None, pseudo_per_batch=args.pseudo_per_batch if semi else 0,
+                        augment=AugmentConfig(p_noise=args.augment_noise, p_kernel=args.augment_kernel))
     build_model(cfg)  # validate the variant and sizes before reading data
     build_model(pretrain_config(cfg))
     device = resolve_device(cfg.device)
