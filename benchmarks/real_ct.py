@@ -10,7 +10,8 @@ voxel is a false positive. Each case's ``overview.png`` (``covidseg.report``) is
 ``docs/images/real_<case>.png``.
 
 Run: ``python benchmarks/real_ct.py --json docs/results/real_ct.json --images docs/images`` (about 2 minutes on
-2 cores). ``--noise-hu SIGMA`` segments copies with white noise added (``covidseg.phantom.perturb.add_noise``).
+2 cores). ``--noise-hu SIGMA`` segments copies with white noise added (``covidseg.phantom.perturb.add_noise``),
+``--sharpen AMOUNT`` copies as a sharper kernel gives them (``covidseg.phantom.perturb.sharpen``).
 Timings on a machine shared with other jobs are noisy: the JSON records the load average before and after each
 case and the process's CPU time.
 """
@@ -44,20 +45,26 @@ REFERENCES = {"pancreas-ct-cb-001": "rtstruct.dcm"}
 """Case -> its expert lung contours (the others have none)."""
 
 
-def noisy_copy(case: str, sigma_hu: float, folder: Path) -> Path:
-    """The CT of ``case`` with white noise of ``sigma_hu`` (``covidseg.phantom.perturb.add_noise``, seed 0), written
-    as NIfTI in ``folder``."""
-    image = load_image(case)
-    return write_volume(perturb.add_noise(image.array, sigma_hu), image, folder / f"{case}_noise{sigma_hu:g}.nii.gz")
+def altered_ct(case: str, noise_hu: float, sharpen: float) -> np.ndarray:
+    """The CT of ``case`` sharpened by ``sharpen`` (``covidseg.phantom.perturb.sharpen``, 1 px), then with white
+    noise of ``noise_hu`` (``covidseg.phantom.perturb.add_noise``, seed 0); the CT itself when both are 0."""
+    hu = load_image(case).array
+    hu = perturb.sharpen(hu, sharpen) if sharpen else hu
+    return perturb.add_noise(hu, noise_hu) if noise_hu else hu
 
 
-def run_case(case: str, out: Path, noise_hu: float = 0.0) -> tuple[dict[str, Any], np.ndarray]:
-    """Segment one CT with the default model into ``out``; the report's figures and the canonical lung labels.
-    With ``noise_hu``, a copy of the CT with that much white noise (written next to ``out``) is segmented."""
-    source = noisy_copy(case, noise_hu, out.parent) if noise_hu else REAL_CT / case / CASES[case]
+def run_case(case: str, out: Path, noise_hu: float = 0.0, sharpen: float = 0.0,
+             checkpoint: Path | None = None) -> tuple[dict[str, Any], np.ndarray]:
+    """Segment one CT with the default model (or ``checkpoint``) into ``out``; the report's figures and the
+    canonical lung labels. With ``noise_hu`` or ``sharpen``, the altered copy of :func:`altered_ct` (written next
+    to ``out``) is segmented."""
+    hu = altered_ct(case, noise_hu, sharpen)
+    source = REAL_CT / case / CASES[case]
+    if noise_hu or sharpen:
+        source = write_volume(hu, load_image(case), out.parent / f"{case}_noise{noise_hu:g}_sharpen{sharpen:g}.nii.gz")
     load = os.getloadavg()[0]
     wall, cpu = time.perf_counter(), time.process_time()
-    result = segment(source, out, SegmentOptions(force=True), Config())[0]
+    result = segment(source, out, SegmentOptions(checkpoint=checkpoint, force=True), Config())[0]
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     report = result.report
     assert report is not None
@@ -73,6 +80,7 @@ def run_case(case: str, out: Path, noise_hu: float = 0.0) -> tuple[dict[str, Any
         "infection_outside_lungs_ml": round(report["infection_outside_lungs_ml"], 2),
         "partial_volume_removed_ml": report["inference"].get("partial_volume_removed_ml"),
         "model": report["model"]["checkpoint"],
+        "soft_tissue_noise_hu": round(perturb.soft_tissue_noise_hu(hu), 1),
     }
     return row, lungs
 
@@ -104,7 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", nargs="+", default=list(CASES))
     p.add_argument("--noise-hu", type=float, default=0.0, metavar="SIGMA",
                    help="segment copies of the CTs with white Gaussian noise of SIGMA HU added (a noisier scan: a "
-                        "lower dose, a sharper kernel); 0 = the CTs as they are")
+                        "lower dose); 0 = the CTs as they are")
+    p.add_argument("--sharpen", type=float, default=0.0, metavar="AMOUNT",
+                   help="segment copies of the CTs sharpened as by a sharper reconstruction kernel (an unsharp "
+                        "mask of AMOUNT at 1 px, before any --noise-hu); 0 = the CTs as they are")
+    p.add_argument("--checkpoint", default=None,
+                   help="the infection model to run (default: the shipped one), e.g. a candidate before shipping")
     args = p.parse_args(argv)
     reason = missing_reason()
     if reason:
@@ -116,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="real_ct_") as tmp:
         for case in args.cases:
             out = Path(tmp) / case
-            row, lungs = run_case(case, out, args.noise_hu)
+            row, lungs = run_case(case, out, args.noise_hu, args.sharpen,
+                                   Path(args.checkpoint) if args.checkpoint else None)
             row.update(score_case(case, lungs, out))
             rows.append(row)
             inf = row["infection"]
@@ -129,13 +143,15 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copyfile(out / "overview.png", args.images / f"real_{case}.png")
     result = {
         "benchmark": "real_ct", "version": code_version(), "machine_description": machine_description(),
-        "cores": len(os.sched_getaffinity(0)), "noise_hu": args.noise_hu, "cases": rows,
+        "cores": len(os.sched_getaffinity(0)), "noise_hu": args.noise_hu, "sharpen": args.sharpen,
+        "cases": rows,
         "note": "no CT shows COVID-19: every infection voxel is a false positive; lungs scored against the "
                 "expert RTSTRUCT of pancreas-ct-cb-001 only (the others have no lung contours)",
     }
     if args.json:
         write_results(args.json, result, {
-            "segment": "covidseg segment CT -o OUT (no --checkpoint: the shipped 2D model; default Config)"})
+            "segment": f"covidseg segment CT -o OUT --checkpoint {args.checkpoint} (default Config)" if args.checkpoint
+            else "covidseg segment CT -o OUT (no --checkpoint: the shipped 2D model; default Config)"})
         print(f"wrote {args.json}")
     return 0
 

@@ -122,3 +122,26 @@ def test_noise_has_the_asked_spread_and_spares_the_padding() -> None:
     assert np.all(out[:, :, :8] == -3024.0)
     body = out[:, :, 8:] - 40.0
     assert abs(float(body.std()) - 50.0) < 2.0 and abs(float(body.mean())) < 2.0
+
+
+def test_sharpen_boosts_noise_and_edges_and_spares_the_padding() -> None:
+    hu = perturb.add_noise(np.full((3, 96, 96), 40.0, dtype=np.float32), 20.0)
+    hu[:, 40:, :] = -850.0  # lung below an edge at row 40
+    hu[:, :, :6] = -3024.0
+    out = perturb.sharpen(hu, 3.0)
+    assert hu[0, 10, 20] != out[0, 10, 20] and np.all(out[:, :, :6] == -3024.0)
+    tissue = (slice(None), slice(10, 30), slice(20, 90))
+    assert float(out[tissue].std()) > 2.0 * float(hu[tissue].std())
+    assert abs(float(out[tissue].mean()) - float(hu[tissue].mean())) < 3.0  # the mean stays
+    assert float(out[:, 38, 20:90].mean()) > 100.0 and float(out[:, 41, 20:90].mean()) < -950.0  # overshoot
+    assert np.array_equal(perturb.sharpen(hu, 0.0), hu)
+    with pytest.raises(ValueError, match="sigma_px"):
+        perturb.sharpen(hu, 1.0, sigma_px=0.0)
+
+
+def test_soft_tissue_noise_is_the_spread_in_tissue() -> None:
+    hu = np.full((3, 80, 80), -1000.0, dtype=np.float32)
+    hu[:, 10:70, 10:70] = 40.0
+    assert perturb.soft_tissue_noise_hu(hu) < 1.0
+    assert abs(perturb.soft_tissue_noise_hu(perturb.add_noise(hu, 30.0)) - 30.0) < 3.0
+    assert np.isnan(perturb.soft_tissue_noise_hu(np.full((2, 20, 20), -1000.0)))

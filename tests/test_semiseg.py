@@ -361,6 +361,12 @@ def test_checkpoint_roundtrip_and_cli(tmp_path: Path, capsys: pytest.CaptureFixt
     assert exc.value.code == 2
     assert "checkpoint not found" in capsys.readouterr().err
 
+    with pytest.raises(SystemExit) as exc:
+        cli(["semiseg", "train", "--data", str(root), "--out", str(tmp_path / "run"), "--augment-kernel", "1.5"])
+    assert exc.value.code == 2
+    assert "--augment-kernel 1.5: a probability" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
 
 def test_cli_train_smoke(tmp_path: Path) -> None:
     from covidseg.cli.main import run as cli

@@ -148,6 +148,9 @@ def run_train(args: argparse.Namespace) -> int:
                         pretrain_size=(args.pretrain_size, args.pretrain_size) if semi and args.pretrain_size
                         else None, pseudo_per_batch=args.pseudo_per_batch if semi else 0,
                         augment=AugmentConfig(p_noise=args.augment_noise, p_kernel=args.augment_kernel))
+    for flag, value in (("--augment-noise", args.augment_noise), ("--augment-kernel", args.augment_kernel)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{flag} {value:g}: a probability must lie in [0, 1]")
     build_model(cfg)  # validate the variant and sizes before reading data
     build_model(pretrain_config(cfg))
     device = resolve_device(cfg.device)

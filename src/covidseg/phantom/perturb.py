@@ -4,7 +4,7 @@ Each takes a canonical ``(D, H, W)`` CT in HU (and, where needed, its spacing or
 the input is never modified. They stand in for scans no one has at hand: a field of view padded with -3024 HU, a
 5 mm reconstruction, a couch moved against the patient's back or to the other side (prone), a solid tumour against
 the pleura or a consolidation flattened along it, a bulla, lower-lobe emphysema, a colon full of gas, the white
-noise of a lower dose or a sharper kernel. The lesion and effusion makers (:func:`pleural_lesion`,
+noise of a lower dose, a sharper reconstruction kernel. The lesion and effusion makers (:func:`pleural_lesion`,
 :func:`subpleural_patch`, :func:`bulla`, :func:`pleural_effusion`) return masks to paint with :func:`add_blob`.
 Crops to the bases, the apices or the abdomen are plain slicing (``hu[lo:hi]``).
 """
@@ -90,6 +90,35 @@ def add_noise(hu: np.ndarray, sigma_hu: float, seed: int = 0) -> np.ndarray:
     inside = out >= -1024.0
     out[inside] += np.random.default_rng(seed).normal(0.0, sigma_hu, int(inside.sum())).astype(np.float32)
     return out
+
+
+def sharpen(hu: np.ndarray, amount: float, sigma_px: float = 1.0) -> np.ndarray:
+    """The CT as a sharper reconstruction kernel (a lung or bone kernel) would give it, roughly: each axial slice
+    plus ``amount`` times its detail above a Gaussian of ``sigma_px`` pixels (an unsharp mask), which boosts the
+    scan's own noise and overshoots at edges, as sharp kernels do. A float32 copy; padding (below -1024 HU) is
+    left as it was and taken as air for the blur."""
+    from scipy import ndimage
+
+    if sigma_px <= 0:
+        raise ValueError(f"sigma_px {sigma_px}: expected > 0")
+    out = np.array(hu, dtype=np.float32, copy=True)
+    padding = out < -1024.0
+    base = np.where(padding, np.float32(-1024.0), out)
+    detail = base - ndimage.gaussian_filter(base, (0.0, sigma_px, sigma_px))
+    out[~padding] += np.float32(amount) * detail[~padding]
+    return out
+
+
+def soft_tissue_noise_hu(hu: np.ndarray, window: int = 7) -> float:
+    """The scan's noise: the median, over the pixels of the middle axial slice whose ``window`` x ``window`` mean
+    is soft tissue (0-80 HU), of the standard deviation in that window (HU)."""
+    from scipy import ndimage
+
+    plane = np.asarray(hu[hu.shape[0] // 2], dtype=np.float64)
+    mean = ndimage.uniform_filter(plane, window)
+    sd = np.sqrt(np.maximum(ndimage.uniform_filter(plane * plane, window) - mean * mean, 0.0))
+    tissue = (mean > 0.0) & (mean < 80.0)
+    return float(np.median(sd[tissue])) if tissue.any() else float("nan")
 
 
 def add_blob(hu: np.ndarray, blob: np.ndarray, value: float, noise_hu: float = 20.0, seed: int = 0) -> np.ndarray:
