@@ -186,6 +186,10 @@ def markdown(report: dict[str, Any]) -> str:
           if report.get("pseudo") else []),
         *([f"Labelled stage: batches resized by one of {', '.join(f'{f:g}' for f in s['config']['scales'])} "
            "at random (multi-scale training)."] if list(s["config"].get("scales", [1.0])) != [1.0] else []),
+        *([f"Augmentation also draws white noise (p {s['config']['augment']['p_noise']:g}) and a sharper or softer "
+           f"reconstruction kernel (p {s['config']['augment']['p_kernel']:g}) per slice, in every stage."]
+          if s["config"].get("augment", {}).get("p_noise") or s["config"].get("augment", {}).get("p_kernel")
+          else []),
         *([f"Labelled stage ends with the moving average of its weights (decay {s['config']['ema_decay']:g})."]
           if s["config"].get("ema_decay") else []),
         *([f"Labelled stage: {s['config']['soup']} models from the same start (other seeds), their weights "
