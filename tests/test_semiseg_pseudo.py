@@ -474,7 +474,8 @@ def test_cli_and_cv_benchmark_train_the_same_model(tmp_path: Path, monkeypatch: 
     labelled, pseudo = write_labelled(tmp_path / "l", 6), write_pseudo(tmp_path / "p", {"a": 4})
     common = ["--data", str(labelled), "--pseudo", str(pseudo), "--device", "cpu", "--folds", "2", "--size", "32",
               "--base-width", "4", "--epochs", "1", "--lr", "5e-4", "--pretrain-epochs", "1", "--pretrain-size",
-              "16", "--batch-size", "4", "--pseudo-per-batch", "2", "--amp", "off", "--flip-tta"]
+              "16", "--batch-size", "4", "--pseudo-per-batch", "2", "--amp", "off", "--flip-tta",
+              "--augment-noise", "0.3", "--augment-kernel", "0.3"]
     assert module.main([*common, "--out", str(tmp_path / "bench"), "--variants", "unet-fv-paspp-ds-2d",
                         "--no-progress"]) == 0
     with pytest.raises(SystemExit) as exc:
@@ -488,3 +489,5 @@ def test_cli_and_cv_benchmark_train_the_same_model(tmp_path: Path, monkeypatch: 
     b, _, _ = load_checkpoint(tmp_path / "cli" / "final.pt")
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    record = json.loads((tmp_path / "cli" / "config.json").read_text(encoding="utf-8"))
+    assert record["config"]["augment"]["p_kernel"] == 0.3 == bench["settings"]["config"]["augment"]["p_noise"]
