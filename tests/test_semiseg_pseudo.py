@@ -321,11 +321,16 @@ def test_shipped_model_records_what_inference_needs() -> None:
 
 def _cv_script(monkeypatch: pytest.MonkeyPatch) -> Any:
     """``benchmarks/semiseg_cv.py`` imported as a module."""
+    return _bench_script(monkeypatch, "semiseg_cv")
+
+
+def _bench_script(monkeypatch: pytest.MonkeyPatch, name: str) -> Any:
+    """``benchmarks/<name>.py`` imported as a module."""
     import importlib.util
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("semiseg_cv", root / "benchmarks" / "semiseg_cv.py")
+    spec = importlib.util.spec_from_file_location(name, root / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setattr(sys, "path", [str(root / "benchmarks"), *sys.path])
@@ -491,3 +496,28 @@ def test_cli_and_cv_benchmark_train_the_same_model(tmp_path: Path, monkeypatch: 
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     record = json.loads((tmp_path / "cli" / "config.json").read_text(encoding="utf-8"))
     assert record["config"]["augment"]["p_kernel"] == 0.3 == bench["settings"]["config"]["augment"]["p_noise"]
+
+    # the held-out slices again, altered: the fold models are found and give their own scores back unaltered
+    kernels = _bench_script(monkeypatch, "semiseg_kernels")
+    out = tmp_path / "kernels.json"
+    assert kernels.main(["--data", str(labelled), "--run", str(tmp_path / "bench"), "--alterations",
+                         "sharpen:2,noise:8", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text(encoding="utf-8"))["alterations"]
+    assert list(rows) == ["none", "sharpen:2", "noise:8"]
+    assert rows["none"]["folds"] == pytest.approx([f["metrics"]["mean_dice_infnet"] for f in cv["folds"]])
+    assert kernels.main(["--data", str(labelled), "--run", str(tmp_path / "nothing")]) == 2
+
+
+def test_kernel_alterations_of_8_bit_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    kernels = _bench_script(monkeypatch, "semiseg_kernels")
+    rng = np.random.default_rng(0)
+    image = (np.round(rng.uniform(60, 200, (40, 40))) / 255.0).astype(np.float32)
+    assert kernels.alter(image, "none") is image
+    sharp = kernels.alter(image, "sharpen:2")
+    noisy = kernels.alter(image, "noise:15")
+    for out in (sharp, noisy):
+        assert out.shape == image.shape and out.min() >= 0.0 and out.max() <= 1.0
+        assert np.allclose(out * 255.0, np.round(out * 255.0), atol=1e-4)  # 8-bit levels, as a jpg holds them
+    assert float(np.std(sharp - image)) > 0.05 and abs(float(np.mean(noisy - image))) < 0.01
+    with pytest.raises(ValueError, match="alteration"):
+        kernels.alter(image, "blur:1")
