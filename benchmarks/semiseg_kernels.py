@@ -98,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     alterations = [a.strip() for a in args.alterations.split(",") if a.strip()]
     if "none" not in alterations:
         alterations.insert(0, "none")
-    torch.set_grad_enabled(False)
     scores: dict[str, list[dict[str, float]]] = {a: [] for a in alterations}
     settings: dict[str, Any] = {}
     for fold_file in folds:
@@ -107,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         test = [by_name[name] for name in fold["test"]]
         for a in alterations:
             altered = [dataclasses.replace(s, image=alter(s.image, a, seed=i)) for i, s in enumerate(test)]
-            probs = predict_slices(model, altered, tuple(settings["size"]), torch.device("cpu"), settings["amp"],
-                                   flip_tta=settings["flip_tta"])
+            with torch.no_grad():  # not torch.set_grad_enabled(False): it would outlive main() in a caller
+                probs = predict_slices(model, altered, tuple(settings["size"]), torch.device("cpu"),
+                                       settings["amp"], flip_tta=settings["flip_tta"])
             scores[a].append(summarize(score_slices(probs, altered)))
         own = fold["metrics"]["mean_dice_infnet"]
         again = scores["none"][-1]["mean_dice_infnet"]

@@ -506,6 +506,7 @@ def test_cli_and_cv_benchmark_train_the_same_model(tmp_path: Path, monkeypatch: 
     assert list(rows) == ["none", "sharpen:2", "noise:8"]
     assert rows["none"]["folds"] == pytest.approx([f["metrics"]["mean_dice_infnet"] for f in cv["folds"]])
     assert kernels.main(["--data", str(labelled), "--run", str(tmp_path / "nothing")]) == 2
+    assert torch.is_grad_enabled()  # the script leaves the caller's autograd as it was
 
 
 def test_kernel_alterations_of_8_bit_slices(monkeypatch: pytest.MonkeyPatch) -> None:
