@@ -44,20 +44,21 @@ REPRODUCE_TOL = 1e-6
 
 
 def alter(image: np.ndarray, alteration: str, seed: int = 0) -> np.ndarray:
-    """``image`` (``(H, W)`` float in [0, 1], 8-bit levels / 255) altered as ``alteration`` says."""
-    from scipy import ndimage
+    """``image`` (``(H, W)`` float in [0, 1], 8-bit levels / 255) altered as ``alteration`` says, by the CT
+    perturbations of ``covidseg.phantom.perturb`` applied to its levels as a one-slice volume."""
+    from covidseg.phantom import perturb
 
     kind, _, value = alteration.partition(":")
     if kind == "none":
         return image
-    levels = np.asarray(image, dtype=np.float64) * 255.0
+    levels = (np.asarray(image, dtype=np.float32) * np.float32(255.0))[None]  # (1, H, W): no value is padding
     if kind == "sharpen":
-        levels = levels + float(value) * (levels - ndimage.gaussian_filter(levels, 1.0))
+        levels = perturb.sharpen(levels, float(value))
     elif kind == "noise":
-        levels = levels + np.random.default_rng(seed).normal(0.0, float(value), levels.shape)
+        levels = perturb.add_noise(levels, float(value), seed=seed)
     else:
         raise ValueError(f"alteration {alteration!r}: expected none, sharpen:A or noise:L")
-    return (np.clip(np.round(levels), 0.0, 255.0) / 255.0).astype(np.float32)
+    return (np.clip(np.round(levels[0]), 0.0, 255.0) / 255.0).astype(np.float32)
 
 
 def fold_model(state_path: Path) -> tuple[Any, dict[str, Any]]:
