@@ -56,7 +56,7 @@ except ImportError:  # a plain checkout: use its src/ folder
 import torch
 from _stamp import commit_or_unknown
 
-from covidseg.config import AugmentConfig, SemisegConfig
+from covidseg.config import FLIP_TTA, AugmentConfig, SemisegConfig, flip_tta_name
 from covidseg.io.atomic import atomic_write_text
 from covidseg.runtime import resolve_device
 from covidseg.semiseg.data import load_folder, resize_stack
@@ -76,6 +76,11 @@ CALIBRATION_EPOCHS = 2
 """Epochs timed per variant for ``--epochs auto`` (after one warm-up epoch)."""
 EVAL_MARGIN = 1.1
 """Budget factor for fold evaluation and bookkeeping around the timed training."""
+
+
+FLIP_TTA_WORDS = {"off": "no flip TTA", "lr": "flip TTA on (left-right mirror)",
+                  "all": "flip TTA on (left-right, front-back and both mirrors)"}
+"""How the tables name each ``--flip-tta``."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,7 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(progressive resizing; default: --size)")
     g.add_argument("--pseudo-per-batch", type=int, default=4,
                    help="pseudo-labelled slices in each batch of the labelled stage (of --batch-size)")
-    g.add_argument("--flip-tta", action="store_true", help="predict with a left-right mirror averaged in")
+    g.add_argument("--flip-tta", nargs="?", const="lr", default="off", choices=list(FLIP_TTA),
+                   help="predict with mirrors averaged in: lr (the bare flag) the left-right mirror, all also the "
+                        "front-back mirror and both (default: off)")
     p.add_argument("--scales", default="1",
                    help="comma-separated resize factors of the labelled stage's batches, one drawn per batch "
                         "(Inf-Net: 0.75,1,1.25); 1 = every batch at --size")
@@ -181,8 +188,8 @@ def markdown(report: dict[str, Any]) -> str:
            f"{s['config']['pretrain_epochs']} epochs at lr {s['config']['pretrain_lr']:g}"
            + (f" and {s['config']['pretrain_size'][0]}x{s['config']['pretrain_size'][1]} px"
               if s['config'].get('pretrain_size') else "") + ", then "
-           f"{s['config']['pseudo_per_batch']} of every {s['batch_size']} slices per batch; flip TTA "
-           f"{'on' if s['config']['flip_tta'] else 'off'}. Held-out folds hold expert slices only."]
+           f"{s['config']['pseudo_per_batch']} of every {s['batch_size']} slices per batch; "
+           f"{FLIP_TTA_WORDS[flip_tta_name(s['config']['flip_tta'])]}. Held-out folds hold expert slices only."]
           if report.get("pseudo") else []),
         *([f"Labelled stage: batches resized by one of {', '.join(f'{f:g}' for f in s['config']['scales'])} "
            "at random (multi-scale training)."] if list(s["config"].get("scales", [1.0])) != [1.0] else []),

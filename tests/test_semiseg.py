@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -289,6 +290,12 @@ def test_training_is_deterministic_and_cv_scores(tmp_path: Path) -> None:
     probs = predict_slices(m1, slices, cfg.size, device)
     assert [p.shape for p in probs] == [s.shape for s in slices]  # back at each GT's size
     assert all(0.0 <= p.min() and p.max() <= 1.0 for p in probs)
+    # flip TTA: the mean of the mirrorings' logits, resized back as one map
+    mirrored = [dataclasses.replace(s, image=s.image[::-1, ::-1].copy()) for s in slices]
+    lr, every = (predict_slices(m1, slices, cfg.size, device, flip_tta=t) for t in ("lr", "all"))
+    assert all(np.isfinite(p).all() and 0.0 <= p.min() and p.max() <= 1.0 for p in lr + every)
+    for p, q in zip(every, predict_slices(m1, mirrored, cfg.size, device, flip_tta="all"), strict=True):
+        np.testing.assert_allclose(p, q[::-1, ::-1], atol=1e-5)  # the four mirrorings are a symmetric set
     folds_seen: list[int] = []
     cv = cross_validate(slices, SemisegConfig(variant="unet-2d", folds=2, **TINY), device, progress=False,
                         on_fold=lambda f: folds_seen.append(f["fold"]))
@@ -322,6 +329,28 @@ def test_a_2d_run_is_its_batch_source_and_the_shared_step(tmp_path: Path) -> Non
                         bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight)  # other weights: the check can fail
     assert not all(torch.equal(v, other.model.state_dict()[k]) for k, v in trained.state_dict().items()
                    if v.is_floating_point())
+
+
+class _Ramps(torch.nn.Module):
+    """Logit = the input plus a ramp along the rows and one along the columns: each mirror changes the output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.linspace(-1.0, 1.0, x.shape[-2]).view(-1, 1) + torch.linspace(-2.0, 2.0, x.shape[-1])
+
+
+def test_cv_prediction_averages_the_mirrorings_logits(tmp_path: Path) -> None:
+    """The cross-validation's ``flip_tta``: ``lr`` the slice and its left-right mirror, ``all`` the four mirrorings
+    (at the slice's own size nothing is resized, so the mean of the logits can be written down)."""
+    from covidseg.config import FLIP_TTA
+
+    slices = load_folder(write_folder(tmp_path, n=1))
+    x = torch.from_numpy(np.stack([s.image for s in slices]))[:, None]
+    model, size = _Ramps(), slices[0].shape
+    logits = [model(x)] + [torch.flip(model(torch.flip(x, d)), d) for d in FLIP_TTA["all"]]
+    for tta, n in (("off", 1), ("lr", 2), ("all", 4)):
+        want = torch.sigmoid(sum(logits[:n]) / n)[:, 0].numpy()
+        got = np.stack(predict_slices(model, slices, size, torch.device("cpu"), amp="off", flip_tta=tta))
+        np.testing.assert_allclose(got, want, atol=1e-6, err_msg=tta)
 
 
 def test_checkpoint_roundtrip_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -209,6 +209,21 @@ def test_a_state_saved_before_a_setting_existed_resumes_at_its_default(tmp_path:
                     CPU, progress=False, state_path=state)
 
 
+def test_a_state_resumes_under_another_prediction_setting(tmp_path: Path) -> None:
+    """``flip_tta`` and ``threshold`` say how the model predicts, not how it trains: a finished state saved under
+    one (here the bool an older covidseg wrote) ends at once under another with the same weights."""
+    images, masks = resize_stack(load_folder(write_labelled(tmp_path / "l", 4)), (32, 32))
+    cfg = SemisegConfig(variant="unet-2d", **{**TINY, "pseudo_per_batch": 0, "flip_tta": "lr"})
+    state = tmp_path / "run.state.pt"
+    done = _weights(train_model(images, masks, cfg, CPU, progress=False, state_path=state))
+    saved = torch.load(state, weights_only=False)
+    saved["config"]["flip_tta"] = True
+    torch.save(saved, state)
+    other = dataclasses.replace(cfg, flip_tta="all", threshold=0.4)
+    again = _weights(train_model(images, masks, other, CPU, progress=False, state_path=state))
+    assert all(torch.equal(again[k], done[k]) for k in done)
+
+
 def test_multiscale_batches_take_each_size_and_keep_binary_masks(tmp_path: Path) -> None:
     from covidseg.errors import ConfigError
     from covidseg.training.slices import scaled_sizes
@@ -314,7 +329,7 @@ def test_shipped_model_records_what_inference_needs() -> None:
     cfg = meta["semiseg"]
     assert cfg["variant"] == "unet-fv-paspp-ds-2d" and ckpt["config"]["model"]["name"] == cfg["variant"]
     assert {"base_width", "depth", "size"} <= set(cfg) and meta["input_size"] == cfg["size"]
-    assert 0.0 < meta["threshold"] < 1.0 and isinstance(meta["flip_tta"], bool)
+    assert 0.0 < meta["threshold"] < 1.0 and meta["flip_tta"] in (True, "lr", "all")
     assert "/ 255" in meta["input"] and "COVID-SemiSeg" in meta["input"]
     assert meta["n_pseudo"] == 1600 and cfg["pretrain_epochs"] > 0 and cfg["pseudo_per_batch"] > 0
 

@@ -161,9 +161,44 @@ def test_identity_model_gives_back_the_markers_in_place() -> None:
 def test_flip_tta_of_a_flip_equivariant_model_changes_nothing() -> None:
     x = torch.rand(5, 1, 16, 16)
     plain = predict_slices(LogitOfInput(), x, batch_size=2)
-    tta = predict_slices(LogitOfInput(), x, batch_size=3, flip_tta=True)
+    tta = predict_slices(LogitOfInput(), x, batch_size=3, flip_tta="all")
     np.testing.assert_allclose(plain, x.numpy(), atol=1e-5)
     np.testing.assert_allclose(tta, plain, atol=1e-5)
+
+
+class NotMirrorSymmetric(torch.nn.Module):
+    """Logit = the input plus a ramp along the rows and one along the columns: each mirror changes the output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = torch.linspace(-1.0, 1.0, x.shape[-2]).view(-1, 1)
+        cols = torch.linspace(-2.0, 2.0, x.shape[-1]).view(1, -1)
+        return x + rows + cols
+
+
+def test_flip_tta_averages_the_mirrored_logits() -> None:
+    """``flip_tta="all"`` (the shipped model's) is the sigmoid of the mean of the four mirrorings' logits."""
+    from covidseg.config import FLIP_TTA
+
+    x = torch.rand(3, 1, 8, 12)
+    model = NotMirrorSymmetric()
+    logits = [torch.flip(model(torch.flip(x, d) if d else x), d) if d else model(x) for d in ((), *FLIP_TTA["all"])]
+    want = torch.sigmoid(sum(logits) / 4).numpy()
+    got = predict_slices(model, x, batch_size=2, flips=FLIP_TTA["all"])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    lr = predict_slices(model, x, batch_size=2, flips=FLIP_TTA["lr"])
+    np.testing.assert_allclose(lr, torch.sigmoid((logits[0] + logits[1]) / 2).numpy(), atol=1e-6)
+    assert np.abs(got - lr).max() > 0.05  # the front-back mirror does change this model's answer
+
+
+def test_flip_tta_settings() -> None:
+    from covidseg.config import flip_tta_dims, flip_tta_name
+    from covidseg.errors import ConfigError
+
+    assert flip_tta_dims(True) == ((-1,),) and flip_tta_dims(False) == () and flip_tta_dims(None) == ()
+    assert flip_tta_dims("all") == ((-1,), (-2,), (-2, -1)) and flip_tta_name(True) == "lr"
+    assert flip_tta_name("all") == "all" and flip_tta_name(None) == "off"
+    with pytest.raises(ConfigError, match="expected one of off, lr, all"):
+        flip_tta_dims("both")
 
 
 # --------------------------------------------------------------------------------------------- stride

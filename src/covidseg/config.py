@@ -317,6 +317,34 @@ class AugmentConfig:
     """The Gaussian's sigma in pixels of the training size, drawn uniformly."""
 
 
+FLIP_TTA: dict[str, tuple[tuple[int, ...], ...]] = {"off": (), "lr": ((-1,),), "all": ((-1,), (-2,), (-2, -1))}
+"""The mirrored copies a slice model's test-time augmentation averages with the slice itself, as tensor dims of a
+``(B, C, H, W)`` batch: ``lr`` the left-right mirror (the image's columns), ``all`` also the front-back mirror
+(its rows) and both, as nnU-Net mirrors along every axis it trained with mirroring."""
+
+
+def flip_tta_name(value: object) -> str:
+    """The :data:`FLIP_TTA` name of a ``flip_tta`` setting (see :func:`flip_tta_dims`)."""
+    dims = flip_tta_dims(value)
+    return next(name for name, d in FLIP_TTA.items() if d == dims)
+
+
+def flip_tta_dims(value: object) -> tuple[tuple[int, ...], ...]:
+    """The flips of a ``flip_tta`` setting: a :data:`FLIP_TTA` name, or a bool as older runs and checkpoints wrote
+    it (``True`` = ``lr``, ``False`` / ``None`` = ``off``).
+
+    Raises:
+        ConfigError: any other value.
+    """
+    if value is None or value is False:
+        return ()
+    if value is True:
+        return FLIP_TTA["lr"]
+    if isinstance(value, str) and value in FLIP_TTA:
+        return FLIP_TTA[value]
+    raise ConfigError(f"flip_tta {value!r}: expected one of {', '.join(FLIP_TTA)}")
+
+
 @dataclass
 class SemisegConfig:
     """Settings of a 2D slice training run (``covidseg semiseg train``, ``benchmarks/semiseg_cv.py``), written into
@@ -362,8 +390,10 @@ class SemisegConfig:
     pseudo_per_batch: int = 0
     """Pseudo-labelled slices mixed into every batch of the labelled stage (the rest of ``batch_size`` is
     labelled slices); 0 = labelled slices only."""
-    flip_tta: bool = False
-    """Prediction averages the logits of the slice and of its left-right mirror (the shipped model's setting)."""
+    flip_tta: str = "off"
+    """Test-time mirroring of prediction (:data:`FLIP_TTA`): ``off``, ``lr`` (the slice and its left-right mirror)
+    or ``all`` (also the front-back mirror and both: every mirroring the training's flips draw; the shipped
+    model's setting). A prediction setting: a training state resumes under another one."""
     threshold: float = 0.5
     """Probability at or above which a pixel is infection (the binary masks; Inf-Net's mean Dice sweeps it)."""
     scales: tuple[float, ...] = (1.0,)
@@ -377,6 +407,9 @@ class SemisegConfig:
     ema_decay: float = 0.0
     """The labelled stage ends with an exponential moving average of its weights and batch-norm buffers, updated
     after every step with this decay (``torch.optim.swa_utils``); 0 = the last step's weights."""
+
+    PREDICTION_KEYS: typing.ClassVar[tuple[str, ...]] = ("flip_tta", "threshold")
+    """Settings of prediction only: a training state saved under other values of them still resumes."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists) for JSON and checkpoints."""

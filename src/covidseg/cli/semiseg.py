@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from covidseg.cli._common import formatter
+from covidseg.config import FLIP_TTA
 
 DESCRIPTION = """\
 The report's network in 2D mode on the expert-labelled COVID-SemiSeg slices (Fan et al., Inf-Net, IEEE TMI 2020;
@@ -55,8 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     t.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="mixed precision (auto: bf16/fp16 on CUDA, off on CPU)")
-    t.add_argument("--flip-tta", action="store_true",
-                   help="predict with the left-right mirror's logits averaged in (scores and the saved model)")
+    t.add_argument("--flip-tta", nargs="?", const="lr", default="off", choices=list(FLIP_TTA),
+                   help="test-time mirroring of the scores and the saved model: lr (the bare flag) averages the "
+                        "left-right mirror's logits in, all also the front-back mirror and both (default: off)")
     t.add_argument("--no-final", action="store_true", help="skip the final model on all slices")
     t.add_argument("--force", action="store_true",
                    help="start again in a run folder that holds a run (its results and saved states are replaced)")

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from covidseg.config import flip_tta_dims
 from covidseg.errors import InputError
 
 Orientation = Literal["lps", "las"]
@@ -381,7 +382,7 @@ def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def predict_slices(model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 16,
-                   flip_tta: bool = False, device: str | torch.device = "cpu",
+                   flip_tta: str | bool = "off", device: str | torch.device = "cpu",
                    flips: Sequence[tuple[int, ...]] | None = None, channels_last: bool = False) -> np.ndarray:
     """Sigmoid probabilities of a 2D one-channel model over prepared slices, batch by batch.
 
@@ -389,8 +390,8 @@ def predict_slices(model: torch.nn.Module, images: np.ndarray | torch.Tensor, ba
         model: any torch module mapping ``(B, 1, S, S)`` to ``(B, 1, S, S)`` logits; put into ``eval()``.
         images: ``(N, 1, S, S)`` float32 in [0, 1] (:attr:`PreparedSlices.images`).
         batch_size: slices per forward pass.
-        flip_tta: also run each batch flipped along each image axis and average the three passes' logits
-            (the model was trained with both flips; costs 3 forward passes).
+        flip_tta: average the logits of mirrored copies in (:func:`covidseg.config.flip_tta_dims`: ``lr`` the
+            left-right mirror, ``all`` every mirroring of both axes, 4 forward passes; ``True`` = ``lr``).
         device: where the model runs; it is moved there.
         flips: the flipped copies to average with the slice itself, as tensor dims (``((-1,),)``: the mirror
             along the last axis); replaces ``flip_tta`` when given.
@@ -410,7 +411,7 @@ def predict_slices(model: torch.nn.Module, images: np.ndarray | torch.Tensor, ba
         return out
     dev = torch.device(device)
     model = model.to(dev).eval()
-    extra = list(flips) if flips is not None else ([(-1,), (-2,)] if flip_tta else [])
+    extra = list(flips) if flips is not None else list(flip_tta_dims(flip_tta))
     passes: list[tuple[int, ...]] = [(), *extra]
     with torch.inference_mode():
         for start in range(0, x_all.shape[0], batch_size):
@@ -428,7 +429,7 @@ def predict_slices(model: torch.nn.Module, images: np.ndarray | torch.Tensor, ba
 
 def infection_probabilities(model: torch.nn.Module, hu: np.ndarray, spacing: Sequence[float], lungs: np.ndarray,
                             convention: SliceConvention | None = None, batch_size: int = 16,
-                            flip_tta: bool = False, device: str | torch.device = "cpu") -> np.ndarray:
+                            flip_tta: str | bool = "off", device: str | torch.device = "cpu") -> np.ndarray:
     """``(D, H, W)`` float32 infection probabilities of a CT from a 2D slice model (0 outside the lungs' boxes).
 
     :func:`prepare_slices` -> :func:`predict_slices` -> :func:`restore_volume`; see them for the arguments.

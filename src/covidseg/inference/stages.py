@@ -25,7 +25,15 @@ import numpy as np
 from scipy import ndimage
 
 from covidseg.checkpoint import SLICE_TASK, default_checkpoint
-from covidseg.config import Config, InferenceConfig, IntensityConfig, LungConfig, RuntimeConfig
+from covidseg.config import (
+    Config,
+    InferenceConfig,
+    IntensityConfig,
+    LungConfig,
+    RuntimeConfig,
+    flip_tta_dims,
+    flip_tta_name,
+)
 from covidseg.errors import InputError
 from covidseg.inference.backends import LoadedModel
 from covidseg.inference.lungs import find_lungs, model_lungs
@@ -274,9 +282,6 @@ class SlidingWindowInfection:
 
 SLICE_BATCH = 16
 """Slices per forward pass of a slice model."""
-SLICE_MODEL_FLIPS: tuple[tuple[int, ...], ...] = ((-1,),)
-"""Flip TTA of a slice model whose meta says ``flip_tta``: the slice and its mirror along the image's last axis,
-the two that ``covidseg semiseg train`` averages in its cross-validation."""
 MIN_COMPONENT_ML = 0.1
 """A slice model's infection components (26-connected in 3D, inside the lungs) smaller than this are dropped (mL):
 specks of a few voxels are not a lesion the report should count."""
@@ -319,8 +324,8 @@ class SliceInfection:
     """Stage 2 by a 2D slice model: each processed axial slice through the lungs' box made into a training slice
     (window, orientation, crop, slice stride: :mod:`covidseg.inference.slices`) and back to the CT grid.
 
-    The probability is the model's (with the flip TTA its meta asks for, :data:`SLICE_MODEL_FLIPS`) inside each
-    slice's lung box, linearly interpolated between processed slices. Then two rules set it to 0, so that the
+    The probability is the model's (with the mirrors its meta's ``flip_tta`` asks for,
+    :data:`covidseg.config.FLIP_TTA`: those its cross-validation averaged) inside each slice's lung box, linearly interpolated between processed slices. Then two rules set it to 0, so that the
     infection mask and ``probability.nii.gz`` agree: voxels of ``probability >= threshold`` inside the lungs on
     the partial-volume ramp above the diaphragm (:func:`~covidseg.inference.partial_volume.diaphragm_band`,
     within ``partial_volume_mm``), then the connected components of what is left smaller than
@@ -361,7 +366,8 @@ class SliceInfection:
         self.min_component_ml = float(min_component_ml)
         self.partial_volume_mm = float(partial_volume_mm)
         self.partial_volume_ml = 0.0
-        self.flips = SLICE_MODEL_FLIPS if bool(model.meta.get("flip_tta", False)) else ()
+        self.flip_tta = flip_tta_name(model.meta.get("flip_tta"))
+        self.flips = flip_tta_dims(self.flip_tta)
         self.shipped = _is_shipped(model.source)
         self.slices_run = 0
 
@@ -422,7 +428,7 @@ class SliceInfection:
         inference = {"runner": "slices", "window_hu": list(conv.window_hu), "orientation": conv.orientation,
                      "crop_margin_fraction": conv.margin_fraction, "min_box_fraction": conv.min_box_fraction,
                      "min_slice_spacing_mm": conv.min_slice_spacing_mm, "slices_run": self.slices_run,
-                     "flip_tta": bool(self.flips), "threshold": self.threshold,
+                     "flip_tta": self.flip_tta, "threshold": self.threshold,
                      "min_component_ml": self.min_component_ml, "partial_volume_mm": self.partial_volume_mm,
                      "partial_volume_removed_ml": round(self.partial_volume_ml, 2), "device": self.device,
                      "channels_last": self.channels_last,

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from covidseg.checkpoint import default_checkpoint, resolve_checkpoint
-from covidseg.config import SLICE_SIZE
+from covidseg.config import SLICE_SIZE, flip_tta_name
 from covidseg.errors import InputError
 from covidseg.models.heads import set_heads
 from covidseg.runtime import resolve_device
@@ -63,7 +63,7 @@ def evaluate_folder(
     model, meta = load_semiseg_model(checkpoint, dev)
     size = tuple(int(s) for s in meta.get("input_size", SLICE_SIZE))
     t0 = time.perf_counter()
-    flip_tta = bool(meta.get("flip_tta", False))
+    flip_tta = flip_tta_name(meta.get("flip_tta"))
     probs = predict_slices(model, slices, (size[0], size[1]), dev, amp=amp, flip_tta=flip_tta)
     rows = score_slices(probs, slices)
     result: dict[str, Any] = {"n_images": len(rows), **summarize(rows)}

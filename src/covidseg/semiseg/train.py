@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from covidseg.config import SemisegConfig
+from covidseg.config import FLIP_TTA, SemisegConfig, flip_tta_dims
 from covidseg.errors import ConfigError
 from covidseg.models.heads import set_heads
 from covidseg.runtime import autocast_dtype
@@ -98,19 +98,21 @@ def pseudo_stacks(pseudo: Sequence[Slice], cfg: SemisegConfig) -> tuple[Stack, S
 @torch.no_grad()
 def predict_slices(
     model: nn.Module, slices: Sequence[Slice], size: tuple[int, int], device: torch.device,
-    amp: str = "auto", batch: int = 8, flip_tta: bool = False,
+    amp: str = "auto", batch: int = 8, flip_tta: str | bool = "off",
 ) -> list[np.ndarray]:
     """Sigmoid probability maps of ``slices``, each at its own GT size.
 
     The slice is resized to ``size``, the logits are resized back bilinearly to the slice's size and then passed
-    through the sigmoid (Inf-Net's test script upsamples its logits the same way). With ``flip_tta`` the logits
-    are the mean of those of the slice and of its left-right mirror (mirrored back).
+    through the sigmoid (Inf-Net's test script upsamples its logits the same way). With ``flip_tta``
+    (:func:`~covidseg.config.flip_tta_dims`) the logits are the mean of those of the slice and of its mirrors
+    (mirrored back): ``lr`` in the autocast dtype as the left-right mirror always was, ``all`` in float32.
 
     Returns:
         One ``(H_i, W_i)`` float32 array per slice.
     """
     import torch.nn.functional as F
 
+    flips = flip_tta_dims(flip_tta)
     set_heads(model, False)
     model.eval()
     dtype = autocast_dtype(amp, device, setting="--amp")
@@ -120,8 +122,13 @@ def predict_slices(
         x = torch.stack([resize_image(s.image, size) for s in chunk]).to(device)  # (b, 1, h, w)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x)
-            if flip_tta:
+            if flips == FLIP_TTA["lr"]:  # (as the committed cross-validations of the left-right mirror ran)
                 logits = 0.5 * (logits + model(x.flip(-1)).flip(-1))
+            elif flips:
+                total = logits.float()
+                for dims in flips:
+                    total = total + model(x.flip(dims)).flip(dims).float()
+                logits = total / (1 + len(flips))
         logits = logits.float()  # (b, 1, h, w)
         for i, s in enumerate(chunk):
             full = F.interpolate(logits[i:i + 1], size=s.shape, mode="bilinear", align_corners=False)

@@ -184,7 +184,10 @@ def _resume(path: Path, engine: Engine, batches: SliceBatches, cfg: SemisegConfi
         raise UserError(f"{path}: not a training state of this version of covidseg; {hint}")
     # a setting added after the state was saved ran at its default
     saved = {**SemisegConfig().to_dict(), **state["config"]} if isinstance(state.get("config"), dict) else None
-    if saved != cfg.to_dict():
+    if saved is not None:  # how the model will predict is not the training's business
+        saved = {k: v for k, v in saved.items() if k not in SemisegConfig.PREDICTION_KEYS}
+    wanted = {k: v for k, v in cfg.to_dict().items() if k not in SemisegConfig.PREDICTION_KEYS}
+    if saved != wanted:
         raise ConfigError(f"{path}: saved by a run with other settings; rerun with the same settings or {hint}")
     engine.model.load_state_dict(state["model"])
     load_engine_state(engine, state["train_state"])
