@@ -9,6 +9,9 @@ the fold's own CV scores again: checked) and once per alteration of their 8-bit 
   8-bit levels as a jpg holds them;
 - ``noise:L``: white Gaussian noise of ``L`` 8-bit levels (5.3 HU a level in the window of the real-CT slices).
 
+Prediction is the run's own (its ``--flip-tta`` mirrors); ``--flip-tta`` scores the same fold models with other
+mirrors instead.
+
 So the held-out Dice of the expert-labelled slices says whether a model still finds infection on scans with
 other kernels, as the false positives of ``benchmarks/real_ct.py --sharpen`` say whether it stays quiet on normal
 lungs. The altered slices keep their expert masks; the slices were windowed from their CTs before the alteration,
@@ -36,6 +39,8 @@ except ImportError:  # a plain checkout: use its src/ folder
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from _stamp import write_results
+
+from covidseg.config import flip_tta_name
 
 ALTERATIONS = ("none", "sharpen:2", "sharpen:3", "noise:8", "noise:15")
 """The default alterations: a moderately and a clearly sharper kernel; about 40 and 80 HU of white noise."""
@@ -76,12 +81,25 @@ def fold_model(state_path: Path) -> tuple[Any, dict[str, Any]]:
     return model, c
 
 
+def run_flip_tta(run: Path) -> str | None:
+    """The ``--flip-tta`` a finished ``semiseg_cv.py`` run scored its folds with (its ``semiseg_cv.json``), or
+    ``None`` when the run folder has no report (then each fold state's own setting is used)."""
+    report = run / "semiseg_cv.json"
+    if not report.is_file():
+        return None
+    value = json.loads(report.read_text(encoding="utf-8")).get("settings", {}).get("config", {}).get("flip_tta")
+    return None if value is None else flip_tta_name(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, type=Path, help="COVID-SemiSeg folder of the run (the 50 train slices)")
     p.add_argument("--run", required=True, type=Path, help="the --out folder of a finished semiseg_cv.py run")
     p.add_argument("--variant", default="unet-fv-paspp-ds-2d")
     p.add_argument("--alterations", default=",".join(ALTERATIONS), help="comma-separated: none, sharpen:A, noise:L")
+    p.add_argument("--flip-tta", default=None, choices=["off", "lr", "all"],
+                   help="predict with these mirrors instead of the run's own --flip-tta (its semiseg_cv.json); "
+                        "then the unaltered scores are the fold models' under it, not checked against the run's")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     import torch
@@ -95,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     if not folds:
         print(f"{work}: no fold*.json; expected the --out folder of a finished semiseg_cv.py run", file=sys.stderr)
         return 2
+    run_tta = run_flip_tta(args.run)
+    flip_tta = args.flip_tta or run_tta
     by_name = {s.name: s for s in load_folder(args.data)}
     alterations = [a.strip() for a in args.alterations.split(",") if a.strip()]
     if "none" not in alterations:
@@ -109,11 +129,11 @@ def main(argv: list[str] | None = None) -> int:
             altered = [dataclasses.replace(s, image=alter(s.image, a, seed=i)) for i, s in enumerate(test)]
             with torch.no_grad():  # not torch.set_grad_enabled(False): it would outlive main() in a caller
                 probs = predict_slices(model, altered, tuple(settings["size"]), torch.device("cpu"),
-                                       settings["amp"], flip_tta=settings["flip_tta"])
+                                       settings["amp"], flip_tta=flip_tta or settings["flip_tta"])
             scores[a].append(summarize(score_slices(probs, altered)))
         own = fold["metrics"]["mean_dice_infnet"]
         again = scores["none"][-1]["mean_dice_infnet"]
-        if not math.isclose(own, again, abs_tol=REPRODUCE_TOL):
+        if (args.flip_tta in (None, run_tta)) and not math.isclose(own, again, abs_tol=REPRODUCE_TOL):
             print(f"{fold_file}: unaltered mean Dice {again:.6f}, the run's own {own:.6f}: not the run's model "
                   "or data", file=sys.stderr)
             return 1
@@ -131,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{rows[a]['precision']:.3f}")
     if args.json:
         write_results(args.json, {"benchmark": "semiseg_kernels", "run": str(args.run), "variant": args.variant,
-                                  "augment": settings.get("augment"), "alterations": rows},
+                                  "augment": settings.get("augment"),
+                                  "flip_tta": flip_tta_name(flip_tta or settings.get("flip_tta")), "alterations": rows},
                       {"data": str(args.data), "run_command": "benchmarks/semiseg_cv.py --out " + str(args.run)})
         print(f"wrote {args.json}")
     return 0

@@ -520,6 +520,10 @@ def test_cli_and_cv_benchmark_train_the_same_model(tmp_path: Path, monkeypatch: 
     rows = json.loads(out.read_text(encoding="utf-8"))["alterations"]
     assert list(rows) == ["none", "sharpen:2", "noise:8"]
     assert rows["none"]["folds"] == pytest.approx([f["metrics"]["mean_dice_infnet"] for f in cv["folds"]])
+    assert json.loads(out.read_text(encoding="utf-8"))["flip_tta"] == "lr"  # the run's own
+    assert kernels.main(["--data", str(labelled), "--run", str(tmp_path / "bench"), "--alterations", "none",
+                         "--flip-tta", "all", "--json", str(out)]) == 0  # other mirrors: not the run's scores
+    assert json.loads(out.read_text(encoding="utf-8"))["flip_tta"] == "all"
     assert kernels.main(["--data", str(labelled), "--run", str(tmp_path / "nothing")]) == 2
     assert torch.is_grad_enabled()  # the script leaves the caller's autograd as it was
 
