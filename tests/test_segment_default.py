@@ -76,7 +76,7 @@ def test_no_checkpoint_runs_the_shipped_model(phantom_ct: Path, default_out: Pat
     assert model["name"] == "unet-fv-paspp-ds-2d"
     assert model["checkpoint"].startswith("default (shipped)")
     assert model["task"] == SLICE_TASK and "not a medical device" in model["use"]
-    assert inference["runner"] == "slices" and inference["flip_tta"] in ("lr", "all")
+    assert inference["runner"] == "slices" and inference["flip_tta"] == "all"
     assert inference["threshold"] == pytest.approx(0.5) and inference["slices_run"] > 0
     assert report["lung_findings"]["found"] is True  # the classical lung stage's findings reach the report
     assert report["lungs"]["both"]["infection_ml"] == pytest.approx(

@@ -329,7 +329,7 @@ def test_shipped_model_records_what_inference_needs() -> None:
     cfg = meta["semiseg"]
     assert cfg["variant"] == "unet-fv-paspp-ds-2d" and ckpt["config"]["model"]["name"] == cfg["variant"]
     assert {"base_width", "depth", "size"} <= set(cfg) and meta["input_size"] == cfg["size"]
-    assert 0.0 < meta["threshold"] < 1.0 and meta["flip_tta"] in (True, "lr", "all")
+    assert 0.0 < meta["threshold"] < 1.0 and meta["flip_tta"] == "all"
     assert "/ 255" in meta["input"] and "COVID-SemiSeg" in meta["input"]
     assert meta["n_pseudo"] == 1600 and cfg["pretrain_epochs"] > 0 and cfg["pseudo_per_batch"] > 0
 
