@@ -15,7 +15,7 @@ MedSeg). A data folder holds Imgs/N.jpg and GT/N.png (optional GT-multiclass/N.p
   covidseg semiseg train --data ../shared/data/covid-semiseg/train --out runs/semiseg
   covidseg semiseg train --data ../shared/data/covid-semiseg/train --pseudo ../shared/data/covid-semiseg/pseudo \
       --out runs/semi --pretrain-epochs 27 --pretrain-size 192 --size 256 --base-width 8 --epochs 15 --lr 5e-4 \
-      --flip-tta --amp bf16          # the shipped model's recipe (semi-supervised)
+      --flip-tta all --amp bf16      # the shipped model's recipe (semi-supervised)
   covidseg semiseg evaluate --checkpoint default --data DIR [--json result.json]
 
 'mean_dice_infnet' is Inf-Net's own "mean Dice": per image, min-max normalise the probability map, average the
