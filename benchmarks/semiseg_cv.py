@@ -79,7 +79,7 @@ EVAL_MARGIN = 1.1
 
 
 FLIP_TTA_WORDS = {"off": "no flip TTA", "lr": "flip TTA on (left-right mirror)",
-                  "all": "flip TTA on (left-right, front-back and both mirrors)"}
+                  "all": "flip TTA on (left-right, top-bottom and both mirrors of the image)"}
 """How the tables name each ``--flip-tta``."""
 
 
@@ -117,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pseudo-labelled slices in each batch of the labelled stage (of --batch-size)")
     g.add_argument("--flip-tta", nargs="?", const="lr", default="off", choices=list(FLIP_TTA),
                    help="predict with mirrors averaged in: lr (the bare flag) the left-right mirror, all also the "
-                        "front-back mirror and both (default: off)")
+                        "top-bottom mirror and both (default: off)")
     p.add_argument("--scales", default="1",
                    help="comma-separated resize factors of the labelled stage's batches, one drawn per batch "
                         "(Inf-Net: 0.75,1,1.25); 1 = every batch at --size")

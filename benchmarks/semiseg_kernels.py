@@ -40,7 +40,7 @@ except ImportError:  # a plain checkout: use its src/ folder
 
 from _stamp import write_results
 
-from covidseg.config import flip_tta_name
+from covidseg.config import FLIP_TTA, flip_tta_name
 
 ALTERATIONS = ("none", "sharpen:2", "sharpen:3", "noise:8", "noise:15")
 """The default alterations: a moderately and a clearly sharper kernel; about 40 and 80 HU of white noise."""
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True, type=Path, help="the --out folder of a finished semiseg_cv.py run")
     p.add_argument("--variant", default="unet-fv-paspp-ds-2d")
     p.add_argument("--alterations", default=",".join(ALTERATIONS), help="comma-separated: none, sharpen:A, noise:L")
-    p.add_argument("--flip-tta", default=None, choices=["off", "lr", "all"],
+    p.add_argument("--flip-tta", default=None, choices=list(FLIP_TTA),
                    help="predict with these mirrors instead of the run's own --flip-tta (its semiseg_cv.json); "
                         "then the unaltered scores are the fold models' under it, not checked against the run's")
     p.add_argument("--json", type=Path, default=None, help="write the results here")

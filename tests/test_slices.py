@@ -187,7 +187,7 @@ def test_flip_tta_averages_the_mirrored_logits() -> None:
     np.testing.assert_allclose(got, want, atol=1e-6)
     lr = predict_slices(model, x, batch_size=2, flips=FLIP_TTA["lr"])
     np.testing.assert_allclose(lr, torch.sigmoid((logits[0] + logits[1]) / 2).numpy(), atol=1e-6)
-    assert np.abs(got - lr).max() > 0.05  # the front-back mirror does change this model's answer
+    assert np.abs(got - lr).max() > 0.05  # the top-bottom mirror does change this model's answer
 
 
 def test_flip_tta_settings() -> None:

@@ -319,8 +319,9 @@ class AugmentConfig:
 
 FLIP_TTA: dict[str, tuple[tuple[int, ...], ...]] = {"off": (), "lr": ((-1,),), "all": ((-1,), (-2,), (-2, -1))}
 """The mirrored copies a slice model's test-time augmentation averages with the slice itself, as tensor dims of a
-``(B, C, H, W)`` batch: ``lr`` the left-right mirror (the image's columns), ``all`` also the front-back mirror
-(its rows) and both, as nnU-Net mirrors along every axis it trained with mirroring."""
+``(B, C, H, W)`` batch: ``lr`` the image's left-right mirror (its columns reversed; in the training slices' layout
+the patient's anterior-posterior axis, docs/slices.md), ``all`` also its top-bottom mirror (its rows reversed: the
+patient's left-right axis) and both, as nnU-Net mirrors along every axis it trained with mirroring."""
 
 
 def flip_tta_name(value: object) -> str:
@@ -392,7 +393,7 @@ class SemisegConfig:
     labelled slices); 0 = labelled slices only."""
     flip_tta: str = "off"
     """Test-time mirroring of prediction (:data:`FLIP_TTA`): ``off``, ``lr`` (the slice and its left-right mirror)
-    or ``all`` (also the front-back mirror and both: every mirroring the training's flips draw; the shipped
+    or ``all`` (also the top-bottom mirror and both: every mirroring the training's flips draw; the shipped
     model's setting). A prediction setting: a training state resumes under another one."""
     threshold: float = 0.5
     """Probability at or above which a pixel is infection (the binary masks; Inf-Net's mean Dice sweeps it)."""

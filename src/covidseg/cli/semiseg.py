@@ -58,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="mixed precision (auto: bf16/fp16 on CUDA, off on CPU)")
     t.add_argument("--flip-tta", nargs="?", const="lr", default="off", choices=list(FLIP_TTA),
                    help="test-time mirroring of the scores and the saved model: lr (the bare flag) averages the "
-                        "left-right mirror's logits in, all also the front-back mirror and both (default: off)")
+                        "left-right mirror's logits in, all also the top-bottom mirror and both (default: off)")
     t.add_argument("--no-final", action="store_true", help="skip the final model on all slices")
     t.add_argument("--force", action="store_true",
                    help="start again in a run folder that holds a run (its results and saved states are replaced)")
