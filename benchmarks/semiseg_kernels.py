@@ -124,12 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     for fold_file in folds:
         fold = json.loads(fold_file.read_text(encoding="utf-8"))
         model, settings = fold_model(work / f"{fold_file.stem}.state.pt")
+        used_tta = flip_tta or flip_tta_name(settings["flip_tta"])
         test = [by_name[name] for name in fold["test"]]
         for a in alterations:
             altered = [dataclasses.replace(s, image=alter(s.image, a, seed=i)) for i, s in enumerate(test)]
             with torch.no_grad():  # not torch.set_grad_enabled(False): it would outlive main() in a caller
                 probs = predict_slices(model, altered, tuple(settings["size"]), torch.device("cpu"),
-                                       settings["amp"], flip_tta=flip_tta or settings["flip_tta"])
+                                       settings["amp"], flip_tta=used_tta)
             scores[a].append(summarize(score_slices(probs, altered)))
         own = fold["metrics"]["mean_dice_infnet"]
         again = scores["none"][-1]["mean_dice_infnet"]
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_results(args.json, {"benchmark": "semiseg_kernels", "run": str(args.run), "variant": args.variant,
                                   "augment": settings.get("augment"),
-                                  "flip_tta": flip_tta_name(flip_tta or settings.get("flip_tta")), "alterations": rows},
+                                  "flip_tta": used_tta, "alterations": rows},
                       {"data": str(args.data), "run_command": "benchmarks/semiseg_cv.py --out " + str(args.run)})
         print(f"wrote {args.json}")
     return 0

@@ -31,7 +31,6 @@ from covidseg.config import (
     IntensityConfig,
     LungConfig,
     RuntimeConfig,
-    flip_tta_dims,
     flip_tta_name,
 )
 from covidseg.errors import InputError
@@ -367,7 +366,6 @@ class SliceInfection:
         self.partial_volume_mm = float(partial_volume_mm)
         self.partial_volume_ml = 0.0
         self.flip_tta = flip_tta_name(model.meta.get("flip_tta"))
-        self.flips = flip_tta_dims(self.flip_tta)
         self.shipped = _is_shipped(model.source)
         self.slices_run = 0
 
@@ -385,7 +383,7 @@ class SliceInfection:
         """Infection probability over the lungs' slices (0 elsewhere); ``progress`` is unused (a few seconds)."""
         prepared = prepare_slices(ct.hu, ct.spacing, lungs, self.convention)
         with torch_threads(self.threads):
-            probs = predict_slices(self.module, prepared.images, batch_size=SLICE_BATCH, flips=self.flips,
+            probs = predict_slices(self.module, prepared.images, batch_size=SLICE_BATCH, flip_tta=self.flip_tta,
                                    device=self.device, channels_last=self.channels_last)
         volume = restore_volume(probs, prepared)
         self.slices_run = len(prepared)
