@@ -353,3 +353,24 @@ def test_a_thin_chest_wall_keeps_the_lung_in_the_body() -> None:
     for label in (LEFT, RIGHT):
         assert _dice(out == label, truth == label) >= 0.95
     assert (out[14:31] == LEFT).sum() >= 0.9 * (truth[14:31] == LEFT).sum()
+
+
+def test_ball_closing_equals_scipy_with_the_ball() -> None:
+    """The distance-transform closing is ``scipy.ndimage.binary_closing`` by the ball of the same radius (in mm, on
+    an anisotropic grid), on a volume padded so that scipy's border does not matter."""
+    from covidseg.inference.lung_fill import ball_closing
+
+    rng = np.random.default_rng(0)
+    spacing, radius = (2.0, 1.0, 1.5), 4.0
+    mask = ndimage.binary_dilation(rng.random((14, 30, 24)) > 0.97, iterations=2)
+    mask[:, 10:14, :] = False  # a slot narrower than the ball
+    half = [int(np.ceil(radius / s)) for s in spacing]
+    grids = np.ogrid[tuple(slice(-h, h + 1) for h in half)]
+    ball = sum((g * s) ** 2 for g, s in zip(grids, spacing, strict=True)) <= radius ** 2
+    pad = [(2 * h + 2, 2 * h + 2) for h in half]
+    want = ndimage.binary_closing(np.pad(mask, pad), structure=ball)
+    want = want[tuple(slice(p, p + n) for (p, _), n in zip(pad, mask.shape, strict=True))]
+    got = ball_closing(mask, spacing, radius)
+    assert got.sum() > mask.sum()  # it closes something
+    assert np.array_equal(got, want)
+

@@ -193,6 +193,13 @@ class LungConfig:
     """A concavity that is not filled as a whole (one opening medially, the heart's notch, too large) may still hold
     a part with lung both above and below it, judged on its own: a large lesion against the chest wall that
     reaches the hilum's or the heart's concavity in its slice and merges with it."""
+    wall_closing_mm: float = 40.0
+    """Radius (mm) of the ball of the 3D closing that puts back a large lesion bulging from the chest wall into its
+    lung (:func:`~covidseg.inference.lung_fill.wall_bulges`); 0: off. A ball this large fits in the diaphragm's
+    dome, a pleural effusion's layer and the heart, and cannot reach into the tip of a lesion of about its radius."""
+    min_wall_opening: float = 0.3
+    """Share of a region the 3D closing adds that must face tissue beyond the lung slice's convex hull (the chest
+    wall) for it to be lung; the hilum and the heart's notch face tissue within the hull."""
     max_concavity_fraction: float = 0.25
     """Largest concavity filled, as a share of the lung slice's area (the diaphragm's dome is larger)."""
     max_hole_fraction: float = 0.1

@@ -8,7 +8,9 @@ aerated lung its slice keeps). Two structures are holes or bites of the lung too
 diaphragm's dome (the liver or spleen seen through the basal crescent of the lung, first as an island, lower down
 as a wide bite) and the heart and mediastinum. What tells a
 lesion from the dome is the third dimension: a lesion inside the lung has aerated lung above it *and* below it
-(within ``LungConfig.enclosure_mm``), the dome has lung above it only.
+(within ``LungConfig.enclosure_mm``), the dome has lung above it only. A lesion larger than that, or one that
+meets the dome in its slices, is put back in 3D (:func:`wall_bulges`): a bulge of tissue from the chest wall into
+the lung that a large ball cannot enter, where the broad dome and the heart let the ball in.
 """
 
 from __future__ import annotations
@@ -85,9 +87,84 @@ def fill_lung_slices(lung: np.ndarray, spacing: Sequence[float], cfg: LungConfig
         if cfg.concavities_beyond_hull:
             hull |= above & below
         closed |= lateral_concavities(closed, hull, medial_side, cfg, above, below)
+    if cfg.wall_closing_mm > 0:
+        closed |= wall_bulges(closed, spacing, cfg.wall_closing_mm, cfg.min_wall_opening, medial_side,
+                              cfg.max_medial_cosine)
     result = np.zeros_like(lung)
     result[box] = closed
     return result
+
+
+def ball_closing(mask: np.ndarray, spacing: Sequence[float], radius_mm: float) -> np.ndarray:
+    """3D closing of ``mask`` by a ball of ``radius_mm`` (anisotropic ``spacing``, mm), by two Euclidean distance
+    transforms on a copy padded by the radius (``scipy.ndimage.binary_closing`` with the ball as structure is the
+    reference in the tests); the result includes ``mask``."""
+    pad = [int(np.ceil(radius_mm / float(s))) + 1 for s in spacing]
+    padded = np.pad(mask, [(p, p) for p in pad])
+    reach = radius_mm + 1e-6  # the ball: offsets up to the radius, rounding aside
+    dilated = ndimage.distance_transform_edt(~padded, sampling=spacing) <= reach
+    closed = ndimage.distance_transform_edt(dilated, sampling=spacing) > reach
+    return closed[tuple(slice(p, p + n) for p, n in zip(pad, mask.shape, strict=True))] | mask
+
+
+def wall_bulges(lung: np.ndarray, spacing: Sequence[float], radius_mm: float, min_wall_share: float,
+                medial_side: int, max_medial_cosine: float) -> np.ndarray:
+    """Where a large lesion bulges from the chest wall into the lung: what a 3D closing by a ball of ``radius_mm``
+    adds to ``lung`` (:func:`ball_closing`), facing the chest wall.
+
+    The per-slice concavities miss a lesion larger than the lung's slice around it or merged with the diaphragm's
+    dome in its slices; in 3D it is a bulge of tissue into the lung that a ball of about its radius cannot enter,
+    while the broad dome, a layering effusion and the heart take the ball. The closing also adds the hilum and
+    the heart's notch, which face the mediastinum. A region of the addition (3D component) is kept when at least
+    ``min_wall_share`` of its face towards the tissue the closing leaves out lies beyond the convex hull of its
+    slice of ``lung`` (the chest wall; the mediastinum lies within the hull of the lung wrapped around it), or
+    it has no such face (enclosed), and the direction from its floor on the lung to its face is not medial (cosine
+    with the medial direction at most ``max_medial_cosine``, as for the per-slice concavities).
+
+    Args:
+        lung: ``(D, H, W)`` bool, one lung after the per-slice filling.
+        spacing: mm.
+        radius_mm: the ball's radius.
+        min_wall_share: share of a region's face that must lie beyond the hull.
+        medial_side: +1 when the mediastinum lies at higher column indices than this lung, -1 otherwise.
+        max_medial_cosine: the most medial direction a region may face.
+
+    Returns:
+        ``(D, H, W)`` bool, the voxels to add (none of ``lung``).
+    """
+    box = bbox(lung, margin=(0, 2, 2))
+    out = np.zeros_like(lung)
+    if box is None:
+        return out
+    sub = lung[box]
+    closed = ball_closing(sub, spacing, radius_mm)
+    added = closed & ~sub
+    labels, n = ndimage.label(added)
+    if n == 0:
+        return out
+    coords = np.nonzero(added)
+    lab = labels[coords]
+    face = (ndimage.binary_dilation(~closed) & added)[coords]  # next to the tissue the closing leaves out
+    floor = ndimage.binary_dilation(sub)[coords]  # next to the lung
+    beyond = face & ~convex_hulls(sub)[coords]
+    scale = np.asarray(spacing, dtype=np.float64)
+
+    def centre(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        count = np.bincount(lab[sel], minlength=n + 1)[1:]
+        safe = np.maximum(count, 1)
+        return count, np.stack([np.bincount(lab[sel], weights=c[sel], minlength=n + 1)[1:] / safe
+                                for c in coords], axis=1) * scale
+
+    n_face, face_at = centre(face)
+    _, floor_at = centre(floor)
+    n_beyond = np.bincount(lab[beyond], minlength=n + 1)[1:]
+    share = np.where(n_face > 0, n_beyond / np.maximum(n_face, 1), 1.0)
+    direction = face_at - floor_at
+    norm = np.linalg.norm(direction, axis=1)
+    medial = np.where(norm > 0, direction[:, 2] * medial_side / np.maximum(norm, 1e-9), 0.0)
+    ok = (share >= min_wall_share) & (medial <= max_medial_cosine)
+    out[box] = np.concatenate(([False], ok))[labels]
+    return out
 
 
 def _label_means(labels: np.ndarray, n: int, *masks: np.ndarray) -> list[np.ndarray]:

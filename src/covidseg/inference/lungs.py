@@ -20,6 +20,8 @@ al., Eur Radiol Exp 2020), made to hold on real scans:
 5. per axial slice and per lung (:mod:`~covidseg.inference.lung_fill`): holes filled (vessels, nodules), a
    closing, and the concavities that open towards the chest wall filled (dense lesions against the pleura, which a
    threshold cuts out), within the slice's convex hull widened by the pixels with lung above and below them;
+   then, in 3D, what a closing by a ball of ``cfg.wall_closing_mm`` adds on the chest wall's side (a lesion too
+   large for its slices' concavities, or merged in them with the diaphragm's dome);
 6. back to the full grid: nearest-neighbour upsampling, the outer border refined by the full-resolution air
    threshold;
 7. what was found (:class:`LungResult`): per lung its volume and slices, whether the lungs reach the first or last
