@@ -374,3 +374,17 @@ def test_ball_closing_equals_scipy_with_the_ball() -> None:
     assert got.sum() > mask.sum()  # it closes something
     assert np.array_equal(got, want)
 
+
+
+def test_the_3d_closing_adds_nothing_to_a_convex_lung_and_keeps_the_dome_out() -> None:
+    """A convex lung has nothing for the ball to close; over a broad dome (the liver rising into the lung's base,
+    wider than the ball) the closing adds nothing either, so the dome stays out of the lung."""
+    from covidseg.inference.lung_fill import wall_bulges
+
+    spacing = (2.0, 2.0, 2.0)
+    z, y, x = np.ogrid[:60, :80, :70]
+    lung = (((z - 30) / 27.0) ** 2 + ((y - 40) / 36.0) ** 2 + ((x - 35) / 30.0) ** 2) <= 1.0
+    assert not wall_bulges(lung, spacing, 40.0, 0.3, -1, 0.7).any()
+    dome = ((z + 60) ** 2 + (y - 40) ** 2 + (x - 35) ** 2) <= 75 ** 2  # a sphere of 150 mm radius from below
+    assert not wall_bulges(lung & ~dome, spacing, 40.0, 0.3, -1, 0.7)[dome].any()
+    assert not wall_bulges(np.zeros((4, 5, 6), dtype=bool), spacing, 40.0, 0.3, -1, 0.7).any()
