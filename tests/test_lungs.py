@@ -375,7 +375,6 @@ def test_ball_closing_equals_scipy_with_the_ball() -> None:
     assert np.array_equal(got, want)
 
 
-
 def test_the_3d_closing_adds_nothing_to_a_convex_lung_and_keeps_the_dome_out() -> None:
     """A convex lung has nothing for the ball to close; over a broad dome (the liver rising into the lung's base,
     wider than the ball) the closing adds nothing either, so the dome stays out of the lung."""

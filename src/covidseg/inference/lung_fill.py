@@ -149,19 +149,19 @@ def wall_bulges(lung: np.ndarray, spacing: Sequence[float], radius_mm: float, mi
     beyond = face & ~convex_hulls(sub)[coords]
     scale = np.asarray(spacing, dtype=np.float64)
 
-    def centre(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        count = np.bincount(lab[sel], minlength=n + 1)[1:]
-        safe = np.maximum(count, 1)
-        return count, np.stack([np.bincount(lab[sel], weights=c[sel], minlength=n + 1)[1:] / safe
-                                for c in coords], axis=1) * scale
+    def centre(sel: np.ndarray) -> np.ndarray:
+        safe = np.maximum(np.bincount(lab[sel], minlength=n + 1)[1:], 1)
+        return np.stack([np.bincount(lab[sel], weights=c[sel], minlength=n + 1)[1:] / safe for c in coords],
+                        axis=1) * scale
 
-    n_face, face_at = centre(face)
-    _, floor_at = centre(floor)
+    n_face = np.bincount(lab[face], minlength=n + 1)[1:]
+    face_at, floor_at = centre(face), centre(floor)
     n_beyond = np.bincount(lab[beyond], minlength=n + 1)[1:]
     share = np.where(n_face > 0, n_beyond / np.maximum(n_face, 1), 1.0)
     direction = face_at - floor_at
     norm = np.linalg.norm(direction, axis=1)
-    medial = np.where(norm > 0, direction[:, 2] * medial_side / np.maximum(norm, 1e-9), 0.0)
+    # an enclosed region (no face) faces nowhere: not medially
+    medial = np.where((n_face > 0) & (norm > 0), direction[:, 2] * medial_side / np.maximum(norm, 1e-9), 0.0)
     ok = (share >= min_wall_share) & (medial <= max_medial_cosine)
     out[box] = np.concatenate(([False], ok))[labels]
     return out
