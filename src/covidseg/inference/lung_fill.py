@@ -149,13 +149,9 @@ def wall_bulges(lung: np.ndarray, spacing: Sequence[float], radius_mm: float, mi
     beyond = face & ~convex_hulls(sub)[coords]
     scale = np.asarray(spacing, dtype=np.float64)
 
-    def centre(sel: np.ndarray) -> np.ndarray:
-        safe = np.maximum(np.bincount(lab[sel], minlength=n + 1)[1:], 1)
-        return np.stack([np.bincount(lab[sel], weights=c[sel], minlength=n + 1)[1:] / safe for c in coords],
-                        axis=1) * scale
-
-    n_face = np.bincount(lab[face], minlength=n + 1)[1:]
-    face_at, floor_at = centre(face), centre(floor)
+    n_face, face_at = _label_centres(lab, face, coords, n)
+    _, floor_at = _label_centres(lab, floor, coords, n)
+    face_at, floor_at = face_at * scale, floor_at * scale
     n_beyond = np.bincount(lab[beyond], minlength=n + 1)[1:]
     share = np.where(n_face > 0, n_beyond / np.maximum(n_face, 1), 1.0)
     direction = face_at - floor_at
@@ -165,6 +161,16 @@ def wall_bulges(lung: np.ndarray, spacing: Sequence[float], radius_mm: float, mi
     ok = (share >= min_wall_share) & (medial <= max_medial_cosine)
     out[box] = np.concatenate(([False], ok))[labels]
     return out
+
+
+def _label_centres(lab: np.ndarray, sel: np.ndarray, coords: Sequence[np.ndarray], n: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per label 1..n of the voxels ``lab`` (their ``coords``, one array per axis), over those where ``sel`` is set:
+    how many, and their mean position ``(n, len(coords))`` (0 for a label with none)."""
+    count = np.bincount(lab[sel], minlength=n + 1)[1:]
+    safe = np.maximum(count, 1)
+    return count, np.stack([np.bincount(lab[sel], weights=c[sel], minlength=n + 1)[1:] / safe for c in coords],
+                           axis=1)
 
 
 def _label_means(labels: np.ndarray, n: int, *masks: np.ndarray) -> list[np.ndarray]:
@@ -253,15 +259,12 @@ def _accepted(labels: np.ndarray, n: int, lung: np.ndarray, border: np.ndarray, 
     on_border = border[zs, ys, xs]
     on_floor = floor[zs, ys, xs]
 
-    def centre(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        count = np.bincount(lab[sel], minlength=n + 1)[1:]
-        safe = np.maximum(count, 1)
-        return (count, np.bincount(lab[sel], weights=ys[sel], minlength=n + 1)[1:] / safe,
-                np.bincount(lab[sel], weights=xs[sel], minlength=n + 1)[1:] / safe)
-
-    areas, cy_d, cx_d = centre(np.ones(lab.shape, dtype=bool))
-    n_open, oy, ox = centre(on_border)
-    n_floor, fy, fx = centre(on_floor)
+    areas, at = _label_centres(lab, np.ones(lab.shape, dtype=bool), (ys, xs), n)
+    cy_d, cx_d = at.T
+    n_open, at = _label_centres(lab, on_border, (ys, xs), n)
+    oy, ox = at.T
+    n_floor, at = _label_centres(lab, on_floor, (ys, xs), n)
+    fy, fx = at.T
     z_of = np.zeros(n, dtype=np.intp)
     z_of[lab - 1] = zs
     lung_area = lung.sum(axis=(1, 2)).astype(np.float64)
