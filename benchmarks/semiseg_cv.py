@@ -126,6 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "other seeds, and average their weights into one (a model soup; 1 = one model)")
     p.add_argument("--dice-per-slice", action="store_true",
                    help="the labelled stage's soft Dice per slice, averaged over the batch (default: over the batch)")
+    p.add_argument("--loss", default="bce-dice", choices=["bce-dice", "structure"],
+                   help="the labelled stage's loss: bce-dice (the report's 0.5 BCE + Dice) or structure (Inf-Net's "
+                        "border-weighted BCE + IoU per slice); the pseudo-label stage keeps bce-dice")
     g.add_argument("--pretrain-dice-per-slice", action="store_true",
                    help="the same for the pseudo-label stage")
     p.add_argument("--augment-noise", type=float, default=0.0, metavar="P",
@@ -197,6 +200,8 @@ def markdown(report: dict[str, Any]) -> str:
            f"reconstruction kernel (p {s['config']['augment']['p_kernel']:g}) per slice, in every stage."]
           if s["config"].get("augment", {}).get("p_noise") or s["config"].get("augment", {}).get("p_kernel")
           else []),
+        *(["Labelled stage: Inf-Net's loss (border-weighted BCE + IoU per slice) instead of 0.5 BCE + Dice."]
+          if s["config"].get("loss", "bce-dice") != "bce-dice" else []),
         *([f"Labelled stage ends with the moving average of its weights (decay {s['config']['ema_decay']:g})."]
           if s["config"].get("ema_decay") else []),
         *([f"Labelled stage: {s['config']['soup']} models from the same start (other seeds), their weights "
@@ -322,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                          else None, pseudo_per_batch=args.pseudo_per_batch if args.pseudo else 0,
                          scales=parse_scales(args.scales), ema_decay=args.ema, soup=args.soup,
                          batch_dice=not args.dice_per_slice, pretrain_batch_dice=not args.pretrain_dice_per_slice,
+                         loss=args.loss,
                          augment=AugmentConfig(p_noise=args.augment_noise, p_kernel=args.augment_kernel))
     report = new_report(args, argv, slices, pseudo_slices, device)
     def write() -> None:

@@ -107,3 +107,62 @@ def test_deep_supervision_weighting():
     torch.testing.assert_close(weighted, 0.7 * values[0] + 0.15 * values[1] + 0.15 * values[2])
     with pytest.raises(ValueError, match="final_weight"):
         DeepSupervisionLoss(loss, final_weight=0.0)
+
+
+def infnet_structure_loss(pred, mask):
+    """Inf-Net's ``joint_loss`` (github.com/DengPingFan/Inf-Net, MyTrain_LungInf.py), transcribed as the reference."""
+    weit = 1 + 5 * torch.abs(torch.nn.functional.avg_pool2d(mask, kernel_size=31, stride=1, padding=15) - mask)
+    wbce = torch.nn.functional.binary_cross_entropy_with_logits(pred, mask, reduction="none")
+    wbce = (weit * wbce).sum(dim=(2, 3)) / weit.sum(dim=(2, 3))
+    pred = torch.sigmoid(pred)
+    inter = ((pred * mask) * weit).sum(dim=(2, 3))
+    union = ((pred + mask) * weit).sum(dim=(2, 3))
+    wiou = 1 - (inter + 1) / (union - inter + 1)
+    return (wbce + wiou).mean()
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 40, 40), (2, 2, 33, 48)])
+def test_structure_loss_equals_infnets(shape):
+    from covidseg.losses import StructureLoss
+
+    logits, target = sample(shape, seed=5)
+    target[:, :, 5:20, 8:30] = 1  # a region with a border as well as scattered pixels
+    torch.testing.assert_close(StructureLoss()(logits, target), infnet_structure_loss(logits, target))
+    torch.testing.assert_close(StructureLoss()(logits.bfloat16(), target), infnet_structure_loss(logits.bfloat16().float(), target))
+
+
+def test_border_weights_grow_at_the_border_only():
+    from covidseg.losses import border_weights
+
+    target = torch.zeros(1, 1, 96, 96)
+    target[..., :, 48:] = 1  # a straight border down the middle
+    w = border_weights(target)
+    assert w[0, 0, 48, 5].item() == pytest.approx(1.0)  # 31 px box all background
+    assert w[0, 0, 48, 80].item() == pytest.approx(1.0)  # all foreground
+    assert w[0, 0, 48, 47].item() == pytest.approx(1 + 5 * 15 / 31)  # background pixel beside the border
+    assert w[0, 0, 48, 48].item() == pytest.approx(1 + 5 * 15 / 31)
+    with pytest.raises(ValueError, match="odd"):
+        border_weights(target, window=30)
+
+
+def test_structure_loss_rewards_the_right_mask_and_rejects_3d():
+    from covidseg.losses import StructureLoss
+
+    target = torch.zeros(2, 1, 32, 32)
+    target[0, :, 8:24, 8:24] = 1  # slice 1 empty
+    right, wrong = (target * 2 - 1) * 20, (1 - 2 * target) * 20
+    assert StructureLoss()(right, target) < 1e-3 < 1.0 < StructureLoss()(wrong, target)
+    with pytest.raises(ValueError, match=r"\(B, K, H, W\)"):
+        StructureLoss()(torch.zeros(1, 1, 4, 8, 8), torch.zeros(1, 1, 4, 8, 8))
+
+
+def test_segmentation_loss_by_name():
+    from covidseg.losses import LOSSES, StructureLoss, segmentation_loss
+
+    assert LOSSES == ("bce-dice", "structure")
+    report = segmentation_loss("bce-dice", 0.25, 2.0, batch_dice=False)
+    assert isinstance(report, SegmentationLoss) and (report.bce_weight, report.dice_weight) == (0.25, 2.0)
+    assert report.batch_dice is False
+    assert isinstance(segmentation_loss("structure"), StructureLoss)
+    with pytest.raises(ValueError, match="expected one of bce-dice, structure"):
+        segmentation_loss("focal")

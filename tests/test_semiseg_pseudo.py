@@ -145,6 +145,28 @@ def test_each_stage_has_its_own_dice() -> None:
         assert isinstance(loss, SegmentationLoss) and loss.batch_dice is batch_dice
 
 
+def test_the_loss_is_the_labelled_stages(tmp_path: Path) -> None:
+    """``loss`` reaches the labelled stage's criterion (inside the deep-supervision weighting); the pseudo-label
+    stage keeps the report's; a state saved before the setting existed resumes as ``bce-dice``."""
+    from covidseg.losses import DeepSupervisionLoss, StructureLoss
+    from covidseg.semiseg.train import pretrain_config
+    from covidseg.training.loop import make_engine
+    from covidseg.training.slices import build_model
+
+    cfg = SemisegConfig(**{**TINY, "loss": "structure"})
+    assert pretrain_config(cfg).loss == "bce-dice"
+    engine = make_engine(build_model(cfg), CPU, spatial_dims=2, learning_rate=1e-3, amp="off", bce_weight=0.5,
+                         dice_weight=1.0, loss=cfg.loss)
+    assert isinstance(engine.criterion, DeepSupervisionLoss) and isinstance(engine.criterion.loss, StructureLoss)
+    images, masks = resize_stack(load_folder(write_labelled(tmp_path / "l", 4)), (32, 32))
+    torch.manual_seed(0)
+    init = _weights(build_model(cfg))
+    trained = {name: _weights(train_model(images, masks, dataclasses.replace(cfg, loss=name), CPU, progress=False,
+                                          init=init)) for name in ("bce-dice", "structure")}
+    assert any(not torch.equal(trained["bce-dice"][k], trained["structure"][k]) for k in init
+               if init[k].is_floating_point())
+
+
 class _Killed(Exception):
     """Stands for the process being killed."""
 

@@ -377,6 +377,10 @@ class SemisegConfig:
     """The soft Dice of the loss over the whole batch (the report's loss, nnU-Net's ``batch_dice``) or, ``False``, one
     Dice per slice averaged over the batch (MONAI's ``DiceLoss(batch=False)``), as Inf-Net's mean Dice scores a
     model. The labelled stage's; :attr:`pretrain_batch_dice` is the pseudo-label stage's."""
+    loss: Literal["bce-dice", "structure"] = "bce-dice"
+    """The labelled stage's loss per head: ``bce-dice`` the report's ``bce_weight * BCE + dice_weight * Dice``,
+    ``structure`` Inf-Net's border-weighted BCE + IoU per slice (:class:`covidseg.losses.StructureLoss`; the two
+    weights and :attr:`batch_dice` do not apply). The pseudo-label stage always trains with ``bce-dice``."""
     folds: int = 5
     seed: int = 0
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"

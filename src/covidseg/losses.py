@@ -10,6 +10,10 @@ one Dice per sample and channel and averages them (MONAI's ``DiceLoss(batch=Fals
 as Inf-Net's mean Dice scores a model. Smoothing
 ``smooth_nr = smooth_dr = 1e-5`` as MONAI's and nnU-Net's defaults. The single-output loss equals MONAI's
 ``DiceCELoss(sigmoid=True, batch=True, lambda_dice=1, lambda_ce=0.5)`` for one channel (tests/test_losses.py).
+
+:class:`StructureLoss` is Inf-Net's loss instead (Fan et al., IEEE TMI 2020, after F3Net): per image, a BCE and a
+soft IoU whose pixels near the mask's border weigh up to six times more; an option of the 2D slice training
+(``SemisegConfig.loss``), not the report's.
 """
 
 from __future__ import annotations
@@ -28,6 +32,12 @@ DICE_SMOOTH = 1e-5
 """Numerator and denominator smoothing of the soft Dice (MONAI and nnU-Net default)."""
 FINAL_WEIGHT = 0.5
 """Deep supervision: weight of the final output; the rest is shared equally by the other heads (report §3.2)."""
+BORDER_WINDOW = 31
+"""Side of the box whose mean mask value :func:`border_weights` compares with each pixel (Inf-Net: 31 pixels)."""
+BORDER_GAIN = 5.0
+"""Extra weight of a pixel whose box is half foreground, half background (Inf-Net: 5)."""
+LOSSES = ("bce-dice", "structure")
+"""Names of the losses a 2D run can train with (``SemisegConfig.loss``): the report's, Inf-Net's."""
 
 
 def soft_dice_loss(
@@ -92,6 +102,60 @@ class SegmentationLoss(nn.Module):
         bce = F.binary_cross_entropy_with_logits(logits32, target32)
         dice = soft_dice_loss(logits32, target32, self.smooth_nr, self.smooth_dr, self.batch_dice)
         return self.bce_weight * bce + self.dice_weight * dice
+
+
+def border_weights(target: torch.Tensor, window: int = BORDER_WINDOW, gain: float = BORDER_GAIN) -> torch.Tensor:
+    """Inf-Net's pixel weights ``1 + gain * |mean_box(target) - target|``, ``(B, K, H, W)`` in, same shape out.
+
+    The box mean is a ``window`` x ``window`` average pooling with stride 1 and zero padding counted (PyTorch's
+    ``avg_pool2d`` default, as Inf-Net's code calls it): a pixel far from any border weighs 1, one on the border of
+    a large region about ``1 + gain / 2``.
+    """
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be an odd number of pixels, got {window}")
+    target = target.float()
+    mean = F.avg_pool2d(target, kernel_size=window, stride=1, padding=window // 2)
+    return 1.0 + gain * (mean - target).abs()
+
+
+class StructureLoss(nn.Module):
+    """Inf-Net's loss on ``(B, K, H, W)`` logits: border-weighted BCE plus border-weighted soft IoU, per image.
+
+    ``w = border_weights(target)``; per image and channel ``wBCE = sum(w * bce) / sum(w)`` and
+    ``wIoU = 1 - (sum(w p g) + 1) / (sum(w (p + g)) - sum(w p g) + 1)`` with ``p = sigmoid(logits)``; the loss
+    is the mean of ``wBCE + wIoU``. Computed in float32 from the logits, as :class:`SegmentationLoss`.
+    """
+
+    def __init__(self, window: int = BORDER_WINDOW, gain: float = BORDER_GAIN) -> None:
+        super().__init__()
+        self.window = window
+        self.gain = gain
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Scalar float32 loss of ``(B, K, H, W)`` logits against targets of the same shape in {0, 1}."""
+        if logits.shape != target.shape or logits.ndim != 4:
+            raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must be one "
+                             "(B, K, H, W) shape")
+        logits32, target32 = logits.float(), target.float()
+        weights = border_weights(target32, self.window, self.gain)
+        bce = F.binary_cross_entropy_with_logits(logits32, target32, reduction="none")
+        wbce = (weights * bce).sum(dim=(2, 3)) / weights.sum(dim=(2, 3))
+        probs = torch.sigmoid(logits32)
+        inter = (weights * probs * target32).sum(dim=(2, 3))
+        union = (weights * (probs + target32)).sum(dim=(2, 3))
+        wiou = 1.0 - (inter + 1.0) / (union - inter + 1.0)
+        return (wbce + wiou).mean()
+
+
+def segmentation_loss(name: str, bce_weight: float = BCE_WEIGHT, dice_weight: float = DICE_WEIGHT,
+                      batch_dice: bool = True) -> nn.Module:
+    """The per-head loss called ``name`` (:data:`LOSSES`): ``bce-dice`` the report's :class:`SegmentationLoss`
+    (with these weights), ``structure`` Inf-Net's :class:`StructureLoss` (which has none)."""
+    if name == "bce-dice":
+        return SegmentationLoss(bce_weight, dice_weight, batch_dice=batch_dice)
+    if name == "structure":
+        return StructureLoss()
+    raise ValueError(f"loss {name!r}: expected one of {', '.join(LOSSES)}")
 
 
 class DeepSupervisionLoss(nn.Module):

@@ -66,12 +66,13 @@ def make_folds(n: int, k: int, seed: int = 0) -> list[list[int]]:
 
 def pretrain_config(cfg: SemisegConfig) -> SemisegConfig:
     """The settings of the pseudo-label stage: ``cfg`` with its ``pretrain_*`` epochs, learning rate, size and Dice,
-    no mix, one scale, one model and no weight average (``scales``, ``soup`` and ``ema_decay`` are the labelled
-    stage's)."""
+    no mix, one scale, one model, no weight average and the report's loss (``scales``, ``soup``, ``ema_decay`` and
+    ``loss`` are the labelled stage's)."""
     return dataclasses.replace(cfg, epochs=cfg.pretrain_epochs, learning_rate=cfg.pretrain_lr,
                                size=pretrain_size(cfg), pretrain_size=None, pseudo_per_batch=0,
                                scales=SemisegConfig.scales, ema_decay=SemisegConfig.ema_decay,
-                               soup=SemisegConfig.soup, batch_dice=cfg.pretrain_batch_dice)
+                               soup=SemisegConfig.soup, batch_dice=cfg.pretrain_batch_dice,
+                               loss=SemisegConfig.loss)
 
 
 def pretrain_size(cfg: SemisegConfig) -> tuple[int, int]:

@@ -54,6 +54,7 @@ class Engine:
 def make_engine(
     model: nn.Module, device: torch.device, *, spatial_dims: int, learning_rate: float, weight_decay: float = 0.0,
     amp: str, bce_weight: float, dice_weight: float, amp_setting: str = "runtime.amp", batch_dice: bool = True,
+    loss: str = "bce-dice",
 ) -> Engine:
     """``model`` moved to ``device`` with Adam, the grad scaler and the deep-supervision loss.
 
@@ -70,8 +71,10 @@ def make_engine(
         dice_weight: weight of the soft Dice term.
         amp_setting: the option or config key ``amp`` came from, named in errors.
         batch_dice: the soft Dice over the whole batch (the report's loss) or per sample.
+        loss: the per-head loss (:func:`covidseg.losses.segmentation_loss`): ``bce-dice`` (the report's, with the
+            two weights and ``batch_dice``) or ``structure`` (Inf-Net's, 2D only).
     """
-    from covidseg.losses import DeepSupervisionLoss, SegmentationLoss
+    from covidseg.losses import DeepSupervisionLoss, segmentation_loss
 
     model.to(device)
     channels_last = device.type == "cuda"
@@ -81,7 +84,7 @@ def make_engine(
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     amp_dtype = autocast_dtype(amp, device, setting=amp_setting)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16 and device.type == "cuda")
-    criterion = DeepSupervisionLoss(SegmentationLoss(bce_weight, dice_weight, batch_dice=batch_dice))
+    criterion = DeepSupervisionLoss(segmentation_loss(loss, bce_weight, dice_weight, batch_dice))
     return Engine(model, model, optimizer, scaler, criterion, amp_dtype, channels_last, device)
 
 

@@ -245,7 +245,8 @@ def train_model(
         model.load_state_dict(init)
     engine = make_engine(model, device, spatial_dims=2, learning_rate=cfg.learning_rate,
                          weight_decay=cfg.weight_decay, amp=cfg.amp, bce_weight=cfg.bce_weight,
-                         dice_weight=cfg.dice_weight, amp_setting=AMP_OPTION, batch_dice=cfg.batch_dice)
+                         dice_weight=cfg.dice_weight, amp_setting=AMP_OPTION, batch_dice=cfg.batch_dice,
+                         loss=cfg.loss)
     batches = SliceBatches(images, masks, pseudo, cfg, seed, device)
     average = weight_average(engine.model, cfg.ema_decay)
     per_epoch = batches.steps_per_epoch
