@@ -549,6 +549,30 @@ def test_cli_and_cv_benchmark_train_the_same_model(tmp_path: Path, monkeypatch: 
     assert kernels.main(["--data", str(labelled), "--run", str(tmp_path / "nothing")]) == 2
     assert torch.is_grad_enabled()  # the script leaves the caller's autograd as it was
 
+    # the same held-out slices counted by density: every expert pixel of the 6 slices falls in one band
+    density = _bench_script(monkeypatch, "semiseg_density")
+    out = tmp_path / "density.json"
+    assert density.main(["--data", str(labelled), "--run", str(tmp_path / "bench"), "--json", str(out)]) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["n_slices"] == 6 and report["flip_tta"] == "lr" and len(report["bands"]) == 6
+    gt_pixels = sum(int((s.mask > 0).sum()) for s in load_folder(labelled))
+    assert sum(b["gt_pixels"] for b in report["bands"].values()) == gt_pixels
+    assert density.main(["--data", str(labelled), "--run", str(tmp_path / "nothing")]) == 2
+
+
+def test_density_bands_count_each_pixel_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Levels read back to HU through the expert slices' window; recall and flagged pixels per band."""
+    density = _bench_script(monkeypatch, "semiseg_density")
+    assert density.band_names() == ["< -700", "-700 to -500", "-500 to -300", "-300 to -100", "-100 to 100", ">= 100"]
+    assert density.to_hu(np.array([0.0, 1.0])).tolist() == [-1120.0, 235.0]
+    hu = np.array([[-900.0, -600.0, -400.0, 0.0]])  # bands 0, 1, 2, 4
+    image = ((hu + 1120.0) / 1355.0).astype(np.float32)
+    mask = np.array([[0, 1, 1, 1]], dtype=np.uint8)
+    prob = np.array([[0.9, 0.6, 0.1, 0.5]])  # the lung pixel flagged, ground glass half found, consolidation found
+    counts = density.count_by_band([prob, prob], [image, image], [mask, mask])
+    assert counts["gt"].tolist() == [0, 2, 2, 0, 2, 0] and counts["tp"].tolist() == [0, 2, 0, 0, 2, 0]
+    assert counts["other"].tolist() == [2, 0, 0, 0, 0, 0] and counts["flagged"].tolist() == [2, 0, 0, 0, 0, 0]
+
 
 def test_kernel_alterations_of_8_bit_slices(monkeypatch: pytest.MonkeyPatch) -> None:
     kernels = _bench_script(monkeypatch, "semiseg_kernels")
