@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +31,11 @@ try:
 except ImportError:  # a plain checkout: use its src/ folder
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from _stamp import commit_or_unknown
+from _stamp import write_results
 from semiseg_kernels import fold_model, run_flip_tta
 
 from covidseg.config import flip_tta_name
 from covidseg.inference.slices import WINDOW_HU
-from covidseg.io.atomic import atomic_write_text
 
 BANDS_HU: tuple[float, ...] = (-700.0, -500.0, -300.0, -100.0, 100.0)
 """Inner edges of the density bands (HU): below -700 (aerated lung), ground glass in three, consolidation
@@ -119,12 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {gt} | {'-' if recall is None else f'{recall:.2f}'} | {other} | "
               f"{'-' if share is None else f'{share:.3f}'} |")
     if args.json is not None:
-        report = {"benchmark": "semiseg_density", "data": str(args.data), "run": str(args.run),
-                  "variant": args.variant, "flip_tta": used, "window_hu": list(WINDOW_HU),
-                  "bands_hu": list(BANDS_HU), "n_slices": len(probs), "threshold": 0.5, "bands": rows,
-                  "commit": commit_or_unknown()[0], "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-                  "command": " ".join(["python", *sys.argv])}
-        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+        write_results(args.json, {"benchmark": "semiseg_density", "flip_tta": used, "window_hu": list(WINDOW_HU),
+                                  "bands_hu": list(BANDS_HU), "n_slices": len(probs), "threshold": 0.5,
+                                  "bands": rows},
+                      {"data": str(args.data), "run": str(args.run), "variant": args.variant})
     return 0
 
 
