@@ -32,7 +32,7 @@ except ImportError:  # a plain checkout: use its src/ folder
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from _stamp import write_results
-from semiseg_kernels import fold_model, run_flip_tta
+from semiseg_kernels import add_run_arguments, fold_files, fold_model, run_flip_tta
 
 from covidseg.config import flip_tta_name
 from covidseg.inference.slices import WINDOW_HU
@@ -73,9 +73,7 @@ def count_by_band(probs: list[np.ndarray], images: list[np.ndarray], masks: list
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, type=Path, help="COVID-SemiSeg folder of the run (the 50 train slices)")
-    p.add_argument("--run", required=True, type=Path, help="the --out folder of a finished semiseg_cv.py run")
-    p.add_argument("--variant", default="unet-fv-paspp-ds-2d")
+    add_run_arguments(p)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     import torch
@@ -84,9 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     from covidseg.semiseg.train import predict_slices
 
     work = args.run / "state" / args.variant
-    folds = sorted(work.glob("fold*.json"), key=lambda f: int(f.stem[4:]))
+    folds = fold_files(work)
     if not folds:
-        print(f"{work}: no fold*.json; expected the --out folder of a finished semiseg_cv.py run", file=sys.stderr)
         return 2
     by_name = {s.name: s for s in load_folder(args.data)}
     run_tta = run_flip_tta(args.run)

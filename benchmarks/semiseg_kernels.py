@@ -81,6 +81,21 @@ def fold_model(state_path: Path) -> tuple[Any, dict[str, Any]]:
     return model, c
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """``--data``, ``--run`` and ``--variant``: the CV run whose fold models a script reads, and its slices."""
+    p.add_argument("--data", required=True, type=Path, help="COVID-SemiSeg folder of the run (the 50 train slices)")
+    p.add_argument("--run", required=True, type=Path, help="the --out folder of a finished semiseg_cv.py run")
+    p.add_argument("--variant", default="unet-fv-paspp-ds-2d")
+
+
+def fold_files(work: Path) -> list[Path]:
+    """The ``fold<k>.json`` of a run's ``state/<variant>`` folder in fold order; none: says so on stderr."""
+    folds = sorted(work.glob("fold*.json"), key=lambda f: int(f.stem[4:]))
+    if not folds:
+        print(f"{work}: no fold*.json; expected the --out folder of a finished semiseg_cv.py run", file=sys.stderr)
+    return folds
+
+
 def run_flip_tta(run: Path) -> str | None:
     """The ``--flip-tta`` a finished ``semiseg_cv.py`` run scored its folds with (its ``semiseg_cv.json``), or
     ``None`` when the run folder has no report (then each fold state's own setting is used)."""
@@ -93,9 +108,7 @@ def run_flip_tta(run: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, type=Path, help="COVID-SemiSeg folder of the run (the 50 train slices)")
-    p.add_argument("--run", required=True, type=Path, help="the --out folder of a finished semiseg_cv.py run")
-    p.add_argument("--variant", default="unet-fv-paspp-ds-2d")
+    add_run_arguments(p)
     p.add_argument("--alterations", default=",".join(ALTERATIONS), help="comma-separated: none, sharpen:A, noise:L")
     p.add_argument("--flip-tta", default=None, choices=list(FLIP_TTA),
                    help="predict with these mirrors instead of the run's own --flip-tta (its semiseg_cv.json); "
@@ -109,9 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     from covidseg.semiseg.train import predict_slices, score_slices
 
     work = args.run / "state" / args.variant
-    folds = sorted(work.glob("fold*.json"), key=lambda f: int(f.stem[4:]))
+    folds = fold_files(work)
     if not folds:
-        print(f"{work}: no fold*.json; expected the --out folder of a finished semiseg_cv.py run", file=sys.stderr)
         return 2
     run_tta = run_flip_tta(args.run)
     flip_tta = args.flip_tta or run_tta
