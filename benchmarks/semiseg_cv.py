@@ -58,6 +58,7 @@ from _stamp import commit_or_unknown
 
 from covidseg.config import FLIP_TTA, AugmentConfig, SemisegConfig, flip_tta_name
 from covidseg.io.atomic import atomic_write_text
+from covidseg.losses import LOSSES
 from covidseg.runtime import resolve_device
 from covidseg.semiseg.data import load_folder, resize_stack
 from covidseg.semiseg.train import VARIANTS_2D, cross_validate, make_folds, save_semiseg_checkpoint
@@ -126,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "other seeds, and average their weights into one (a model soup; 1 = one model)")
     p.add_argument("--dice-per-slice", action="store_true",
                    help="the labelled stage's soft Dice per slice, averaged over the batch (default: over the batch)")
-    p.add_argument("--loss", default="bce-dice", choices=["bce-dice", "structure"],
+    p.add_argument("--loss", default="bce-dice", choices=list(LOSSES),
                    help="the labelled stage's loss: bce-dice (the report's 0.5 BCE + Dice) or structure (Inf-Net's "
                         "border-weighted BCE + IoU per slice); the pseudo-label stage keeps bce-dice")
     g.add_argument("--pretrain-dice-per-slice", action="store_true",
