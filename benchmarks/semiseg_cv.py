@@ -136,6 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="probability of white noise on a training slice (AugmentConfig.p_noise; 0 = off)")
     p.add_argument("--augment-kernel", type=float, default=0.0, metavar="P",
                    help="probability of a sharper or softer reconstruction kernel (AugmentConfig.p_kernel; 0 = off)")
+    g.add_argument("--relabel", type=int, default=0, metavar="N",
+                   help="rounds of self-training: after the labelled stage its model relabels the pseudo-labelled "
+                        "slices and the stage runs again from the same start on those labels (0 = off)")
     p.add_argument("--ema", type=float, default=0.0,
                    help="end the labelled stage with the moving average of its weights at this decay (0 = off)")
     g.add_argument("--save-every-s", type=float, default=300.0,
@@ -203,6 +206,9 @@ def markdown(report: dict[str, Any]) -> str:
           else []),
         *(["Labelled stage: Inf-Net's loss (border-weighted BCE + IoU per slice) instead of 0.5 BCE + Dice."]
           if s["config"].get("loss", "bce-dice") != "bce-dice" else []),
+        *([f"Self-training: {s['config']['relabel']} round(s) in which the labelled stage's model relabels the "
+           "pseudo-labelled slices and the stage is trained again from the same start on those labels."]
+          if s["config"].get("relabel") else []),
         *([f"Labelled stage ends with the moving average of its weights (decay {s['config']['ema_decay']:g})."]
           if s["config"].get("ema_decay") else []),
         *([f"Labelled stage: {s['config']['soup']} models from the same start (other seeds), their weights "
@@ -268,6 +274,7 @@ def log_line(stage: str, t_start: float) -> Any:
     """A per-epoch logger printing one plain line (no progress bar characters, fit for a log file)."""
     def log(rec: dict[str, Any]) -> None:
         fold = f" fold {rec['fold'] + 1}" if "fold" in rec else ""
+        fold += f" relabel {rec['relabel']}" if "relabel" in rec else ""
         print(f"[{stage}{fold}] epoch {rec['epoch']} step {rec['step']}: loss {rec['loss']:.4f}, "
               f"lr {rec['lr']:.2e} ({rec['seconds']:.0f} s, t={time.perf_counter() - t_start:.0f} s)", flush=True)
     return log
@@ -328,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                          else None, pseudo_per_batch=args.pseudo_per_batch if args.pseudo else 0,
                          scales=parse_scales(args.scales), ema_decay=args.ema, soup=args.soup,
                          batch_dice=not args.dice_per_slice, pretrain_batch_dice=not args.pretrain_dice_per_slice,
-                         loss=args.loss,
+                         loss=args.loss, relabel=args.relabel if args.pseudo else 0,
                          augment=AugmentConfig(p_noise=args.augment_noise, p_kernel=args.augment_kernel))
     report = new_report(args, argv, slices, pseudo_slices, device)
     def write() -> None:

@@ -386,10 +386,10 @@ def test_cv_benchmark_prints_its_table_on_an_ascii_console(monkeypatch: pytest.M
     assert console.buffer.getvalue() == b"| 0.732 ? 0.026 |\n"
 
 
-def test_cv_benchmark_runs_the_labelled_stage_with_scales_and_ema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """benchmarks/semiseg_cv.py end to end at toy size: pretraining at its own size, 2 folds with --scales/--ema,
-    no final model."""
+def test_cv_benchmark_runs_the_labelled_stage_with_scales_ema_soup_and_self_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/semiseg_cv.py end to end at toy size: pretraining at its own size, 2 folds with --scales, --ema,
+    --soup and --relabel, no final model."""
     import json
 
     module = _cv_script(monkeypatch)
@@ -398,7 +398,7 @@ def test_cv_benchmark_runs_the_labelled_stage_with_scales_and_ema(tmp_path: Path
     argv = ["--data", str(labelled), "--pseudo", str(pseudo), "--out", str(out), "--device", "cpu",
             "--variants", "unet-2d", "--folds", "2", "--size", "32", "--base-width", "4", "--epochs", "1",
             "--pretrain-epochs", "1", "--pretrain-size", "16", "--batch-size", "4", "--pseudo-per-batch", "2", "--amp", "off",
-            "--scales", "0.5,1,1.5", "--ema", "0.9", "--soup", "2", "--no-final", "--no-progress"]
+            "--scales", "0.5,1,1.5", "--ema", "0.9", "--soup", "2", "--relabel", "1", "--no-final", "--no-progress"]
     assert module.main(argv) == 0
     report = json.loads((out / "semiseg_cv.json").read_text(encoding="utf-8"))
     assert report["settings"]["config"]["scales"] == [0.5, 1.0, 1.5]
@@ -413,6 +413,8 @@ def test_cv_benchmark_runs_the_labelled_stage_with_scales_and_ema(tmp_path: Path
     assert "0.5, 1, 1.5" in text and "decay 0.9" in text and "2 models from the same start" in text
     assert report["settings"]["config"]["soup"] == 2
     assert (out / "state" / "unet-2d" / "fold1.m1.state.pt").is_file()
+    assert report["settings"]["config"]["relabel"] == 1 and "Self-training: 1 round(s)" in text
+    assert (out / "state" / "unet-2d" / "fold1.r1.m1.state.pt").is_file()  # round 1's second soup member
     from covidseg.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--scales"):
@@ -587,3 +589,55 @@ def test_kernel_alterations_of_8_bit_slices(monkeypatch: pytest.MonkeyPatch) -> 
     assert float(np.std(sharp - image)) > 0.05 and abs(float(np.mean(noisy - image))) < 0.01
     with pytest.raises(ValueError, match="alteration"):
         kernels.alter(image, "blur:1")
+
+
+def test_self_training_relabels_the_pseudo_slices_with_the_stages_model(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``relabel`` 1: the labelled stage runs, its model relabels the pseudo slices (thresholded, mirrors averaged
+    in), the stage runs again from the same start and seed on those labels; every round resumes from its state,
+    and round 0's state is that of a run without self-training."""
+    import covidseg.semiseg.train as tr
+    from covidseg.errors import ConfigError
+    from covidseg.semiseg.data import Slice
+
+    images, masks = resize_stack(load_folder(write_labelled(tmp_path / "l", 4)), (32, 32))
+    pseudo = resize_stack(load_pseudo_folder(write_pseudo(tmp_path / "p", {"a": 5})), (32, 32))
+    plain = SemisegConfig(variant="unet-2d", flip_tta="all", **TINY)
+    cfg = dataclasses.replace(plain, relabel=1)
+    init = _weights(build_model(plain))
+    state = tmp_path / "fold0.state.pt"
+    first = tr.train_soup(images, masks, plain, CPU, progress=False, init=init, seed=3, pseudo=pseudo,
+                          state_path=state)  # a run without self-training leaves round 0's state
+    expected = tr.relabel_stack(first, pseudo[0], plain, CPU)
+    as_slices = [Slice(name=str(i), image=pseudo[0][i, 0].numpy(), mask=pseudo[1][i, 0].numpy(), multiclass=None,
+                       image_path=tmp_path, mask_path=tmp_path) for i in range(pseudo[0].shape[0])]
+    probs = tr.predict_slices(first, as_slices, (32, 32), CPU, "off", flip_tta="all")
+    assert torch.equal(expected, torch.from_numpy(np.stack(probs) >= 0.5).float()[:, None])
+    assert set(expected.unique().tolist()) <= {0.0, 1.0} and not torch.equal(expected, pseudo[1])
+
+    calls: list[tuple[int, torch.Tensor, Path | None]] = []
+    real_train = tr.train_soup
+
+    def spy(imgs: torch.Tensor, m: torch.Tensor, c: SemisegConfig, *args: object, **kw: Any) -> torch.nn.Module:
+        calls.append((c.relabel, kw["pseudo"][1], kw["state_path"]))
+        assert kw["init"] is init and kw["seed"] == 3 and kw["pseudo"][0] is pseudo[0]
+        return real_train(imgs, m, c, *args, **kw)
+
+    monkeypatch.setattr(tr, "train_soup", spy)
+    out = _weights(tr.train_labelled(images, masks, cfg, CPU, progress=False, init=init, seed=3, pseudo=pseudo,
+                                     state_path=state))
+    assert [c[0] for c in calls] == [0, 1]
+    assert calls[0][1] is pseudo[1] and torch.equal(calls[1][1], expected)  # round 1 learns the new labels
+    assert calls[1][2] == tr.round_state_path(state, 1) == tmp_path / "fold0.r1.state.pt"
+    assert torch.load(calls[1][2], weights_only=False)["config"]["relabel"] == 1
+    fresh = _weights(real_train(images, masks, dataclasses.replace(cfg, relabel=1), CPU, progress=False, init=init,
+                                seed=3, pseudo=(pseudo[0], expected)))
+    assert all(torch.equal(out[k], fresh[k]) for k in out)
+    again = _weights(tr.train_labelled(images, masks, cfg, CPU, progress=False, init=init, seed=3, pseudo=pseudo,
+                                       state_path=state))
+    assert all(torch.equal(again[k], out[k]) for k in out)  # from the finished rounds' states
+    with pytest.raises(ConfigError, match="relabel 1: self-training relabels the pseudo-labelled slices"):
+        tr.train_labelled(images, masks, cfg, CPU, progress=False)
+    with pytest.raises(ConfigError, match="relabel -1"):
+        tr.train_labelled(images, masks, dataclasses.replace(cfg, relabel=-1), CPU, progress=False, pseudo=pseudo)
+    assert tr.pretrain_config(cfg).relabel == 0  # the pseudo-label stage never relabels

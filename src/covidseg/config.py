@@ -420,6 +420,12 @@ class SemisegConfig:
     """The labelled stage ends with an exponential moving average of its weights and batch-norm buffers, updated
     after every step with this decay (``torch.optim.swa_utils``); 0 = the last step's weights."""
 
+    relabel: int = 0
+    """Rounds of self-training of the labelled stage: after it, its model relabels the pseudo-labelled slices (its
+    probability, :attr:`flip_tta` mirrors averaged in, at or above :attr:`threshold`) and the stage is trained
+    again from the same start, with the same seed, on those labels instead of the given ones; 0 = the given labels
+    only. A state saved during round ``r`` holds ``relabel = r`` (round 0 is a run without self-training)."""
+
     PREDICTION_KEYS: typing.ClassVar[tuple[str, ...]] = ("flip_tta", "threshold")
     """Settings of prediction only: a training state saved under other values of them still resumes."""
 

@@ -66,13 +66,13 @@ def make_folds(n: int, k: int, seed: int = 0) -> list[list[int]]:
 
 def pretrain_config(cfg: SemisegConfig) -> SemisegConfig:
     """The settings of the pseudo-label stage: ``cfg`` with its ``pretrain_*`` epochs, learning rate, size and Dice,
-    no mix, one scale, one model, no weight average and the report's loss (``scales``, ``soup``, ``ema_decay`` and
-    ``loss`` are the labelled stage's)."""
+    no mix, one scale, one model, no weight average, the report's loss and no self-training (``scales``, ``soup``,
+    ``ema_decay``, ``loss`` and ``relabel`` are the labelled stage's)."""
     return dataclasses.replace(cfg, epochs=cfg.pretrain_epochs, learning_rate=cfg.pretrain_lr,
                                size=pretrain_size(cfg), pretrain_size=None, pseudo_per_batch=0,
                                scales=SemisegConfig.scales, ema_decay=SemisegConfig.ema_decay,
                                soup=SemisegConfig.soup, batch_dice=cfg.pretrain_batch_dice,
-                               loss=SemisegConfig.loss)
+                               loss=SemisegConfig.loss, relabel=SemisegConfig.relabel)
 
 
 def pretrain_size(cfg: SemisegConfig) -> tuple[int, int]:
@@ -113,28 +113,90 @@ def predict_slices(
     """
     import torch.nn.functional as F
 
-    flips = flip_tta_dims(flip_tta)
     set_heads(model, False)
     model.eval()
-    dtype = autocast_dtype(amp, device, setting="--amp")
     out: list[np.ndarray] = []
     for start in range(0, len(slices), batch):
         chunk = slices[start:start + batch]
         x = torch.stack([resize_image(s.image, size) for s in chunk]).to(device)  # (b, 1, h, w)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(x)
-            if flips == FLIP_TTA["lr"]:  # (as the committed cross-validations of the left-right mirror ran)
-                logits = 0.5 * (logits + model(x.flip(-1)).flip(-1))
-            elif flips:
-                total = logits.float()
-                for dims in flips:
-                    total = total + model(x.flip(dims)).flip(dims).float()
-                logits = total / (1 + len(flips))
-        logits = logits.float()  # (b, 1, h, w)
+        logits = _tta_logits(model, x, device, amp, flip_tta)  # (b, 1, h, w)
         for i, s in enumerate(chunk):
             full = F.interpolate(logits[i:i + 1], size=s.shape, mode="bilinear", align_corners=False)
             out.append(torch.sigmoid(full)[0, 0].cpu().numpy())
     return out
+
+
+def _tta_logits(model: nn.Module, x: torch.Tensor, device: torch.device, amp: str,
+                flip_tta: str | bool) -> torch.Tensor:
+    """float32 logits of the ``(b, 1, h, w)`` batch ``x`` (on ``device``), its mirrors averaged in (:func:`predict_slices`)."""
+    flips = flip_tta_dims(flip_tta)
+    dtype = autocast_dtype(amp, device, setting="--amp")
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = model(x)
+        if flips == FLIP_TTA["lr"]:  # (as the committed cross-validations of the left-right mirror ran)
+            logits = 0.5 * (logits + model(x.flip(-1)).flip(-1))
+        elif flips:
+            total = logits.float()
+            for dims in flips:
+                total = total + model(x.flip(dims)).flip(dims).float()
+            logits = total / (1 + len(flips))
+    return logits.float()
+
+
+@torch.no_grad()
+def relabel_stack(model: nn.Module, images: torch.Tensor, cfg: SemisegConfig, device: torch.device,
+                  batch: int = 16) -> torch.Tensor:
+    """New labels of pseudo-labelled slices: ``model``'s probability on ``images`` (``(M, 1, H, W)`` at
+    ``cfg.size``; ``cfg.flip_tta`` mirrors averaged in) at or above ``cfg.threshold``, as ``(M, 1, H, W)``
+    float32 in {0, 1} on the CPU (the layout of :func:`~covidseg.semiseg.data.resize_stack`'s masks)."""
+    set_heads(model, False)
+    model.eval()
+    out = torch.empty(images.shape, dtype=torch.float32)
+    for start in range(0, images.shape[0], batch):
+        x = images[start:start + batch].to(device)
+        prob = torch.sigmoid(_tta_logits(model, x, device, cfg.amp, cfg.flip_tta))
+        out[start:start + batch] = (prob >= cfg.threshold).float().cpu()
+    return out
+
+
+def round_state_path(state_path: Path | None, round_: int) -> Path | None:
+    """Round 0 of self-training keeps ``state_path``; round ``r`` > 0 saves to ``NAME.r<r>.state.pt`` beside it."""
+    if state_path is None or round_ == 0:
+        return state_path
+    path = Path(state_path)
+    stem = path.name[:-len(".state.pt")] if path.name.endswith(".state.pt") else path.stem
+    return path.with_name(f"{stem}.r{round_}.state.pt")
+
+
+def train_labelled(
+    images: torch.Tensor, masks: torch.Tensor, cfg: SemisegConfig, device: torch.device, *,
+    seed: int | None = None, desc: str = "train", pseudo: tuple[torch.Tensor, torch.Tensor] | None = None,
+    state_path: Path | None = None, log: Callable[[dict[str, Any]], None] | None = None, **kwargs: Any,
+) -> nn.Module:
+    """The labelled stage (:func:`~covidseg.training.slices.train_soup`), then ``cfg.relabel`` rounds of
+    self-training: the last model relabels the pseudo-labelled slices (:func:`relabel_stack`) and the stage runs
+    again from the same ``init`` and seed on them. Round ``r`` keeps its resumable state at
+    :func:`round_state_path`; a rerun relabels again from the finished rounds' states (deterministic on one
+    machine). Log records of round ``r`` > 0 carry ``"relabel": r``.
+
+    Raises:
+        ConfigError: ``cfg.relabel`` < 0, or > 0 without pseudo-labelled slices mixed into the batches.
+    """
+    if cfg.relabel < 0:
+        raise ConfigError(f"relabel {cfg.relabel}: expected 0 (the given pseudo labels) or more rounds")
+    if cfg.relabel and (pseudo is None or cfg.pseudo_per_batch < 1):
+        raise ConfigError(f"relabel {cfg.relabel}: self-training relabels the pseudo-labelled slices; give them "
+                          "(--pseudo) and mix them into the batches (--pseudo-per-batch >= 1)")
+    model = train_soup(images, masks, dataclasses.replace(cfg, relabel=0), device, seed=seed, desc=desc,
+                       pseudo=pseudo, state_path=state_path, log=log, **kwargs)
+    for r in range(1, cfg.relabel + 1):
+        assert pseudo is not None
+        pseudo = (pseudo[0], relabel_stack(model, pseudo[0], cfg, device))
+        round_log = None if log is None else (lambda rec, r=r: log({"relabel": r, **rec}))
+        model = train_soup(images, masks, dataclasses.replace(cfg, relabel=r), device, seed=seed,
+                           desc=f"{desc} relabel {r}", pseudo=pseudo, state_path=round_state_path(state_path, r),
+                           log=round_log, **kwargs)
+    return model
 
 
 def score_slices(probs: Sequence[np.ndarray], slices: Sequence[Slice]) -> list[dict[str, Any]]:
@@ -227,10 +289,10 @@ def cross_validate(
         held_out = set(test_idx)
         train_idx = [i for i in range(len(slices)) if i not in held_out]
         fold_log = None if log is None else (lambda rec, k=k: log({"fold": k, **rec}))
-        model = train_soup(images[train_idx], masks[train_idx], cfg, device, seed=cfg.seed + k,
-                            desc=f"{cfg.variant} fold {k + 1}/{len(folds)}", progress=progress, init=init,
-                            pseudo=pseudo, log=fold_log, save_every_s=save_every_s,
-                            state_path=None if work_dir is None else work_dir / f"fold{k}.state.pt")
+        model = train_labelled(images[train_idx], masks[train_idx], cfg, device, seed=cfg.seed + k,
+                               desc=f"{cfg.variant} fold {k + 1}/{len(folds)}", progress=progress, init=init,
+                               pseudo=pseudo, log=fold_log, save_every_s=save_every_s,
+                               state_path=None if work_dir is None else work_dir / f"fold{k}.state.pt")
         test = [slices[i] for i in test_idx]
         rows = score_slices(predict_slices(model, test, cfg.size, device, cfg.amp, flip_tta=cfg.flip_tta), test)
         fold = {"fold": k, "test": [s.name for s in test], "metrics": summarize(rows), "rows": rows,
@@ -267,8 +329,9 @@ def train_final(
 ) -> nn.Module:
     """Train ``cfg.variant`` on every slice (seed ``cfg.seed``) for the shipped model (arguments of :func:`train_model`)."""
     images, masks = resize_stack(list(slices), cfg.size)
-    return train_soup(images, masks, cfg, device, seed=cfg.seed, desc=f"{cfg.variant} final", progress=progress,
-                       init=init, pseudo=pseudo, state_path=state_path, log=log, save_every_s=save_every_s)
+    return train_labelled(images, masks, cfg, device, seed=cfg.seed, desc=f"{cfg.variant} final",
+                          progress=progress, init=init, pseudo=pseudo, state_path=state_path, log=log,
+                          save_every_s=save_every_s)
 
 
 def save_semiseg_checkpoint(
