@@ -29,7 +29,7 @@ from covidseg.models.heads import set_heads
 from covidseg.runtime import autocast_dtype
 from covidseg.semiseg.data import Slice, resize_image, resize_stack
 from covidseg.semiseg.metric import slice_metrics, summarize
-from covidseg.training.slices import train_model, train_soup
+from covidseg.training.slices import tagged_state_path, train_model, train_soup
 
 VARIANTS_2D = ("unet-2d", "unet-fv-se-2d", "unet-fv-paspp-2d", "unet-fv-paspp-ds-2d")
 """The 2D ablation: UNet, +FV (SE), +FV+PASPP, +FV+PASPP+DS (report Table 3, in 2D)."""
@@ -163,9 +163,7 @@ def round_state_path(state_path: Path | None, round_: int) -> Path | None:
     """Round 0 of self-training keeps ``state_path``; round ``r`` > 0 saves to ``NAME.r<r>.state.pt`` beside it."""
     if state_path is None or round_ == 0:
         return state_path
-    path = Path(state_path)
-    stem = path.name[:-len(".state.pt")] if path.name.endswith(".state.pt") else path.stem
-    return path.with_name(f"{stem}.r{round_}.state.pt")
+    return tagged_state_path(state_path, f"r{round_}")
 
 
 def train_labelled(

@@ -290,13 +290,18 @@ SOUP_SEED_STRIDE = 1000
 """Member ``j`` of a soup trains with seed ``seed + SOUP_SEED_STRIDE * j`` (clear of the folds' ``seed + k``)."""
 
 
+def tagged_state_path(state_path: Path | str, tag: str) -> Path:
+    """``NAME.<tag>.state.pt`` beside the state file ``NAME.state.pt`` (the state of a part of that run)."""
+    path = Path(state_path)
+    stem = path.name[:-len(".state.pt")] if path.name.endswith(".state.pt") else path.stem
+    return path.with_name(f"{stem}.{tag}.state.pt")
+
+
 def member_state_path(state_path: Path | None, member: int) -> Path | None:
     """Member 0 keeps ``state_path``; member ``j`` > 0 saves to ``NAME.m<j>.state.pt`` beside it."""
     if state_path is None or member == 0:
         return state_path
-    path = Path(state_path)
-    stem = path.name[:-len(".state.pt")] if path.name.endswith(".state.pt") else path.stem
-    return path.with_name(f"{stem}.m{member}.state.pt")
+    return tagged_state_path(state_path, f"m{member}")
 
 
 def train_soup(
@@ -335,5 +340,5 @@ def train_soup(
     return first
 
 
-__all__ = ["SOUP_SEED_STRIDE", "SliceBatches", "build_model", "scaled_sizes", "member_state_path", "train_model", "train_soup",
-           "weight_average"]
+__all__ = ["SOUP_SEED_STRIDE", "SliceBatches", "build_model", "member_state_path", "scaled_sizes",
+           "tagged_state_path", "train_model", "train_soup", "weight_average"]
